@@ -44,6 +44,8 @@ class Embedding:
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = METHOD
     path: str | None = None
+    # encoder key -> the key it was read from in the file ("string_to_param", "emb_params", ...)
+    source_keys: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_dti(self) -> bool:
@@ -197,28 +199,32 @@ def _by_width(t: torch.Tensor, path: str, key: str) -> str:
     return WIDTH_TO_ENCODER[width]
 
 
-def _interpret(obj: object, path: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Map a loaded object to ``{encoder_key: tensor}`` and a format name."""
+def _interpret(obj: object, path: str) -> tuple[dict[str, torch.Tensor], str, dict[str, str]]:
+    """Map a loaded object to ``{encoder_key: tensor}``, a format name and the file key of each."""
     if isinstance(obj, torch.Tensor):
-        return {_by_width(obj, path, "<tensor>"): obj}, "tensor"
+        key = _by_width(obj, path, "<tensor>")
+        return {key: obj}, "tensor", {key: "<tensor>"}
     if not isinstance(obj, dict) or not obj:
         raise EmbeddingFileError(f"{path}: not an embedding (expected a dict of tensors, got {type(obj).__name__})")
     if any(k in obj for k in ENCODER_WIDTHS):
         found = {k: obj[k] for k in ENCODER_WIDTHS if k in obj}
-        return found, "per-encoder"
+        return found, "per-encoder", {k: k for k in found}
     if "string_to_param" in obj:
         params = obj["string_to_param"]
         if not isinstance(params, dict) or not params:
             raise EmbeddingFileError(f"{path}: 'string_to_param' is empty or not a dict")
         t = next(iter(params.values()))
-        return {_by_width(t, path, "string_to_param"): t}, "a1111"
+        key = _by_width(t, path, "string_to_param")
+        return {key: t}, "a1111", {key: "string_to_param"}
     if "emb_params" in obj:
         t = obj["emb_params"]
-        return {_by_width(t, path, "emb_params"): t}, "a1111"
+        key = _by_width(t, path, "emb_params")
+        return {key: t}, "a1111", {key: "emb_params"}
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if len(tensors) == 1:
-        key, t = next(iter(tensors.items()))
-        return {_by_width(t, path, key): t}, "diffusers"
+        name, t = next(iter(tensors.items()))
+        key = _by_width(t, path, name)
+        return {key: t}, "diffusers", {key: str(name)}
     raise EmbeddingFileError(
         f"{path}: unrecognised embedding layout (keys: {', '.join(map(str, list(obj)[:8]))}); "
         f"expected clip_l/clip_g/clip_h, string_to_param, emb_params or a single tensor"
@@ -237,7 +243,7 @@ def load_embedding(path: str) -> Embedding:
         obj = _read_pickle(path)
     else:
         raise EmbeddingFileError(f"{path}: unsupported extension {ext!r}; use .safetensors, .pt or .bin")
-    vectors, fmt = _interpret(obj, path)
+    vectors, fmt, source_keys = _interpret(obj, path)
     vectors = _check_vectors(vectors, path)
     for key, t in vectors.items():
         if t.shape[1] != ENCODER_WIDTHS[key]:
@@ -246,7 +252,7 @@ def load_embedding(path: str) -> Embedding:
             )
     if metadata.get(META_PREFIX + "method") == METHOD:
         fmt = METHOD
-    return Embedding(vectors=vectors, metadata=metadata, source_format=fmt, path=path)
+    return Embedding(vectors=vectors, metadata=metadata, source_format=fmt, path=path, source_keys=source_keys)
 
 
 def finite_float(text: str | None) -> float | None:
@@ -256,3 +262,21 @@ def finite_float(text: str | None) -> float | None:
     except ValueError:
         return None
     return value if value is not None and math.isfinite(value) else None
+
+
+def check_fits(emb: Embedding, expected: dict[str, int]) -> None:
+    """Refuse an embedding that lacks vectors for one of a CLIP's encoders ``{key: width}``.
+
+    ComfyUI would only log a warning at encode time and silently drop the word.
+    """
+    where = emb.path or "embedding"
+    for key, width in expected.items():
+        if key in emb.vectors:
+            continue
+        found = ", ".join(
+            f"key {emb.source_keys.get(k, k)!r} is {t.shape[1]} wide" for k, t in sorted(emb.vectors.items())
+        )
+        raise EmbeddingFileError(
+            f"{where}: does not fit this CLIP: its {key} encoder expects {width}-wide vectors, but {found}. "
+            f"Use an embedding trained for this model family."
+        )

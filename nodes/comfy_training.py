@@ -1,0 +1,338 @@
+"""ComfyUI glue for training: the text path CLIPTextEncode uses, and one diffusion step.
+
+Everything here translates ComfyUI objects (MODEL, CLIP, VAE) into what
+``dti_core.training.train`` needs: the initial vectors, the prior, ``m*`` and a
+``step_fn``. The learned vectors enter the text encoder exactly as an
+``embedding:NAME`` does at inference: as tensor tokens that ComfyUI's own
+tokenizer placed and ``encode_token_weights`` splices in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..dti_core.magnitude import target_norm
+from ..dti_core.sphere import normalize
+from ..dti_core.training import step_generator
+
+log = logging.getLogger("ComfyUI-DTI")
+
+# The embedding name used while tokenizing training prompts; it never touches the disk.
+PLACEHOLDER_NAME = "__dti_training_placeholder__"
+# Marker rows stand in for the learned vectors until each step splices the real ones in.
+_MARK_A, _MARK_B = 12345.0, -98765.0
+
+SUPPORTED = "SD1.x, SD2.x and SDXL checkpoints (CLIP-L, CLIP-H, CLIP-L + CLIP-G)"
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def text_encoders(clip) -> dict[str, tuple[str, object, torch.nn.Module]]:
+    """``{embedding_key: (token_dict_key, tokenizer, encoder)}`` for the CLIP's text encoders."""
+    found = {}
+    for attr, tok in vars(clip.tokenizer).items():
+        key = getattr(tok, "embedding_key", None)
+        if not (attr.startswith("clip_") and key == attr and hasattr(tok, "_try_get_embedding")):
+            continue
+        encoder = getattr(clip.cond_stage_model, attr, None)
+        if encoder is None or not hasattr(encoder, "transformer"):
+            continue
+        found[key] = (attr[len("clip_"):], tok, encoder)
+    if not found or any(k not in ("clip_l", "clip_g", "clip_h") for k in found) or "clip_g" in found and "clip_l" not in found:
+        names = ", ".join(sorted(found)) or "none"
+        raise UnsupportedModelError(
+            f"DTI Train supports {SUPPORTED}; this CLIP's text encoders are: {names} "
+            f"({type(clip.cond_stage_model).__name__})"
+        )
+    return found
+
+
+def check_model(model) -> None:
+    """Refuse diffusion models whose conditioning this trainer does not build."""
+    import comfy.model_base as mb
+
+    inner = model.model
+    if type(inner) not in (mb.BaseModel, mb.SDXL):
+        raise UnsupportedModelError(
+            f"DTI Train supports {SUPPORTED}; this MODEL is {type(inner).__name__} "
+            f"({type(inner.model_config).__name__})"
+        )
+
+
+def vocabulary(encoder) -> torch.Tensor:
+    return encoder.transformer.get_input_embeddings().weight
+
+
+def initializer_ids(tokenizer, words: str) -> list[int]:
+    """Token ids of ``words`` as this tokenizer splits them, without start/end tokens."""
+    ids = tokenizer.tokenizer(words)["input_ids"]
+    end = -1 if getattr(tokenizer, "tokenizer_adds_end_token", True) else None
+    return list(ids[tokenizer.tokens_start : end])
+
+
+def initial_vectors(clip, words: str, count: int, magnitude) -> tuple[dict, dict, dict]:
+    """``(init, mu, m_star)`` per encoder.
+
+    By default one vector per initializer token, each starting at (and pulled
+    toward) its token's direction. With an explicit ``count`` that differs, every
+    vector starts at the mean direction of the initializer tokens.
+    """
+    if not words.strip():
+        raise ValueError("initializer word is empty: give a word that describes the concept, e.g. 'dog'")
+    init, mu, m_star = {}, {}, {}
+    for key, (_, tok, encoder) in text_encoders(clip).items():
+        ids = initializer_ids(tok, words)
+        if not ids:
+            raise ValueError(f"initializer {words!r} produced no tokens")
+        vocab = vocabulary(encoder)
+        with torch.inference_mode(False):
+            rows = normalize(vocab[ids].detach().float().cpu().clone())
+        n = count if count > 0 else len(ids)
+        if n != len(ids):
+            rows = normalize(rows.mean(dim=0, keepdim=True)).expand(n, -1).clone()
+        init[key], mu[key] = rows, rows.clone()
+        with torch.inference_mode(False):
+            m_star[key] = target_norm(vocab.detach().float().cpu().clone(), magnitude)
+    return init, mu, m_star
+
+
+@contextlib.contextmanager
+def placeholder_tokenizers(clip, num_vectors: int):
+    """While active, ``embedding:PLACEHOLDER_NAME`` tokenizes to ``num_vectors`` marker rows."""
+    originals = {}
+    for key, (_, tok, _) in text_encoders(clip).items():
+        marker = torch.zeros(num_vectors, tok.embedding_size)
+        marker[:, 0], marker[:, 2] = _MARK_A, _MARK_B
+        marker[:, 1] = torch.arange(num_vectors, dtype=torch.float32)
+        original = tok._try_get_embedding
+
+        def patched(embedding_name, _orig=original, _marker=marker):
+            # Mirrors SDTokenizer._try_get_embedding, including its trailing-comma handling.
+            split = embedding_name.split()
+            first, leftover = (split[0] if split else ""), " ".join(split[1:])
+            if first == PLACEHOLDER_NAME:
+                return _marker, leftover
+            if first.strip(",") == PLACEHOLDER_NAME:
+                return _marker, "{} {}".format(first[len(PLACEHOLDER_NAME):], leftover)
+            return _orig(embedding_name)
+
+        originals[key] = (tok, original)
+        tok._try_get_embedding = patched
+    try:
+        yield
+    finally:
+        for tok, _ in originals.values():
+            # Drop the instance attribute so the class method shows through again.
+            del tok._try_get_embedding
+
+
+def _marker_row(t) -> int | None:
+    if torch.is_tensor(t) and t.dim() == 1 and t.shape[0] > 2 and float(t[0]) == _MARK_A and float(t[2]) == _MARK_B:
+        return int(t[1])
+    return None
+
+
+class PromptTokens:
+    """One tokenized training prompt with the positions of the learned vectors."""
+
+    def __init__(self, tokens: dict, slots: dict[str, list[tuple[int, int, int]]]):
+        self.tokens = tokens  # as clip.tokenize returns it
+        self.slots = slots  # token dict key -> [(chunk, position, vector row)]
+
+    def with_vectors(self, embeds_by_token_key: dict[str, torch.Tensor]) -> dict:
+        out = {k: [list(chunk) for chunk in chunks] for k, chunks in self.tokens.items()}
+        for k, slots in self.slots.items():
+            for c, j, row in slots:
+                entry = out[k][c][j]
+                out[k][c][j] = (embeds_by_token_key[k][row],) + tuple(entry[1:])
+        return out
+
+
+def tokenize_templates(clip, templates: list[str], num_vectors: int) -> list[PromptTokens]:
+    encoders = text_encoders(clip)
+    result = []
+    with placeholder_tokenizers(clip, num_vectors):
+        for template in templates:
+            text = template.replace("{}", "embedding:" + PLACEHOLDER_NAME)
+            tokens = clip.tokenize(text)
+            slots = {}
+            for tkey, chunks in tokens.items():
+                found = [(c, j, _marker_row(e[0])) for c, chunk in enumerate(chunks) for j, e in enumerate(chunk)]
+                slots[tkey] = [s for s in found if s[2] is not None]
+            for key, (tkey, _, _) in encoders.items():
+                if sorted(r for _, _, r in slots.get(tkey, [])) != list(range(num_vectors)):
+                    raise ValueError(f"template {template!r}: the learned word did not tokenize into the {key} prompt")
+            result.append(PromptTokens(tokens, slots))
+    return result
+
+
+def _clone_to_normal(module: torch.nn.Module) -> None:
+    """Replace every parameter and buffer with a normal (non-inference) clone, one at a time.
+
+    Models loaded under ComfyUI's inference_mode hold inference tensors that
+    autograd cannot save; on a GPU even ones reporting ``is_inference() == False``
+    fail, so every tensor is replaced, not just the flagged ones.
+    """
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = b.clone()
+
+
+def _clone_input(module, args):
+    # ComfyUI's CLIPLayer adds residuals in place (x += attn(ln1(x))); handing the
+    # layer norms a copy keeps the tensor they save for backward unmodified.
+    return (args[0].clone(),) + tuple(args[1:])
+
+
+@contextlib.contextmanager
+def differentiable(model, clip, gradient_checkpointing: bool = False):
+    """Make the shared MODEL/CLIP usable for backward for the duration, then undo the hooks.
+
+    Must run inside ``torch.inference_mode(False)``. The cloned weights stay (same
+    values), so the objects keep sampling as before, LoRA patches included.
+    """
+    hooks, wrapped = [], []
+    _clone_to_normal(model.model)
+    for _, _, encoder in text_encoders(clip).values():
+        _clone_to_normal(encoder)
+        for m in encoder.modules():
+            if hasattr(m, "layer_norm1") and hasattr(m, "layer_norm2"):
+                hooks.append(m.layer_norm1.register_forward_pre_hook(_clone_input))
+                hooks.append(m.layer_norm2.register_forward_pre_hook(_clone_input))
+    if gradient_checkpointing:
+        unet = model.model.diffusion_model
+        blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + list(getattr(unet, "output_blocks", []))
+        for blk in blocks:
+            if blk is None:
+                continue
+            blk.forward = functools.partial(_checkpointed, blk.forward)
+            wrapped.append(blk)
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for blk in wrapped:
+            del blk.forward
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def prepare_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
+    """IMAGE (B, H, W, C in [0, 1]) -> RGB at ``resolution``², centre-cropped; bad pixels refused."""
+    if not torch.is_tensor(images) or images.dim() != 4:
+        raise ValueError(f"images must be an IMAGE batch (B, H, W, C); got {getattr(images, 'shape', type(images))}")
+    if images.shape[0] == 0:
+        raise ValueError("the image batch is empty: connect at least one image of the concept")
+    channels = images.shape[-1]
+    if channels == 1:
+        images = images.expand(-1, -1, -1, 3)
+    elif channels == 4:
+        images = images[..., :3]  # alpha is dropped: the VAE takes RGB
+    elif channels != 3:
+        raise ValueError(f"images must have 1, 3 or 4 channels, got {channels}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("the image batch contains NaN or infinite pixel values")
+    images = images.float().clamp(0.0, 1.0)  # out-of-range values are clipped, as SaveImage does
+    samples = images.movedim(-1, 1)
+    samples = comfy.utils.common_upscale(samples, resolution, resolution, "bicubic", "center").clamp(0.0, 1.0)
+    return samples.movedim(1, -1)
+
+
+def encode_latents(vae, model, images: torch.Tensor, hflip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """VAE-encode every training image once (and its mirror image), in the model's latent space."""
+    latents = model.model.process_latent_in(vae.encode(images)).float()
+    flipped = model.model.process_latent_in(vae.encode(images.flip(2))).float() if hflip else None
+    return latents, flipped
+
+
+class DiffusionStep:
+    """``step_fn`` for ``dti_core.training.train``: one batch of the noise-prediction loss.
+
+    The loss is the mean squared error in the model's own output space, whatever
+    its parameterisation: ``model_sampling.calculate_denoised`` is affine in the
+    model output with slope ``b(sigma)``, so ``(x0_pred - x0) / b`` is the output
+    error. For eps models this is exactly ``||eps_pred - eps||^2`` (the paper's
+    loss), for v-prediction the v error, for flow models the velocity error.
+    Reduction: element-wise mean over the batch, as the reference does, so kappa
+    keeps its meaning.
+    """
+
+    def __init__(self, model, clip, prompts: list[PromptTokens], latents, flipped, batch_size: int,
+                 seed: int, resolution: int, device):
+        self.model, self.clip, self.prompts = model, clip, prompts
+        self.device = device
+        self.latents = latents.to(device)
+        self.flipped = flipped.to(device) if flipped is not None else None
+        self.batch_size, self.seed, self.resolution = batch_size, seed, resolution
+        self.encoders = text_encoders(clip)
+        ms = model.model.model_sampling
+        self.ms = ms
+        self.t_min = float(ms.timestep(ms.sigma_min))
+        self.t_max = float(ms.timestep(ms.sigma_max))
+        self.transformer_options = dict(model.model_options.get("transformer_options", {}))
+
+    def encode(self, tokens):
+        cm = self.clip.cond_stage_model
+        # What CLIP.encode_from_tokens does before encoding (clip skip), without re-loading models.
+        cm.reset_clip_options()
+        if self.clip.layer_idx is not None:
+            cm.set_clip_options({"layer": self.clip.layer_idx})
+        cond, pooled = cm.encode_token_weights(tokens)[:2]
+        return cond, pooled
+
+    def __call__(self, embeds: dict[str, torch.Tensor], step: int) -> torch.Tensor:
+        g = step_generator(self.seed, step)
+        n, b = self.latents.shape[0], self.batch_size
+        idx = torch.randint(n, (b,), generator=g)
+        flip = torch.rand(b, generator=g) < 0.5
+        which = torch.randint(len(self.prompts), (b,), generator=g)
+        u = torch.rand(b, generator=g, dtype=torch.float64)
+        noise = torch.randn((b,) + tuple(self.latents.shape[1:]), generator=g).to(self.device)
+
+        x0 = self.latents[idx.to(self.device)]
+        if self.flipped is not None and bool(flip.any()):
+            x0 = torch.where(flip.to(self.device).view(-1, 1, 1, 1), self.flipped[idx.to(self.device)], x0)
+
+        by_token_key = {tkey: embeds[key] for key, (tkey, _, _) in self.encoders.items()}
+        conds, pooled = [], []
+        for i in range(b):
+            cond, pool = self.encode(self.prompts[int(which[i])].with_vectors(by_token_key))
+            conds.append(cond)
+            pooled.append(pool)
+        try:
+            cond = torch.cat(conds).to(self.device)
+        except RuntimeError:
+            raise ValueError("all training prompts must fit in one 75-token chunk; shorten the custom templates") from None
+
+        timestep = (self.t_min + u * (self.t_max - self.t_min)).float()
+        sigma = self.ms.sigma(timestep).to(self.device)
+        x_t = self.ms.noise_scaling(sigma, noise, x0)
+        kwargs = {}
+        if pooled[0] is not None:
+            y = self.model.model.encode_adm(
+                pooled_output=torch.cat(pooled).to(self.device), width=self.resolution, height=self.resolution,
+                crop_w=0, crop_h=0, target_width=self.resolution, target_height=self.resolution, device=self.device,
+            )
+            if y is not None:
+                kwargs["y"] = y
+        x0_pred = self.model.model.apply_model(
+            x_t, sigma, c_crossattn=cond, transformer_options=self.transformer_options, **kwargs
+        ).float()
+        slope = self.ms.calculate_denoised(sigma, torch.ones_like(x0_pred), torch.zeros_like(x0_pred))
+        return (((x0_pred - x0) / slope) ** 2).mean()

@@ -1,0 +1,180 @@
+"""Working with directional embeddings: load, slerp two concepts, render an interpolation strip."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+import folder_paths
+
+from ..dti_core import __version__
+from ..dti_core.embedding_file import Embedding, EmbeddingFileError, check_fits, load_embedding, save_embedding
+from ..dti_core.interpolate import T_MAX, T_MIN, check_t, slerp_embeddings
+from ..dti_core.names import check_name
+from . import comfy_training as ct
+from .common import CATEGORY, EMBEDDING_TYPE, embeddings_root, file_state, load_listed, log, prompt_name, target_path
+
+
+def clip_widths(clip) -> dict[str, int]:
+    return {key: tok.embedding_size for key, (_, tok, _) in ct.text_encoders(clip).items()}
+
+
+class DTILoadEmbedding:
+    DESCRIPTION = ("Load an embedding from models/embeddings (ours, A1111 .pt/.safetensors, kohya, diffusers) "
+                   "for the other DTI nodes. Connect a CLIP to check it fits that model before sampling.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("STRING", EMBEDDING_TYPE)
+    RETURN_NAMES = ("prompt_text", "embedding")
+    OUTPUT_TOOLTIPS = ("'embedding:NAME' for a CLIPTextEncode prompt.", "The loaded embedding.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "embedding": (sorted(folder_paths.get_filename_list("embeddings")),
+                              {"tooltip": "A file from models/embeddings (subfolders included). Pickled .pt/.bin files are read with torch.load(weights_only=True): code inside them is refused, never run."}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "Optional: check that the file has vectors of the right width for every text encoder of this CLIP, and fail clearly if not (ComfyUI alone only logs a warning and drops the word)."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, embedding, clip=None):
+        path = folder_paths.get_full_path("embeddings", embedding)
+        return file_state(path) if path else float("nan")
+
+    def load(self, embedding, clip=None):
+        emb = load_listed(embedding)
+        if clip is not None:
+            check_fits(emb, clip_widths(clip))
+        return (f"embedding:{prompt_name(emb.path)}", emb)
+
+
+class DTISlerpConcepts:
+    DESCRIPTION = ("Blend two learned concepts into a new word: slerp between their directions (and interpolate "
+                   "their lengths), save it as a new embedding file and give the prompt text to use it.")
+    CATEGORY = CATEGORY
+    FUNCTION = "slerp"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", EMBEDDING_TYPE)
+    RETURN_NAMES = ("prompt_text", "embedding")
+    OUTPUT_TOOLTIPS = ("'embedding:NAME' of the blend, for a CLIPTextEncode prompt.", "The blended embedding.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "embedding_a": (EMBEDDING_TYPE, {"tooltip": "Concept A (t = 0)."}),
+                "embedding_b": (EMBEDDING_TYPE, {"tooltip": "Concept B (t = 1). Must cover the same text encoders as A and have the same number of vectors (or one of them a single vector)."}),
+                "t": ("FLOAT", {"default": 0.5, "min": T_MIN, "max": T_MAX, "step": 0.05, "tooltip": "0 = A, 1 = B, 0.5 = halfway along the sphere. Values outside [0, 1] extrapolate (from -1 to 2)."}),
+                "name": ("STRING", {"default": "blend", "tooltip": "File name for the blend in models/embeddings; use it as embedding:NAME."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name. Off: an existing file is never touched."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, name="", **kwargs):
+        try:
+            return file_state(target_path(name))
+        except Exception:
+            return float("nan")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name="", **kwargs):
+        try:
+            check_name(name)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    def slerp(self, embedding_a, embedding_b, t, name, overwrite):
+        name = check_name(name)
+        t = check_t(t)
+        vectors, warnings = slerp_embeddings(embedding_a.vectors, embedding_b.vectors, t)
+        for w in warnings:
+            log.warning("DTI Slerp Concepts: %s", w)
+        fingerprint = _vectors_fingerprint(embedding_a, embedding_b, t)
+        meta = {"dti.method": "dti" if embedding_a.is_dti and embedding_b.is_dti else "slerp",
+                "dti.slerp_a": _label(embedding_a), "dti.slerp_b": _label(embedding_b), "dti.slerp_t": repr(t),
+                "dti.version": __version__, "dti.fingerprint": fingerprint}
+        if meta["dti.method"] == "dti":
+            for key in vectors:
+                ma, mb = embedding_a.m_star(key), embedding_b.m_star(key)
+                if ma is not None and mb is not None:
+                    meta[f"dti.m_star.{key}"] = repr((1 - t) * ma + t * mb)
+        path = target_path(name)
+        if os.path.exists(path) and not overwrite:
+            try:
+                same = load_embedding(path).metadata.get("dti.fingerprint") == fingerprint
+            except EmbeddingFileError:
+                same = False
+            if not same:
+                raise FileExistsError(f"embeddings/{name}.safetensors already exists; choose another name or enable overwrite")
+        else:
+            save_embedding(embeddings_root(), name, vectors, meta, overwrite=bool(overwrite))
+        emb = Embedding(vectors=vectors, metadata=meta, source_format="dti", path=path)
+        text = f"Saved embedding:{name} (t = {t:g})" + "".join(f"\nWarning: {w}" for w in warnings)
+        return {"ui": {"text": [text]}, "result": (f"embedding:{name}", emb)}
+
+
+class DTIInterpolationStrip:
+    DESCRIPTION = ("Encode one prompt K times with the concept slerped from A to B (t = 0 ... 1), as one "
+                   "CONDITIONING batch: feed it to a KSampler with a latent batch of K to render the whole strip "
+                   "in one queue. Each entry equals a CLIPTextEncode of that blend.")
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING", "STRING")
+    RETURN_NAMES = ("conditioning", "t_values")
+    OUTPUT_TOOLTIPS = ("K conditionings in one batch, t = 0 first.", "The t of each entry, comma separated.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The text encoder the embeddings were trained for."}),
+                "text": ("STRING", {"default": "a photo of {} on a beach", "multiline": True, "tooltip": "The prompt; {} marks where the blended concept goes (exactly once)."}),
+                "embedding_a": (EMBEDDING_TYPE, {"tooltip": "Concept at t = 0."}),
+                "embedding_b": (EMBEDDING_TYPE, {"tooltip": "Concept at t = 1."}),
+                "count": ("INT", {"default": 5, "min": 2, "max": 64, "tooltip": "K: how many steps from A to B (both ends included). Use the same number as the latent batch size."}),
+            }
+        }
+
+    def encode(self, clip, text, embedding_a, embedding_b, count):
+        if text.count("{}") != 1:
+            raise ValueError("the prompt must contain {} exactly once, where the blended concept goes")
+        if not 2 <= int(count) <= 64:
+            raise ValueError(f"count must be between 2 and 64; got {count}")
+        widths = clip_widths(clip)
+        for emb in (embedding_a, embedding_b):
+            check_fits(emb, widths)
+        ts = [k / (count - 1) for k in range(count)]
+        blends = [slerp_embeddings(embedding_a.vectors, embedding_b.vectors, t)[0] for t in ts]
+        n = next(iter(blends[0].values())).shape[0]
+        (prompt,) = ct.tokenize_templates(clip, [text], n)
+        encoders = ct.text_encoders(clip)
+        conds, pooled = [], []
+        for vectors in blends:
+            by_token_key = {tkey: vectors[key] for key, (tkey, _, _) in encoders.items()}
+            # The same call CLIPTextEncode makes, so each entry equals a separate encode of that blend.
+            ((cond, extra),) = clip.encode_from_tokens_scheduled(prompt.with_vectors(by_token_key))
+            conds.append(cond)
+            pooled.append(extra.get("pooled_output"))
+        out = {"pooled_output": torch.cat(pooled)} if pooled[0] is not None else {}
+        return ([[torch.cat(conds), out]], ", ".join(f"{t:.3g}" for t in ts))
+
+
+def _label(emb: Embedding) -> str:
+    return os.path.basename(emb.path) if emb.path else emb.metadata.get("dti.name", "in-memory")
+
+
+def _vectors_fingerprint(a: Embedding, b: Embedding, t: float) -> str:
+    h = hashlib.sha256(json.dumps([sorted(a.vectors), sorted(b.vectors), t]).encode())
+    for emb in (a, b):
+        for key in sorted(emb.vectors):
+            h.update(emb.vectors[key].float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]

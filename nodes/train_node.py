@@ -1,0 +1,285 @@
+"""DTI Train: learn a directional embedding from an image batch inside ComfyUI."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..dti_core import __version__
+from ..dti_core.embedding_file import Embedding, EmbeddingFileError, dti_metadata, load_embedding, save_embedding
+from ..dti_core.names import check_name
+from ..dti_core.templates import resolve_templates
+from ..dti_core.training import NonFiniteError, TrainConfig, train
+from . import comfy_training as ct
+from .common import CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, embeddings_root, file_state, log, send_to_client, target_path
+
+NONE = "(none)"
+MAGNITUDES = ["mean", "max", "min", "number"]
+TEMPLATES = ["object", "style", "custom"]
+
+
+def _resume_choices() -> list[str]:
+    import folder_paths
+
+    return [NONE] + sorted(folder_paths.get_filename_list("embeddings"))
+
+
+class DTITrain:
+    DESCRIPTION = (
+        "Learn a new word for your subject from a batch of its images with Directional Textual Inversion. "
+        "The learned vectors keep the vocabulary's typical length (m*) and only their direction is trained, "
+        "so prompts stay faithful. Writes embeddings/NAME.safetensors; use it in any prompt as embedding:NAME."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING", EMBEDDING_TYPE, HISTORY_TYPE)
+    RETURN_NAMES = ("prompt_text", "embedding", "history")
+    OUTPUT_TOOLTIPS = (
+        "'embedding:NAME': paste or connect it into a CLIPTextEncode prompt.",
+        "The trained embedding, for DTI Slerp Concepts / DTI Inspect.",
+        "Loss and vector norms per step, for plotting.",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model from your checkpoint loader (SD1.x, SD2.x or SDXL)."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder(s) from the same checkpoint. Training goes through the exact path CLIPTextEncode uses."}),
+                "vae": ("VAE", {"tooltip": "The VAE from the same checkpoint; images are encoded once and cached."}),
+                "images": ("IMAGE", {"tooltip": "3-20 images of your subject. Any size: each is centre-cropped and resized to the training resolution. Alpha is dropped, grayscale is expanded to RGB."}),
+                "name": ("STRING", {"default": "my-concept", "tooltip": "File name in models/embeddings (subfolders with '/'). Letters, digits, '_', '-', '.'. Use it as embedding:NAME."}),
+                "initializer": ("STRING", {"default": "object", "tooltip": "A word close to your subject (e.g. 'dog', 'mug'). Its tokens set the number of vectors, their start and the prior direction that kappa pulls toward."}),
+                "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimisation steps. The paper uses 400 for SDXL."}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per step (drawn at random from the batch). Memory grows with it."}),
+                "learning_rate": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.0001, "tooltip": "Per-image learning rate; it is multiplied by the batch size as the reference does (0.01 x 4 = 0.04 per step). With DTI each step turns each vector by about this angle (radians)."}),
+                "kappa": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 0.00001, "tooltip": "Strength of the von Mises-Fisher prior that pulls the direction toward the initializer word. 1e-4 is the paper's SDXL value; 0 turns the prior off."}),
+                "magnitude": (MAGNITUDES, {"default": "mean", "tooltip": "The fixed vector length m*: the mean (paper default), max or min norm of the vocabulary, or the number below."}),
+                "magnitude_value": ("FLOAT", {"default": 0.4, "min": 0.001, "max": 100.0, "step": 0.001, "tooltip": "Vector length used when magnitude is 'number'."}),
+                "templates": (TEMPLATES, {"default": "object", "tooltip": "Training prompts: 'object' ('a photo of a {}', ...), 'style' ('a painting in the style of {}', ...) or your own lines below."}),
+                "custom_templates": ("STRING", {"default": "a photo of {}\na close-up photo of {}", "multiline": True, "tooltip": "Used when templates is 'custom': one prompt per line, each with {} where the learned word goes."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, 768 for SD2.x and SDXL (the paper's SDXL setting)."}),
+                "horizontal_flip": ("BOOLEAN", {"default": True, "tooltip": "Also train on mirrored images (each drawn with probability 0.5). Turn off for text or asymmetric subjects."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": "fixed", "tooltip": "Same seed and inputs give the same embedding."}),
+                "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Also save NAME-stepK every this many steps (0 = only the final file). A cancelled run can resume from them."}),
+                "resume_from": (_resume_choices(), {"default": NONE, "tooltip": "Continue from an embedding: a NAME-stepK checkpoint resumes at step K with the same settings; any other file only sets the starting directions."}),
+                "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing NAME file. Off: an existing file is never touched (re-queueing identical inputs reuses it)."}),
+            },
+            "optional": {
+                "num_vectors": ("INT", {"default": 0, "min": 0, "max": 16, "tooltip": "Number of vectors; 0 = one per initializer token. A different count starts every vector at the initializer's mean direction."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet activations in the backward pass: much less memory, about 30-60% slower per step."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, name="", **kwargs):
+        # Re-run whenever the target file appeared, changed or disappeared; run() then
+        # decides between training, reusing an identical earlier result, or refusing.
+        try:
+            return file_state(target_path(name))
+        except Exception:
+            return float("nan")
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name="", initializer="", **kwargs):
+        try:
+            check_name(name)
+        except ValueError as e:
+            return str(e)
+        if not str(initializer).strip():
+            return "initializer is empty: give a word close to your subject, e.g. 'dog'"
+        return True
+
+    def run(self, model, clip, vae, images, name, initializer, steps, batch_size, learning_rate, kappa,
+            magnitude, magnitude_value, templates, custom_templates, resolution, horizontal_flip, seed,
+            save_every, resume_from, overwrite, num_vectors=0, gradient_checkpointing=False, unique_id=None):
+        name = check_name(name)
+        _check_numbers(steps=steps, batch_size=batch_size, learning_rate=learning_rate, kappa=kappa,
+                       magnitude_value=magnitude_value, resolution=resolution, save_every=save_every,
+                       num_vectors=num_vectors)
+        ct.check_model(model)
+        ct.text_encoders(clip)
+        prompts_text = resolve_templates(templates, custom_templates)
+        if resolution == 0:
+            resolution = 768 if type(model.model).__name__ == "SDXL" or ct.text_encoders(clip).keys() == {"clip_h"} else 512
+        pixels = ct.prepare_images(images, resolution)
+        mag = float(magnitude_value) if magnitude == "number" else magnitude
+        settings = dict(initializer=initializer, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
+                        kappa=kappa, magnitude=mag, templates=prompts_text, resolution=resolution,
+                        horizontal_flip=bool(horizontal_flip), seed=seed, num_vectors=num_vectors,
+                        resume_from=resume_from)
+        fingerprint = _fingerprint(settings, pixels, model, clip)
+        path = target_path(name)
+
+        if os.path.exists(path) and not overwrite:
+            existing = _try_load(path)
+            if existing is not None and existing.metadata.get("dti.fingerprint") == fingerprint:
+                log.info("DTI Train: %s already holds the result of these exact inputs; reusing it", path)
+                send_to_client("dti.done", {"node": unique_id, "name": name, "reused": True, "path": path})
+                return _outputs(name, existing, None, f"Reused {name}: it was trained from these exact inputs. "
+                                "Delete the file or enable overwrite to train again.")
+            raise FileExistsError(
+                f"embeddings/{name}.safetensors already exists and was not trained from these inputs. "
+                f"Choose another name, or enable 'overwrite' to replace it."
+            )
+
+        rate = float(learning_rate) * int(batch_size)  # the reference's scale_lr
+        config = TrainConfig(steps=int(steps), lr=rate, kappa=float(kappa), seed=int(seed), checkpoint_every=int(save_every))
+        config.validate()
+
+        init, mu, m_star = ct.initial_vectors(clip, initializer, int(num_vectors), mag)
+        start_step, opt_state = 0, None
+        if resume_from and resume_from != NONE:
+            init, start_step, opt_state = _resume(resume_from, init, int(steps))
+
+        family = type(model.model.model_config).__name__
+        base_meta = dict(m_star=m_star, kappa=float(kappa), lr=rate, lr_per_image=float(learning_rate),
+                         batch_size=int(batch_size), steps=int(steps), initializer=initializer, seed=int(seed),
+                         model_family=family, resolution=resolution, version=__version__, fingerprint=fingerprint,
+                         templates=templates, magnitude=str(mag), name=name)
+
+        pbar = comfy.utils.ProgressBar(int(steps), node_id=unique_id)
+        pbar.update_absolute(start_step, int(steps))
+        n_vec = next(iter(init.values())).shape[0]
+        send_to_client("dti.start", {"node": unique_id, "name": name, "steps": int(steps), "start": start_step,
+                                     "m_star": m_star})
+
+        def on_step(step, loss, norms):
+            pbar.update_absolute(step, int(steps))
+            send_to_client("dti.progress", {"node": unique_id, "step": step, "steps": int(steps), "loss": loss,
+                                            "norms": {k: sum(v) / len(v) for k, v in norms.items()}})
+            mm.throw_exception_if_processing_interrupted()
+
+        def on_checkpoint(step, result):
+            meta = dti_metadata(**base_meta, step=step, checkpoint_of=name,
+                                ema_sq_norm={k: json.dumps(v) for k, v in result.optimizer_state.items()})
+            _save_checkpoint(name, step, result.vectors, meta)
+
+        device = mm.get_torch_device()
+        step_fn = None
+        try:
+            mm.load_models_gpu([model, clip.patcher], force_full_load=True)
+            latents, flipped = ct.encode_latents(vae, model, pixels, bool(horizontal_flip))
+            prompts = ct.tokenize_templates(clip, prompts_text, n_vec)
+            with torch.inference_mode(False), torch.enable_grad():
+                latents = latents.clone()
+                flipped = flipped.clone() if flipped is not None else None
+                with ct.differentiable(model, clip, bool(gradient_checkpointing)):
+                    step_fn = ct.DiffusionStep(model, clip, prompts, latents, flipped, int(batch_size),
+                                               int(seed), resolution, device)
+                    result = train(init, mu, m_star, step_fn, config, device=device, start_step=start_step,
+                                   optimizer_state=opt_state, on_step=on_step, on_checkpoint=on_checkpoint)
+        except torch.OutOfMemoryError:
+            step_fn = None
+            _release()
+            raise mm.OOM_EXCEPTION(
+                "DTI Train ran out of GPU memory. Lower batch_size or resolution, or enable "
+                "gradient_checkpointing; nothing was written."
+            ) from None
+        except NonFiniteError as e:
+            raise RuntimeError(f"DTI Train stopped: {e}. Lower the learning rate or check the images.") from None
+        finally:
+            step_fn = None
+            _release()
+
+        meta = dti_metadata(**base_meta, step=int(steps))
+        saved = save_embedding(embeddings_root(), name, result.vectors, meta, overwrite=bool(overwrite))
+        emb = Embedding(vectors=result.vectors, metadata=meta, path=saved)
+        history = dict(result.history.as_dict(), m_star=m_star)
+        summary = (f"Saved embedding:{name} ({n_vec} vector(s) per encoder; "
+                   + ", ".join(f"{k} |v|={m:.4f}" for k, m in m_star.items())
+                   + f"; final loss {result.history.loss[-1]:.5f})" if result.history.loss else f"Saved embedding:{name}")
+        send_to_client("dti.done", {"node": unique_id, "name": name, "path": saved, "reused": False,
+                                    "m_star": m_star, "final_loss": result.history.loss[-1] if result.history.loss else None})
+        return _outputs(name, emb, history, summary)
+
+
+def _outputs(name: str, emb: Embedding, history, summary: str):
+    return {"ui": {"text": [summary]}, "result": (f"embedding:{name}", emb, history or {})}
+
+
+def _check_numbers(**values) -> None:
+    ranges = {
+        "steps": (1, 100000), "batch_size": (1, 64), "learning_rate": (1e-6, 1.0), "kappa": (0.0, 1.0),
+        "magnitude_value": (1e-3, 100.0), "resolution": (0, 4096), "save_every": (0, 100000), "num_vectors": (0, 16),
+    }
+    for key, value in values.items():
+        lo, hi = ranges[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not lo <= value <= hi:
+            raise ValueError(f"{key} must be between {lo} and {hi}; got {value!r}")
+    if values["resolution"] and (values["resolution"] < 64 or values["resolution"] % 8):
+        raise ValueError(f"resolution must be 0 (auto) or a multiple of 8 from 64 to 4096; got {values['resolution']}")
+
+
+def _fingerprint(settings: dict, pixels: torch.Tensor, model, clip) -> str:
+    """Identifies a training run's inputs, to recognise a file this exact run already wrote."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(pixels.detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(type(model.model.model_config).__name__.encode())
+    for patcher in (model, clip.patcher):
+        for key in sorted(patcher.patches):
+            h.update(f"{key}:{[(p[0], p[2]) for p in patcher.patches[key]]}".encode())
+    with torch.inference_mode(False):
+        for _, _, encoder in ct.text_encoders(clip).values():
+            h.update(ct.vocabulary(encoder)[:4].detach().float().cpu().numpy().tobytes())
+        first = next(model.model.diffusion_model.parameters())
+        h.update(first.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _try_load(path: str) -> Embedding | None:
+    try:
+        return load_embedding(path)
+    except EmbeddingFileError:
+        return None
+
+
+def _resume(filename: str, init: dict, steps: int):
+    from .common import load_listed
+
+    emb = load_listed(filename)
+    missing = set(init) - set(emb.vectors)
+    if missing:
+        raise ValueError(f"resume_from {filename}: it has no vectors for {', '.join(sorted(missing))}")
+    for key, rows in init.items():
+        if emb.vectors[key].shape != rows.shape:
+            raise ValueError(
+                f"resume_from {filename}: {key} has {emb.vectors[key].shape[0]} vector(s), this run has {rows.shape[0]}"
+            )
+    start = 0
+    opt_state = None
+    step_text = emb.metadata.get("dti.step")
+    if emb.is_dti and step_text is not None and step_text.isdigit() and 0 < int(step_text) < steps:
+        start = int(step_text)
+        opt_state = {}
+        for key in init:
+            raw = emb.metadata.get(f"dti.ema_sq_norm.{key}")
+            if raw:
+                opt_state[key] = json.loads(raw)
+    return {k: emb.vectors[k].clone() for k in init}, start, opt_state
+
+
+def _save_checkpoint(name: str, step: int, vectors: dict, meta: dict) -> None:
+    ck_name = f"{name}-step{step}"
+    path = target_path(ck_name)
+    if os.path.exists(path):
+        old = _try_load(path)
+        # Only our own earlier checkpoint of this name may be replaced; never a user's file.
+        if old is None or old.metadata.get("dti.checkpoint_of") != name:
+            raise FileExistsError(f"embeddings/{ck_name}.safetensors exists and is not a DTI checkpoint of {name}; rename one of them")
+    save_embedding(embeddings_root(), ck_name, vectors, meta, overwrite=True)
+
+
+def _release() -> None:
+    gc.collect()
+    mm.soft_empty_cache()

@@ -1,0 +1,221 @@
+"""Fixtures for host tests: a real ComfyUI checkout plus small random checkpoints.
+
+Set ``COMFYUI_PATH`` to a ComfyUI checkout (e.g. ``/opt/ComfyUI``); without it
+every test that uses these fixtures is skipped with a loud reason.
+
+Optional: ``DTI_TEST_CACHE=/some/dir`` keeps the generated checkpoints across
+sessions (file names carry the generator version, see ``checkpoints.py``).
+Optional: ``DTI_TEST_GPU=1`` leaves ComfyUI's device choice alone (default: the
+suite forces ``args.cpu = True``, headless CPU, whatever the machine has).
+
+Import traps handled here (ComfyUI 0.3.64):
+
+* ComfyUI has a top-level ``nodes.py``; this pack has a ``nodes/`` package at the
+  repo root, which pytest's ``pythonpath = ["."]`` puts on ``sys.path``.  The
+  ``comfy`` fixture inserts the ComfyUI folder at ``sys.path[0]`` and, if our
+  package was already imported as top-level ``nodes``, evicts it from
+  ``sys.modules``, so ``import nodes`` (and ComfyUI's own ``import nodes`` in
+  execution.py / comfy_extras) gets ComfyUI's nodes.py.  Tests of this pack must
+  therefore never import the pack's node modules as top-level ``nodes.*``.
+* ComfyUI also has a regular ``tests`` package (``tests/__init__.py``), which
+  shadows this repo's ``tests`` once ComfyUI is first on ``sys.path``.  So the
+  helper module is loaded here by file path, under the unique name
+  ``dti_host_checkpoints`` (``import dti_host_checkpoints`` works in test modules
+  of this folder, or use the ``checkpoints`` fixture).  ``from tests.host.checkpoints
+  import ...`` happens to work under pytest's importlib mode (pytest registers this
+  repo's ``tests`` namespace in ``sys.modules`` while collecting conftests) but
+  gives a second copy of the module and breaks outside pytest: avoid it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).resolve().parent
+_SKIP_REASON = ("HOST TESTS SKIPPED: set COMFYUI_PATH to a ComfyUI checkout, e.g. /opt/ComfyUI "
+                "(COMFYUI_PATH={!r})")
+
+
+def _load_helper():
+    name = "dti_host_checkpoints"
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    spec = importlib.util.spec_from_file_location(name, _HERE / "checkpoints.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ck = _load_helper()
+
+
+def _gpu_requested():
+    return os.environ.get("DTI_TEST_GPU", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def checkpoints():
+    """The helper module ``tests/host/checkpoints.py`` (pure, no pytest)."""
+    return ck
+
+
+@pytest.fixture(scope="session")
+def comfy_path():
+    """Absolute path of the ComfyUI checkout from ``COMFYUI_PATH``; skips loudly if unusable."""
+    p = os.environ.get("COMFYUI_PATH", "")
+    if not ck.is_comfyui_dir(p):
+        pytest.skip(_SKIP_REASON.format(p))
+    return str(Path(p).resolve())
+
+
+@pytest.fixture(scope="session")
+def comfy(comfy_path):
+    """ComfyUI importable and headless on the CPU (``args.cpu = True`` before
+    ``comfy.model_management``).  Returns a namespace of the modules tests need:
+    ``path, comfy, sd, model_management, model_base, supported_models,
+    model_detection, sample, samplers, utils, folder_paths``."""
+    ck.setup_comfy(comfy_path, cpu=not _gpu_requested())
+    import comfy as comfy_pkg
+    import comfy.model_base
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+    import comfy.supported_models
+    import comfy.utils
+    import folder_paths
+
+    # (``comfy`` is a namespace package, without __file__: check a module in it.)
+    for name, mod in (("comfy.sd", comfy.sd), ("folder_paths", folder_paths)):
+        got = os.path.realpath(getattr(mod, "__file__", "") or "")
+        if not got.startswith(comfy_path + os.sep):
+            raise RuntimeError(f"{name} was imported from {got}, not from COMFYUI_PATH={comfy_path}")
+
+    return types.SimpleNamespace(
+        path=comfy_path, comfy=comfy_pkg, sd=comfy.sd, model_management=comfy.model_management,
+        model_base=comfy.model_base, supported_models=comfy.supported_models,
+        model_detection=comfy.model_detection, sample=comfy.sample, samplers=comfy.samplers,
+        utils=comfy.utils, folder_paths=folder_paths,
+    )
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy):
+    """ComfyUI's own top-level ``nodes`` module (nodes.py: CheckpointLoaderSimple,
+    CLIPTextEncode, common_ksampler, ...), guaranteed not to be this pack's ``nodes/``."""
+    ck.setup_comfy(comfy.path, cpu=not _gpu_requested())  # re-check: evicts a shadowing ``nodes`` imported since
+    import nodes
+    got = os.path.realpath(getattr(nodes, "__file__", "") or "")
+    if got != os.path.join(comfy.path, "nodes.py"):
+        raise RuntimeError(f"`import nodes` resolved to {got}, not ComfyUI's nodes.py")
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def checkpoint_cache_dir(tmp_path_factory):
+    """Where checkpoints are generated: ``$DTI_TEST_CACHE`` if set, else a session temp folder."""
+    env = os.environ.get("DTI_TEST_CACHE")
+    if env:
+        p = Path(env).expanduser().resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    return tmp_path_factory.mktemp("dti_checkpoints")
+
+
+@pytest.fixture(scope="session")
+def embeddings_dir(comfy, tmp_path_factory):
+    """A session temp folder registered first among ComfyUI's ``embeddings`` folders,
+    so ``clip.tokenize("embedding:NAME")`` finds ``NAME.safetensors`` written here
+    (by the ``*_loaded`` CLIPs, which are created after this registration)."""
+    p = tmp_path_factory.mktemp("embeddings")
+    comfy.folder_paths.add_model_folder_path("embeddings", str(p), is_default=True)
+    assert comfy.folder_paths.get_folder_paths("embeddings")[0] == str(p)
+    return p
+
+
+@pytest.fixture(scope="session")
+def sd15_checkpoint(comfy, checkpoint_cache_dir):
+    """Path of a thin random SD1.5 checkpoint (fp16 safetensors, ~0.5 GB)."""
+    return ck.ensure_checkpoint("sd15", checkpoint_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def sdxl_checkpoint(comfy, checkpoint_cache_dir):
+    """Path of a thin random SDXL checkpoint (fp16 safetensors, ~2.1 GB)."""
+    return ck.ensure_checkpoint("sdxl", checkpoint_cache_dir)
+
+
+def _load(comfy, path):
+    # Same call as CheckpointLoaderSimple: embedding_directory is the list of the
+    # "embeddings" folders (ours first), and it runs under torch.inference_mode()
+    # like everything ComfyUI's executor runs, so the weights are inference tensors.
+    out, records = ck.load_checkpoint(path, embedding_directory=comfy.folder_paths.get_folder_paths("embeddings"))
+    return types.SimpleNamespace(out=out, log=records, path=path)
+
+
+@pytest.fixture(scope="session")
+def sd15_load(comfy, embeddings_dir, sd15_checkpoint):
+    """``.out`` = (model, clip, vae); ``.log`` = ComfyUI's log records of the load."""
+    return _load(comfy, sd15_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def sdxl_load(comfy, embeddings_dir, sdxl_checkpoint):
+    return _load(comfy, sdxl_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def sd15_loaded(sd15_load):
+    """``(model, clip, vae)`` from ``comfy.sd.load_checkpoint_guess_config`` of the
+    SD1.5 checkpoint, loaded under ``torch.inference_mode()`` (as ComfyUI's executor
+    does).  Shared by the whole session: do not modify them in place; clone."""
+    return sd15_load.out
+
+
+@pytest.fixture(scope="session")
+def sdxl_loaded(sdxl_load):
+    """``(model, clip, vae)`` of the SDXL checkpoint; see ``sd15_loaded``."""
+    return sdxl_load.out
+
+
+@pytest.fixture
+def fresh_sd15(comfy, embeddings_dir, sd15_checkpoint):
+    """A new, independent ``(model, clip, vae)`` of the SD1.5 checkpoint for one test
+    (for tests that patch/hook/train the models), loaded exactly like ``sd15_loaded``
+    (under ``torch.inference_mode()``).  ~1 s on 2 CPU cores."""
+    return _load(comfy, sd15_checkpoint).out
+
+
+@pytest.fixture
+def fresh_sdxl(comfy, embeddings_dir, sdxl_checkpoint):
+    """Like ``fresh_sd15`` for SDXL (~2 s, ~2.6 GB resident per live copy)."""
+    return _load(comfy, sdxl_checkpoint).out
+
+
+@pytest.fixture(scope="session")
+def dti_pack(comfy):
+    """This repository imported as a ComfyUI custom node package, the way ComfyUI's
+    ``load_custom_node`` does (a package from the folder's ``__init__.py``), so the
+    pack's relative imports resolve inside it and never to a top-level ``nodes``."""
+    root = _HERE.parent.parent
+    name = "ComfyUI_DTI_under_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, root / "__init__.py", submodule_search_locations=[str(root)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pack
+    spec.loader.exec_module(pack)
+    import importlib as _il
+    pack.nodes = _il.import_module(name + ".nodes")
+    for sub in ("train_node", "embedding_nodes", "inspect_node", "comfy_training", "common"):
+        _il.import_module(f"{name}.nodes.{sub}")
+    return pack

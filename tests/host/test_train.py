@@ -1,0 +1,150 @@
+"""DTI Train on the real ComfyUI: under inference mode, on generated SD1.5 / SDXL checkpoints."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from dti_core.embedding_file import load_embedding
+
+
+def images(n=2, size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, size, size, 3, generator=g)
+
+
+def train_args(**over):
+    args = dict(name="cat", initializer="cat", steps=3, batch_size=2, learning_rate=0.01, kappa=1e-4,
+                magnitude="mean", magnitude_value=0.4, templates="object", custom_templates="", resolution=64,
+                horizontal_flip=True, seed=1, save_every=0, resume_from="(none)", overwrite=False)
+    args.update(over)
+    return args
+
+
+def run_train(pack, loaded, **over):
+    model, clip, vae = loaded
+    node = pack.nodes.train_node.DTITrain()
+    with torch.inference_mode():  # as ComfyUI's executor calls every node
+        return node.run(model, clip, vae, images(), **train_args(**over))
+
+
+def encode(clip, text):
+    with torch.inference_mode():
+        return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_train_writes_a_file_that_clip_text_encode_uses(kind, request, dti_pack, embeddings_dir, comfy_nodes, caplog):
+    loaded = request.getfixturevalue(f"fresh_{kind}")
+    model, clip, vae = loaded
+    name = f"train-{kind}"
+    out = run_train(dti_pack, loaded, name=name, steps=2 if kind == "sdxl" else 3,
+                    batch_size=1 if kind == "sdxl" else 2)
+    prompt, handle, history = out["result"]
+    assert prompt == f"embedding:{name}"
+    path = embeddings_dir / f"{name}.safetensors"
+    emb = load_embedding(str(path))
+    assert emb.is_dti and emb.metadata["dti.initializer"] == "cat"
+    keys = {"sd15": {"clip_l"}, "sdxl": {"clip_l", "clip_g"}}[kind]
+    assert set(emb.vectors) == keys
+    for k, v in emb.vectors.items():
+        m_star = emb.m_star(k)
+        assert m_star is not None and m_star > 0
+        assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m_star), atol=1e-5, rtol=0)
+        # the history recorded the same norm every step
+        for norms in history["norms"][k]:
+            assert norms == pytest.approx([m_star] * v.shape[0], abs=1e-5)
+    assert len(history["loss"]) == history["steps"][-1]
+
+    # The file works through ComfyUI's own CLIPTextEncode path, silently.
+    caplog.set_level(logging.WARNING)
+    with_emb = encode(clip, f"a photo of embedding:{name}")
+    without = encode(clip, "a photo of")
+    assert with_emb[0].shape == without[0].shape
+    assert not torch.allclose(with_emb[0], without[0])
+    bad = [r.getMessage() for r in caplog.records if "embedding" in r.getMessage() or "shape mismatch" in r.getMessage()]
+    assert bad == []
+
+    # The same MODEL/CLIP still sample afterwards.
+    with torch.inference_mode():
+        (cond,) = comfy_nodes.CLIPTextEncode().encode(clip, f"embedding:{name} on a beach")
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        (samples,) = comfy_nodes.common_ksampler(model, 0, 2, 5.0, "euler", "normal", cond, cond, latent)
+    assert torch.isfinite(samples["samples"]).all()
+
+
+def test_same_seed_same_embedding_and_reuse_and_retrain(dti_pack, fresh_sd15, embeddings_dir):
+    a = run_train(dti_pack, fresh_sd15, name="seed-a")
+    b = run_train(dti_pack, fresh_sd15, name="seed-b")
+    ea = load_embedding(str(embeddings_dir / "seed-a.safetensors"))
+    eb = load_embedding(str(embeddings_dir / "seed-b.safetensors"))
+    assert torch.equal(ea.vectors["clip_l"], eb.vectors["clip_l"])
+    assert a["result"][2]["loss"] == b["result"][2]["loss"]
+
+    # Queue the identical run again: the existing result is reused, the file untouched.
+    path = embeddings_dir / "seed-a.safetensors"
+    before = path.read_bytes()
+    again = run_train(dti_pack, fresh_sd15, name="seed-a")
+    assert "Reused" in again["ui"]["text"][0]
+    assert path.read_bytes() == before
+    # Different inputs, same name, no overwrite: refused, file untouched.
+    with pytest.raises(FileExistsError, match="overwrite"):
+        run_train(dti_pack, fresh_sd15, name="seed-a", seed=2)
+    assert path.read_bytes() == before
+    # After the file is deleted, IS_CHANGED changes and the run trains again.
+    cls = dti_pack.nodes.train_node.DTITrain
+    present = cls.IS_CHANGED(name="seed-a")
+    path.unlink()
+    assert cls.IS_CHANGED(name="seed-a") != present
+    again = run_train(dti_pack, fresh_sd15, name="seed-a")
+    assert "Saved" in again["ui"]["text"][0]
+    assert load_embedding(str(path)).vectors["clip_l"].equal(ea.vectors["clip_l"])
+
+
+def test_cancel_stops_within_a_step_and_leaves_no_final_file(dti_pack, fresh_sd15, embeddings_dir, comfy, monkeypatch):
+    mm = comfy.model_management
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 2:
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_train(dti_pack, fresh_sd15, name="cancelled", steps=6, save_every=1)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert max(seen) == 2
+    assert not (embeddings_dir / "cancelled.safetensors").exists()
+    # the step-1 checkpoint was completed before the cancel and is resumable; step 2 never was
+    ck = load_embedding(str(embeddings_dir / "cancelled-step1.safetensors"))
+    assert ck.metadata["dti.step"] == "1"
+    assert not (embeddings_dir / "cancelled-step2.safetensors").exists()
+    assert not [f for f in os.listdir(embeddings_dir) if f.endswith(".tmp")]
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(dti_pack, fresh_sd15, embeddings_dir):
+    run_train(dti_pack, fresh_sd15, name="full", steps=4, save_every=2)
+    run_train(dti_pack, fresh_sd15, name="resumed", steps=4, resume_from="full-step2.safetensors")
+    full = load_embedding(str(embeddings_dir / "full.safetensors")).vectors["clip_l"]
+    resumed = load_embedding(str(embeddings_dir / "resumed.safetensors")).vectors["clip_l"]
+    assert torch.allclose(full, resumed, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(name="../escape"), "refused"),
+    (dict(steps=0), "steps"),
+    (dict(learning_rate=float("nan")), "learning_rate"),
+    (dict(kappa=-1.0), "kappa"),
+    (dict(resolution=65), "resolution"),
+    (dict(templates="custom", custom_templates="no placeholder"), "placeholder"),
+    (dict(initializer="   "), "initializer"),
+])
+def test_bad_inputs_fail_clearly_and_write_nothing(dti_pack, fresh_sd15, embeddings_dir, bad, match):
+    before = sorted(os.listdir(embeddings_dir))
+    with pytest.raises(ValueError, match=match):
+        run_train(dti_pack, fresh_sd15, **bad)
+    assert sorted(os.listdir(embeddings_dir)) == before
