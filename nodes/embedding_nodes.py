@@ -87,7 +87,7 @@ class DTISlerpConcepts:
     @classmethod
     def VALIDATE_INPUTS(cls, name="", **kwargs):
         try:
-            check_name(name)
+            target_path(name)  # the full check, symlinked subfolders included
         except ValueError as e:
             return str(e)
         return True

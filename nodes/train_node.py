@@ -69,7 +69,7 @@ class DTITrain:
                 "custom_templates": ("STRING", {"default": "a photo of {}\na close-up photo of {}", "multiline": True, "tooltip": "Used when templates is 'custom': one prompt per line, each with {} where the learned word goes."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, 768 for SD2.x and SDXL (the paper's SDXL setting)."}),
                 "horizontal_flip": ("BOOLEAN", {"default": True, "tooltip": "Also train on mirrored images (each drawn with probability 0.5). Turn off for text or asymmetric subjects."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": "fixed", "tooltip": "Same seed and inputs give the same embedding."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Same seed and inputs give the same embedding."}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Also save NAME-stepK every this many steps (0 = only the final file). A cancelled run can resume from them."}),
                 "resume_from": (_resume_choices(), {"default": NONE, "tooltip": "Continue from an embedding: a NAME-stepK checkpoint resumes at step K with the same settings; any other file only sets the starting directions."}),
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing NAME file. Off: an existing file is never touched (re-queueing identical inputs reuses it)."}),
@@ -93,7 +93,7 @@ class DTITrain:
     @classmethod
     def VALIDATE_INPUTS(cls, name="", initializer="", **kwargs):
         try:
-            check_name(name)
+            target_path(name)  # the full check, symlinked subfolders included
         except ValueError as e:
             return str(e)
         if not str(initializer).strip():

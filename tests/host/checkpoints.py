@@ -336,7 +336,7 @@ def capture_logs():
             x.setLevel(lvl)
 
 
-def load_checkpoint(path, embedding_directory=None):
+def load_checkpoint(path, embedding_directory=None, model_options=None):
     """Load like ``CheckpointLoaderSimple`` does inside ComfyUI's executor: with
     ``comfy.sd.load_checkpoint_guess_config(..., output_vae=True, output_clip=True)``
     under ``torch.inference_mode()`` (execution.py runs every node under it, so the
@@ -346,7 +346,8 @@ def load_checkpoint(path, embedding_directory=None):
     import comfy.sd
     with capture_logs() as records, torch.inference_mode():
         out = comfy.sd.load_checkpoint_guess_config(
-            str(path), output_vae=True, output_clip=True, embedding_directory=embedding_directory)
+            str(path), output_vae=True, output_clip=True, embedding_directory=embedding_directory,
+            model_options=model_options or {})
     return tuple(out[:3]), records
 
 

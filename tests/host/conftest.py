@@ -57,6 +57,20 @@ def _load_helper():
 ck = _load_helper()
 
 
+def _load_module(name, filename):
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, _HERE / filename)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+# Shared helpers for the host tests (``import tests_host_helpers``), loaded by path for
+# the same reason as the checkpoint helper.
+_load_module("tests_host_helpers", "helpers.py")
+
+
 def _gpu_requested():
     return os.environ.get("DTI_TEST_GPU", "").strip().lower() in ("1", "true", "yes")
 
