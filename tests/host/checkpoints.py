@@ -44,6 +44,7 @@ GENERATOR_VERSION = "g1"
 DEFAULT_SEED = 1234
 
 KINDS = ("sd15", "sdxl")
+FULL_KINDS = ("sd15-full", "sdxl-full")
 
 # Base of what model_detection.detect_unet_config returns for an SD-style UNet.
 _UNET_COMMON = {
@@ -87,6 +88,24 @@ SDXL_UNET_CONFIG = {
     "context_dim": 2048,
 }
 
+# Real-size UNets (the published SD1.5 / SDXL layouts), for benchmarks only: random
+# weights, same shapes and FLOPs as the real models. Output depths are listed
+# shallowest-last because the UNet pops them from the end (deepest level first).
+SD15_FULL_UNET_CONFIG = {
+    **SD15_UNET_CONFIG,
+    "num_res_blocks": [2, 2, 2, 2],
+    "channel_mult": [1, 2, 4, 4],
+    "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "transformer_depth_middle": 1,
+}
+SDXL_FULL_UNET_CONFIG = {
+    **SDXL_UNET_CONFIG,
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "transformer_depth_middle": 10,
+}
+
 # The ddconfig comfy.sd.VAE uses for "decoder.conv_in.weight" with 4 latent channels.
 VAE_DDCONFIG = {
     "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
@@ -103,12 +122,15 @@ LOGIT_SCALE = 4.6055  # ComfyUI's own default (log(100))
 
 
 def _spec(kind):
-    if kind not in KINDS:
-        raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {KINDS}")
+    if kind not in KINDS + FULL_KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {KINDS + FULL_KINDS}")
     import comfy.supported_models as sm
-    if kind == "sd15":
-        return sm.SD15, SD15_UNET_CONFIG
-    return sm.SDXL, SDXL_UNET_CONFIG
+    return {
+        "sd15": (sm.SD15, SD15_UNET_CONFIG),
+        "sdxl": (sm.SDXL, SDXL_UNET_CONFIG),
+        "sd15-full": (sm.SD15, SD15_FULL_UNET_CONFIG),
+        "sdxl-full": (sm.SDXL, SDXL_FULL_UNET_CONFIG),
+    }[kind]
 
 
 def expected_config_class(kind):
