@@ -85,9 +85,10 @@ class DTISlerpConcepts:
             return float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, name="", **kwargs):
+    def VALIDATE_INPUTS(cls, name=None):
         try:
-            target_path(name)  # the full check, symlinked subfolders included
+            if name is not None:  # None: linked, slerp() checks it
+                target_path(name)  # the full check, symlinked subfolders included
         except ValueError as e:
             return str(e)
         return True

@@ -91,12 +91,15 @@ class DTITrain:
             return float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, name="", initializer="", **kwargs):
+    def VALIDATE_INPUTS(cls, name=None, initializer=None):
+        # Only these two are named: with **kwargs ComfyUI would skip its own range
+        # checks of every other input. None: the input is linked, run() checks it.
         try:
-            target_path(name)  # the full check, symlinked subfolders included
+            if name is not None:
+                target_path(name)  # the full check, symlinked subfolders included
         except ValueError as e:
             return str(e)
-        if not str(initializer).strip():
+        if initializer is not None and not str(initializer).strip():
             return "initializer is empty: give a word close to your subject, e.g. 'dog'"
         return True
 

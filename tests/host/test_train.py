@@ -129,3 +129,25 @@ def test_bad_inputs_fail_clearly_and_write_nothing(dti_pack, fresh_sd15, embeddi
     with pytest.raises(ValueError, match=match):
         run_train(dti_pack, fresh_sd15, **bad)
     assert sorted(os.listdir(embeddings_dir)) == before
+
+
+def test_model_with_lora_patch_samples_the_same_before_and_after_training(dti_pack, fresh_sd15, comfy_nodes):
+    model, clip, vae = fresh_sd15
+    lora_model = model.clone()
+    key = "diffusion_model.out.2.weight"
+    weight = model.model.state_dict()[key]
+    g = torch.Generator().manual_seed(5)
+    lora_model.add_patches({key: (0.05 * torch.randn(weight.shape, generator=g),)}, 1.0)
+
+    def sample(m):
+        with torch.inference_mode():
+            (cond,) = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of a cat")
+            latent = {"samples": torch.zeros(1, 4, 8, 8)}
+            (out,) = comfy_nodes.common_ksampler(m, 3, 2, 5.0, "euler", "normal", cond, cond, latent)
+        return out["samples"]
+
+    base_before, lora_before = sample(model), sample(lora_model)
+    assert not torch.allclose(base_before, lora_before)  # the patch matters
+    run_train(dti_pack, (lora_model, clip, vae), name="with-lora", steps=2, batch_size=1)
+    assert torch.allclose(sample(lora_model), lora_before, atol=1e-5)
+    assert torch.allclose(sample(model), base_before, atol=1e-5)
