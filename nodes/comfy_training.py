@@ -281,7 +281,8 @@ class DiffusionStep:
         self.flipped = flipped.to(device) if flipped is not None else None
         self.batch_size, self.seed, self.resolution = batch_size, seed, resolution
         self.encoders = text_encoders(clip)
-        ms = model.model.model_sampling
+        # get_model_object sees object patches (e.g. ModelSamplingDiscrete v_prediction) too.
+        ms = model.get_model_object("model_sampling")
         self.ms = ms
         self.t_min = float(ms.timestep(ms.sigma_min))
         self.t_max = float(ms.timestep(ms.sigma_max))
