@@ -43,7 +43,7 @@ import torch
 GENERATOR_VERSION = "g1"
 DEFAULT_SEED = 1234
 
-KINDS = ("sd15", "sdxl")
+KINDS = ("sd15", "sdxl", "sd2")
 FULL_KINDS = ("sd15-full", "sdxl-full")
 
 # Base of what model_detection.detect_unet_config returns for an SD-style UNet.
@@ -88,6 +88,15 @@ SDXL_UNET_CONFIG = {
     "context_dim": 2048,
 }
 
+# Thin SD2.x: like SD1.5 but 1024-wide context (OpenCLIP-H) and linear projections in the
+# transformers. Detected as supported_models.SD20 (eps; SD2's v-prediction is chosen by
+# ComfyUI from trained weights, so tests set it with the ModelSamplingDiscrete node).
+SD2_UNET_CONFIG = {
+    **SD15_UNET_CONFIG,
+    "use_linear_in_transformer": True,
+    "context_dim": 1024,
+}
+
 # Real-size UNets (the published SD1.5 / SDXL layouts), for benchmarks only: random
 # weights, same shapes and FLOPs as the real models. Output depths are listed
 # shallowest-last because the UNet pops them from the end (deepest level first).
@@ -128,6 +137,7 @@ def _spec(kind):
     return {
         "sd15": (sm.SD15, SD15_UNET_CONFIG),
         "sdxl": (sm.SDXL, SDXL_UNET_CONFIG),
+        "sd2": (sm.SD20, SD2_UNET_CONFIG),
         "sd15-full": (sm.SD15, SD15_FULL_UNET_CONFIG),
         "sdxl-full": (sm.SDXL, SDXL_FULL_UNET_CONFIG),
     }[kind]

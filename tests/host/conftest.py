@@ -233,3 +233,14 @@ def dti_pack(comfy):
     for sub in ("train_node", "embedding_nodes", "inspect_node", "comfy_training", "common"):
         _il.import_module(f"{name}.nodes.{sub}")
     return pack
+
+
+@pytest.fixture(scope="session")
+def sd2_checkpoint(comfy, checkpoint_cache_dir):
+    """Path of a thin random SD2.x checkpoint (OpenCLIP-H text encoder)."""
+    return ck.ensure_checkpoint("sd2", checkpoint_cache_dir)
+
+
+@pytest.fixture
+def fresh_sd2(comfy, embeddings_dir, sd2_checkpoint):
+    return _load(comfy, sd2_checkpoint).out

@@ -167,3 +167,16 @@ def test_corrupt_file_through_the_load_node_names_the_file(dti_pack, embeddings_
     with pytest.raises(ValueError, match="broken.safetensors.*truncated"):
         with torch.inference_mode():
             dti_pack.nodes.embedding_nodes.DTILoadEmbedding().load("broken.safetensors")
+
+
+def test_unsupported_models_are_refused_naming_what_is_supported(dti_pack, fresh_sd15):
+    import types
+
+    ct = dti_pack.nodes.comfy_training
+    model, clip, vae = fresh_sd15
+    flux_like = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object()))
+    with pytest.raises(ValueError, match="supports SD1.x, SD2.x and SDXL.*this MODEL is SimpleNamespace"):
+        run_train(dti_pack, (flux_like, clip, vae))
+    no_text = types.SimpleNamespace(tokenizer=types.SimpleNamespace(), cond_stage_model=types.SimpleNamespace())
+    with pytest.raises(ValueError, match="supports SD1.x, SD2.x and SDXL.*text encoders are: none"):
+        ct.text_encoders(no_text)

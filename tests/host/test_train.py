@@ -151,3 +151,19 @@ def test_model_with_lora_patch_samples_the_same_before_and_after_training(dti_pa
     run_train(dti_pack, (lora_model, clip, vae), name="with-lora", steps=2, batch_size=1)
     assert torch.allclose(sample(lora_model), lora_before, atol=1e-5)
     assert torch.allclose(sample(model), base_before, atol=1e-5)
+
+
+def test_sd2_v_prediction_trains_a_clip_h_embedding(dti_pack, fresh_sd2, comfy, embeddings_dir, comfy_nodes):
+    import comfy_extras.nodes_model_advanced as adv
+
+    model, clip, vae = fresh_sd2
+    assert type(model.model.model_config) is comfy.supported_models.SD20
+    with torch.inference_mode():
+        vmodel = adv.ModelSamplingDiscrete().patch(model, "v_prediction", False)[0]
+    out = run_train(dti_pack, (vmodel, clip, vae), name="sd2-v", steps=2, batch_size=1)
+    emb = load_embedding(str(embeddings_dir / "sd2-v.safetensors"))
+    assert set(emb.vectors) == {"clip_h"} and emb.vectors["clip_h"].shape[1] == 1024
+    assert torch.allclose(emb.vectors["clip_h"].norm(dim=-1), torch.tensor(emb.m_star("clip_h")), atol=1e-5)
+    assert all(torch.isfinite(torch.tensor(out["result"][2]["loss"])))
+    with_emb = encode(clip, "a photo of embedding:sd2-v")
+    assert not torch.allclose(with_emb[0], encode(clip, "a photo of")[0])
