@@ -180,3 +180,14 @@ def test_unsupported_models_are_refused_naming_what_is_supported(dti_pack, fresh
     no_text = types.SimpleNamespace(tokenizer=types.SimpleNamespace(), cond_stage_model=types.SimpleNamespace())
     with pytest.raises(ValueError, match="supports SD1.x, SD2.x and SDXL.*text encoders are: none"):
         ct.text_encoders(no_text)
+
+
+def test_mixed_sizes_batched_by_comfyui_image_batch_train(dti_pack, fresh_sd15, comfy_nodes, embeddings_dir):
+    # An IMAGE batch has one size; images of different sizes reach the node through
+    # ComfyUI's ImageBatch, which resizes the second to the first. DTI Train then
+    # centre-crops and resizes the batch to the training resolution.
+    with torch.inference_mode():
+        (batch,) = comfy_nodes.ImageBatch().batch(torch.rand(1, 64, 96, 3), torch.rand(1, 120, 40, 3))
+    assert batch.shape == (2, 64, 96, 3)
+    run_train(dti_pack, fresh_sd15, name="mixed", steps=1, batch_size=2, images=batch)
+    assert (embeddings_dir / "mixed.safetensors").exists()
