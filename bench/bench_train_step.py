@@ -59,7 +59,7 @@ def main() -> None:
 
     emb_dir = tempfile.mkdtemp(prefix="dti-bench-emb-")
     folder_paths.add_model_folder_path("embeddings", emb_dir, is_default=True)
-    pack = load_by_path("ComfyUI_DTI_bench", ROOT / "__init__.py")
+    load_by_path("ComfyUI_DTI_bench", ROOT / "__init__.py")  # the pack as ComfyUI imports it
     import importlib
 
     ct = importlib.import_module("ComfyUI_DTI_bench.nodes.comfy_training")

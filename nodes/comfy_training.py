@@ -261,6 +261,20 @@ def encode_latents(vae, model, images: torch.Tensor, hflip: bool) -> tuple[torch
     return latents, flipped
 
 
+def encode_tokens(clip, tokens):
+    """``(cond, pooled)`` of a token dict through ``encode_token_weights``, as CLIPTextEncode gets them.
+
+    Does what ``CLIP.encode_from_tokens`` does before encoding (clip skip), without
+    re-loading the models each step; tensor tokens keep their gradients.
+    """
+    cm = clip.cond_stage_model
+    cm.reset_clip_options()
+    if clip.layer_idx is not None:
+        cm.set_clip_options({"layer": clip.layer_idx})
+    cond, pooled = cm.encode_token_weights(tokens)[:2]
+    return cond, pooled
+
+
 class DiffusionStep:
     """``step_fn`` for ``dti_core.training.train``: one batch of the noise-prediction loss.
 
@@ -289,13 +303,7 @@ class DiffusionStep:
         self.transformer_options = dict(model.model_options.get("transformer_options", {}))
 
     def encode(self, tokens):
-        cm = self.clip.cond_stage_model
-        # What CLIP.encode_from_tokens does before encoding (clip skip), without re-loading models.
-        cm.reset_clip_options()
-        if self.clip.layer_idx is not None:
-            cm.set_clip_options({"layer": self.clip.layer_idx})
-        cond, pooled = cm.encode_token_weights(tokens)[:2]
-        return cond, pooled
+        return encode_tokens(self.clip, tokens)
 
     def __call__(self, embeds: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         g = step_generator(self.seed, step)

@@ -72,3 +72,33 @@ def send_to_client(event: str, data: dict) -> None:
         instance.send_sync(event, data, instance.client_id)
     except Exception as e:  # a UI message must never fail a training run
         log.debug("DTI: could not send %s: %s", event, e)
+
+
+class WritesEmbeddingFile:
+    """For nodes that write ``embeddings/NAME``: re-run when that file changes, refuse bad names early."""
+
+    @classmethod
+    def IS_CHANGED(cls, name="", **kwargs):
+        # Re-run whenever the target file appeared, changed or disappeared; the node then
+        # decides between writing, reusing an identical earlier result, or refusing.
+        try:
+            return file_state(target_path(name))
+        except Exception:
+            return float("nan")
+
+    @staticmethod
+    def name_problem(name) -> str | None:
+        """The refusal message for ``name``, or None. None also for a linked (not yet known) name."""
+        if name is None:
+            return None
+        try:
+            target_path(name)  # the full check, symlinked subfolders included
+        except ValueError as e:
+            return str(e)
+        return None
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, name=None):
+        # Only `name` is named: with **kwargs ComfyUI would skip its own range checks
+        # of every other input.
+        return cls.name_problem(name) or True

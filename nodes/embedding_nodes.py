@@ -15,7 +15,8 @@ from ..dti_core.embedding_file import Embedding, EmbeddingFileError, check_fits,
 from ..dti_core.interpolate import T_MAX, T_MIN, check_t, slerp_embeddings
 from ..dti_core.names import check_name
 from . import comfy_training as ct
-from .common import CATEGORY, EMBEDDING_TYPE, embeddings_root, file_state, load_listed, log, prompt_name, target_path
+from .common import (CATEGORY, EMBEDDING_TYPE, WritesEmbeddingFile, embeddings_root, file_state, load_listed, log,
+                     prompt_name, target_path)
 
 
 def clip_widths(clip) -> dict[str, int]:
@@ -55,7 +56,7 @@ class DTILoadEmbedding:
         return (f"embedding:{prompt_name(emb.path)}", emb)
 
 
-class DTISlerpConcepts:
+class DTISlerpConcepts(WritesEmbeddingFile):
     DESCRIPTION = ("Blend two learned concepts into a new word: slerp between their directions (and interpolate "
                    "their lengths), save it as a new embedding file and give the prompt text to use it.")
     CATEGORY = CATEGORY
@@ -76,22 +77,6 @@ class DTISlerpConcepts:
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name. Off: an existing file is never touched."}),
             }
         }
-
-    @classmethod
-    def IS_CHANGED(cls, name="", **kwargs):
-        try:
-            return file_state(target_path(name))
-        except Exception:
-            return float("nan")
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, name=None):
-        try:
-            if name is not None:  # None: linked, slerp() checks it
-                target_path(name)  # the full check, symlinked subfolders included
-        except ValueError as e:
-            return str(e)
-        return True
 
     def slerp(self, embedding_a, embedding_b, t, name, overwrite):
         name = check_name(name)

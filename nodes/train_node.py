@@ -19,7 +19,8 @@ from ..dti_core.names import check_name
 from ..dti_core.templates import resolve_templates
 from ..dti_core.training import NonFiniteError, TrainConfig, train
 from . import comfy_training as ct
-from .common import CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, embeddings_root, file_state, log, send_to_client, target_path
+from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, log,
+                     send_to_client, target_path)
 
 NONE = "(none)"
 MAGNITUDES = ["mean", "max", "min", "number"]
@@ -32,7 +33,7 @@ def _resume_choices() -> list[str]:
     return [NONE] + sorted(folder_paths.get_filename_list("embeddings"))
 
 
-class DTITrain:
+class DTITrain(WritesEmbeddingFile):
     DESCRIPTION = (
         "Learn a new word for your subject from a batch of its images with Directional Textual Inversion. "
         "The learned vectors keep the vocabulary's typical length (m*) and only their direction is trained, "
@@ -82,23 +83,11 @@ class DTITrain:
         }
 
     @classmethod
-    def IS_CHANGED(cls, name="", **kwargs):
-        # Re-run whenever the target file appeared, changed or disappeared; run() then
-        # decides between training, reusing an identical earlier result, or refusing.
-        try:
-            return file_state(target_path(name))
-        except Exception:
-            return float("nan")
-
-    @classmethod
     def VALIDATE_INPUTS(cls, name=None, initializer=None):
-        # Only these two are named: with **kwargs ComfyUI would skip its own range
-        # checks of every other input. None: the input is linked, run() checks it.
-        try:
-            if name is not None:
-                target_path(name)  # the full check, symlinked subfolders included
-        except ValueError as e:
-            return str(e)
+        # Named inputs only (see WritesEmbeddingFile); None means linked, run() checks it.
+        problem = cls.name_problem(name)
+        if problem:
+            return problem
         if initializer is not None and not str(initializer).strip():
             return "initializer is empty: give a word close to your subject, e.g. 'dog'"
         return True

@@ -9,10 +9,11 @@ test asserts a clear rise of the cosine to "dog", not convergence.
 import torch
 
 
-def test_dti_recovers_target_word_direction_and_plain_ti_norm_drifts(dti_pack, fresh_sd15):
+def teacher_student(dti_pack, loaded):
+    """Target conditioning of "a photo of a dog", the student word starting at "car", and the
+    direction of "dog" to measure against."""
     ct = dti_pack.nodes.comfy_training
-    core_training = dti_pack.dti_core.training
-    _, clip, _ = fresh_sd15
+    _, clip, _ = loaded
     (_, tok, encoder), = ct.text_encoders(clip).values()
     with torch.inference_mode():
         target = clip.encode_from_tokens(clip.tokenize("a photo of a dog"))
@@ -25,17 +26,23 @@ def test_dti_recovers_target_word_direction_and_plain_ti_norm_drifts(dti_pack, f
         dog_dir = dog_dir / dog_dir.norm()
         target = target.clone().float()
 
-    def loss_fn(embeds, step):
-        cond, _ = step_encode(prompt.with_vectors({"l": embeds["clip_l"]}))
-        return ((cond.float() - target) ** 2).mean()
-
     def cos_to_dog(v):
         return float((v / v.norm(dim=-1, keepdim=True) * dog_dir).sum())
 
+    return target, init, mu, m_star, prompt, cos_to_dog
+
+
+def test_dti_recovers_target_word_direction_and_plain_ti_norm_drifts(dti_pack, fresh_sd15):
+    ct = dti_pack.nodes.comfy_training
+    core_training = dti_pack.dti_core.training
+    _, clip, _ = fresh_sd15
+    target, init, mu, m_star, prompt, cos_to_dog = teacher_student(dti_pack, fresh_sd15)
+
+    def loss_fn(embeds, step):
+        cond, _ = ct.encode_tokens(clip, prompt.with_vectors({"l": embeds["clip_l"]}))
+        return ((cond.float() - target) ** 2).mean()
+
     with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(fresh_sd15[0], clip):
-        step = ct.DiffusionStep.__new__(ct.DiffusionStep)
-        step.clip = clip
-        step_encode = step.encode
         start = cos_to_dog(init["clip_l"])
         cfg = core_training.TrainConfig(steps=40, lr=0.04, kappa=0.0)
         dti = core_training.train(init, mu, m_star, loss_fn, cfg)
@@ -65,31 +72,16 @@ def test_dti_recovers_target_through_the_denoiser(dti_pack, fresh_sd15):
     ct = dti_pack.nodes.comfy_training
     core_training = dti_pack.dti_core.training
     model, clip, _ = fresh_sd15
-    (_, tok, encoder), = ct.text_encoders(clip).values()
-    with torch.inference_mode():
-        target = clip.encode_from_tokens(clip.tokenize("a photo of a dog"))
-        init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
-        dog = ct.initializer_ids(tok, "dog")
-        prompt, = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+    target, init, mu, m_star, prompt, cos_to_dog = teacher_student(dti_pack, fresh_sd15)
     ms = model.model.model_sampling
-    with torch.inference_mode(False):
-        dog_dir = ct.vocabulary(encoder)[dog].detach().float().clone()
-        dog_dir = dog_dir / dog_dir.norm()
-        target = target.clone().float()
-
-    def cos_to_dog(v):
-        return float((v / v.norm(dim=-1, keepdim=True) * dog_dir).sum())
 
     with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        step = ct.DiffusionStep.__new__(ct.DiffusionStep)
-        step.clip = clip
-
         def loss_fn(embeds, i):
             g = core_training.step_generator(7, i)
             x0 = torch.randn(2, 4, 8, 8, generator=g)
             sigma = ms.sigma(torch.rand(2, generator=g) * 999)
             x_t = ms.noise_scaling(sigma, torch.randn(2, 4, 8, 8, generator=g), x0)
-            cond, _ = step.encode(prompt.with_vectors({"l": embeds["clip_l"]}))
+            cond, _ = ct.encode_tokens(clip, prompt.with_vectors({"l": embeds["clip_l"]}))
             student = model.model.apply_model(x_t, sigma, c_crossattn=cond.repeat(2, 1, 1))
             with torch.no_grad():
                 teacher = model.model.apply_model(x_t, sigma, c_crossattn=target.repeat(2, 1, 1))
