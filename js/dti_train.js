@@ -9,7 +9,7 @@ const runs = new Map(); // node id -> { steps, loss: [], norms: {key: []}, mStar
 
 function stateFor(id) {
   const key = String(id);
-  if (!runs.has(key)) runs.set(key, { steps: 0, loss: [], norms: {}, mStar: {}, done: null, updates: 0 });
+  if (!runs.has(key)) runs.set(key, { steps: 0, start: 0, loss: [], norms: {}, mStar: {}, done: null, updates: 0 });
   return runs.get(key);
 }
 
@@ -23,7 +23,8 @@ function redraw(id) {
 // Listeners at module top level, so they exist before the first message arrives.
 api.addEventListener("dti.start", ({ detail }) => {
   const s = stateFor(detail.node);
-  Object.assign(s, { steps: detail.steps, loss: [], norms: {}, mStar: detail.m_star || {}, done: null, updates: 0 });
+  Object.assign(s, { steps: detail.steps, start: detail.start || 0, loss: [], norms: {}, mStar: detail.m_star || {},
+                    done: null, updates: 0 });
   redraw(detail.node);
 });
 
@@ -42,42 +43,60 @@ api.addEventListener("dti.done", ({ detail }) => {
   redraw(detail.node);
 });
 
-function drawSeries(ctx, pts, x0, y0, w, h, xMax, yMin, yMax, color) {
+// Steps xMin..xMax span the full width.
+function drawSeries(ctx, pts, x0, y0, w, h, xMin, xMax, yMin, yMax, color) {
   if (!pts.length) return;
   const span = yMax - yMin || 1;
+  const toX = (x) => x0 + (w * (x - xMin)) / Math.max(1, xMax - xMin);
+  const toY = (y) => y0 + h - (h * (Math.min(yMax, Math.max(yMin, y)) - yMin)) / span;
   ctx.strokeStyle = color;
+  ctx.fillStyle = color;
   ctx.lineWidth = 1.5;
+  if (pts.length === 1) {
+    ctx.beginPath();
+    ctx.arc(toX(pts[0][0]), toY(pts[0][1]), 2.5, 0, 2 * Math.PI);
+    ctx.fill();
+    return;
+  }
   ctx.beginPath();
   pts.forEach(([x, y], i) => {
-    const px = x0 + (w * x) / Math.max(1, xMax);
-    const py = y0 + h - (h * (y - yMin)) / span;
-    if (i === 0) ctx.moveTo(px, py);
-    else ctx.lineTo(px, py);
+    if (i === 0) ctx.moveTo(toX(x), toY(y));
+    else ctx.lineTo(toX(x), toY(y));
   });
   ctx.stroke();
 }
 
-function drawChart(node, ctx) {
+// The chart lives in its own canvas widget, last on the node, so the node's layout reserves its
+// height (drawing in onDrawForeground at the node's bottom edge put it underneath the last widgets:
+// the frontend stretches the multiline custom_templates box to fill all free space).
+function drawChart(node, ctx, top, width) {
   const s = runs.get(String(node.id));
-  if (!s || (!s.loss.length && !s.done)) return;
   const pad = 8;
-  const w = node.size[0] - 2 * pad;
-  const top = node.size[1] - CHART_H - pad;
+  const w = width - 2 * pad;
   const half = (CHART_H - 30) / 2;
   ctx.save();
   ctx.fillStyle = "#18181c";
   ctx.fillRect(pad, top, w, CHART_H);
   ctx.font = "11px sans-serif";
+  ctx.textAlign = "left";
+  if (!s || (!s.loss.length && !s.done)) {
+    ctx.fillStyle = "#888";
+    ctx.fillText("Live chart: loss, and each vector's length against m*, while it trains.", pad + 6, top + CHART_H / 2);
+    ctx.restore();
+    return;
+  }
   ctx.fillStyle = "#ddd";
   const last = s.loss[s.loss.length - 1];
   ctx.fillText(last ? `step ${last[0]}/${s.steps}  loss ${last[1].toFixed(5)}` : "", pad + 4, top + 12);
   // loss curve
   const ys = s.loss.map((p) => p[1]);
-  if (ys.length) drawSeries(ctx, s.loss, pad, top + 16, w, half, s.steps, Math.min(...ys), Math.max(...ys), "#f0c040");
+  const x0 = (s.start || 0) + 1;
+  if (ys.length) drawSeries(ctx, s.loss, pad, top + 16, w, half, x0, s.steps, Math.min(...ys), Math.max(...ys), "#f0c040");
   // norms against m*: every encoder on its own scale around m*, which is the dashed line
   const ny = top + 20 + half;
   ctx.setLineDash([4, 3]);
   ctx.strokeStyle = "#888";
+  ctx.lineWidth = 1;
   ctx.beginPath();
   ctx.moveTo(pad, ny + half / 2);
   ctx.lineTo(pad + w, ny + half / 2);
@@ -86,7 +105,7 @@ function drawChart(node, ctx) {
   let lx = pad + 4;
   for (const [k, pts] of Object.entries(s.norms)) {
     const m = s.mStar[k] || pts[0][1];
-    drawSeries(ctx, pts, pad, ny, w, half, s.steps, m * 0.5, m * 1.5, COLORS[k] || "#ccc");
+    drawSeries(ctx, pts, pad, ny, w, half, x0, s.steps, m * 0.5, m * 1.5, COLORS[k] || "#ccc");
     ctx.fillStyle = COLORS[k] || "#ccc";
     const label = `${k} |v| ${pts[pts.length - 1][1].toFixed(4)} / m* ${m.toFixed(4)}`;
     ctx.fillText(label, lx, top + CHART_H - 4);
@@ -100,21 +119,38 @@ function drawChart(node, ctx) {
   ctx.restore();
 }
 
+function chartWidget(node) {
+  return {
+    name: "dti_chart",
+    type: "dti_chart",
+    value: null,
+    serialize: false, // not in widgets_values
+    options: { serialize: false }, // not in the queued prompt
+    computeSize(width) {
+      return [width ?? node.size[0], CHART_H];
+    },
+    draw(ctx, n, width, y) {
+      drawChart(n, ctx, y, width);
+    },
+    mouse() {
+      return false;
+    },
+  };
+}
+
 app.registerExtension({
   name: "DTI.TrainChart",
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== "DTITrain") return;
-    const onDraw = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      const r = onDraw?.apply(this, arguments);
-      drawChart(this, ctx);
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      if (!this.widgets?.some((w) => w.name === "dti_chart")) {
+        this.addCustomWidget(chartWidget(this));
+        const min = this.computeSize();
+        this.setSize([Math.max(this.size[0], min[0]), Math.max(this.size[1], min[1])]);
+      }
       return r;
-    };
-    const computeSize = nodeType.prototype.computeSize;
-    nodeType.prototype.computeSize = function (out) {
-      const size = computeSize ? computeSize.apply(this, arguments) : [this.size[0], this.size[1]];
-      size[1] += CHART_H + 12; // room for the chart below the widgets
-      return size;
     };
   },
 });

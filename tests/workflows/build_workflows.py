@@ -1,0 +1,362 @@
+"""Regenerate workflows/*.json in the real ComfyUI frontend (optional; the JSON files are the product).
+
+    COMFYUI_PATH=/opt/ComfyUI python tests/workflows/build_workflows.py [--check]
+
+Starts ComfyUI on loopback with this pack, opens its frontend in headless Chromium (Playwright,
+/usr/bin/chromium), builds every graph below with LiteGraph exactly as a user would (create nodes,
+set widgets, connect, add groups), exports it the way the frontend's "Export" does
+(``(await app.graphToPrompt()).workflow``), drops the ``null`` fields a freshly built graph carries
+(the loader's zod schema rejects them), loads the result back with ``app.loadGraphData`` and fails
+on any toast.  ``--check`` only compares with the files in workflows/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _load(name, path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+h = _load("dti_workflow_harness", HERE / "harness.py")
+
+# Colours of the frontend's palette (LGraphCanvas.node_colors).
+GROUP_INPUT = "#3f789e"    # blue
+GROUP_TRAIN = "#b58b2a"    # yellow
+GROUP_RENDER = "#8A8"      # green
+GROUP_BLEND = "#a1309b"    # purple
+NOTE = {"color": "#432", "bgcolor": "#653"}
+
+NEGATIVE = "blurry, low quality, watermark, text"
+
+
+def note(key, pos, size, text, title="Note"):
+    return {"key": key, "type": "Note", "pos": pos, "size": size, "title": title, "widgets": {"text": text}, **NOTE}
+
+
+def train_graph(kind):
+    """LoadImage x3 -> Batch Images -> DTI Train -> Replace('...{}...') -> CLIPTextEncode -> KSampler -> SaveImage."""
+    xl = kind == "sdxl"
+    ckpt = h.SDXL_CKPT if xl else h.SD15_CKPT
+    name = "my-concept-xl" if xl else "my-concept"
+    if xl:
+        prompt = ("a watercolor painting of {} wearing a tiny red knitted scarf, sitting on a mossy rock beside "
+                  "a misty mountain lake at sunrise, a paper boat floating nearby, soft golden light, "
+                  "highly detailed")
+        size, steps, cfg, sampler, scheduler = 1024, 30, 7.0, "dpmpp_2m", "karras"
+    else:
+        prompt = "a photo of {} on a wooden table in a sunny garden"
+        size, steps, cfg, sampler, scheduler = 512, 30, 7.0, "euler", "normal"
+    model_label = "SDXL" if xl else "SD1.5"
+    readme = (
+        f"DTI Train ({model_label}): teach the model a new word for your subject\n\n"
+        "1. Put 3-20 photos of your subject in ComfyUI/input and pick them in the Load Image nodes "
+        "(this example expects dti_example_1.png ... dti_example_3.png; add more with Batch Images).\n"
+        f"2. On DTI Train set name (the file models/embeddings/NAME.safetensors) and initializer: a word "
+        "close to your subject (dog, mug, teddy bear, ...).\n"
+        "3. Queue. The DTI Train node draws the loss and the vector length against m* while it trains. "
+        "The render group then uses the new word: Replace puts embedding:NAME where {} is.\n\n"
+        "Later, write embedding:NAME in any prompt. Queueing the same inputs again reuses the file "
+        "instead of training again; to retrain, change name or switch overwrite on."
+    )
+    recipe = (
+        "Defaults are the paper's recipe: 400 steps, batch 4, learning rate 0.01 per image, "
+        "kappa 1e-4 (pull toward the initializer), m* = mean vocabulary norm, resolution 0 = auto "
+        f"({'768' if xl else '512'} px).\n\n"
+        "Short of GPU memory? Lower batch_size or resolution, or turn gradient_checkpointing on.\n"
+        "save_every > 0 also writes NAME-stepK files; resume_from continues from one."
+    )
+    nodes = [
+        note("readme", [0, -330], [560, 300], readme, "Read me"),
+        {"key": "img1", "type": "LoadImage", "pos": [20, 40], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[0]}},
+        {"key": "img2", "type": "LoadImage", "pos": [20, 400], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[1]}},
+        {"key": "img3", "type": "LoadImage", "pos": [20, 760], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[2]}},
+        {"key": "batch1", "type": "ImageBatch", "pos": [360, 400], "size": [200, 46]},
+        {"key": "batch2", "type": "ImageBatch", "pos": [360, 760], "size": [200, 46]},
+        {"key": "ckpt", "type": "CheckpointLoaderSimple", "pos": [620, 40], "size": [360, 98],
+         "widgets": {"ckpt_name": ckpt}},
+        note("recipe", [620, 180], [360, 300], recipe, "Training settings"),
+        {"key": "train", "type": "DTITrain", "pos": [1010, 40], "size": [420, 900],
+         "widgets": {"name": name, "initializer": "dog", "steps": 400, "batch_size": 4, "learning_rate": 0.01,
+                     "kappa": 0.0001, "magnitude": "mean", "templates": "object", "resolution": 0,
+                     "horizontal_flip": True, "seed": 0, "save_every": 0, "resume_from": "(none)",
+                     "overwrite": False, "num_vectors": 0, "gradient_checkpointing": False}},
+        {"key": "prompt", "type": "StringReplace", "pos": [1490, 40], "size": [420, 220],
+         "title": "Prompt ({} = the new word)",
+         "widgets": {"string": prompt, "find": "{}", "replace": ""}},
+        {"key": "pos", "type": "CLIPTextEncode", "pos": [1490, 300], "size": [420, 100],
+         "title": "CLIP Text Encode (Positive)", "widgets": {"text": ""}},
+        {"key": "neg", "type": "CLIPTextEncode", "pos": [1490, 440], "size": [420, 140],
+         "title": "CLIP Text Encode (Negative)", "widgets": {"text": NEGATIVE}},
+        {"key": "latent", "type": "EmptyLatentImage", "pos": [1490, 620], "size": [420, 106],
+         "widgets": {"width": size, "height": size, "batch_size": 1}},
+        {"key": "ksampler", "type": "KSampler", "pos": [1960, 40], "size": [320, 262],
+         "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": steps, "cfg": cfg,
+                     "sampler_name": sampler, "scheduler": scheduler, "denoise": 1.0}},
+        {"key": "decode", "type": "VAEDecode", "pos": [1960, 350], "size": [320, 46]},
+        {"key": "save", "type": "SaveImage", "pos": [2320, 40], "size": [520, 580],
+         "widgets": {"filename_prefix": f"DTI/{name}"}},
+    ]
+    links = [
+        ("img1", 0, "batch1", "image1"), ("img2", 0, "batch1", "image2"),
+        ("batch1", 0, "batch2", "image1"), ("img3", 0, "batch2", "image2"),
+        ("ckpt", 0, "train", "model"), ("ckpt", 1, "train", "clip"), ("ckpt", 2, "train", "vae"),
+        ("batch2", 0, "train", "images"),
+        ("train", 0, "prompt", "replace"),
+        ("prompt", 0, "pos", "text"),
+        ("ckpt", 1, "pos", "clip"), ("ckpt", 1, "neg", "clip"),
+        ("ckpt", 0, "ksampler", "model"), ("pos", 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
+        ("latent", 0, "ksampler", "latent_image"),
+        ("ksampler", 0, "decode", "samples"), ("ckpt", 2, "decode", "vae"),
+        ("decode", 0, "save", "images"),
+    ]
+    groups = [
+        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 1130], "color": GROUP_INPUT},
+        {"title": f"2. Train the new word ({model_label})", "bounding": [600, -30, 850, 990], "color": GROUP_TRAIN},
+        {"title": "3. Render it", "bounding": [1470, -30, 1390, 780], "color": GROUP_RENDER},
+    ]
+    return {"nodes": nodes, "links": links, "groups": groups}
+
+
+def _embedding_loaders(y0=40):
+    return [
+        {"key": "ckpt", "type": "CheckpointLoaderSimple", "pos": [20, y0], "size": [360, 98],
+         "widgets": {"ckpt_name": h.SD15_CKPT}},
+        {"key": "emb_a", "type": "DTILoadEmbedding", "pos": [20, y0 + 150], "size": [360, 80],
+         "title": "DTI Load Embedding (A)", "widgets": {"embedding": h.CONCEPT_A}},
+        {"key": "emb_b", "type": "DTILoadEmbedding", "pos": [20, y0 + 270], "size": [360, 80],
+         "title": "DTI Load Embedding (B)", "widgets": {"embedding": h.CONCEPT_B}},
+    ]
+
+
+def _render_nodes(x, prefix, size=512, batch=1, positive=True):
+    nodes = []
+    if positive:
+        nodes.append({"key": "pos", "type": "CLIPTextEncode", "pos": [x, 300], "size": [420, 100],
+                      "title": "CLIP Text Encode (Positive)", "widgets": {"text": ""}})
+    nodes += [
+        {"key": "neg", "type": "CLIPTextEncode", "pos": [x, 440], "size": [420, 140],
+         "title": "CLIP Text Encode (Negative)", "widgets": {"text": NEGATIVE}},
+        {"key": "latent", "type": "EmptyLatentImage", "pos": [x, 620], "size": [420, 106],
+         "widgets": {"width": size, "height": size, "batch_size": batch}},
+        {"key": "ksampler", "type": "KSampler", "pos": [x + 470, 40], "size": [320, 262],
+         "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 30, "cfg": 7.0,
+                     "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+        {"key": "decode", "type": "VAEDecode", "pos": [x + 470, 350], "size": [320, 46]},
+        {"key": "save", "type": "SaveImage", "pos": [x + 830, 40], "size": [520 if batch == 1 else 900, 580],
+         "widgets": {"filename_prefix": prefix}},
+    ]
+    return nodes
+
+
+def _render_links(positive_from):
+    return [
+        ("ckpt", 1, "neg", "clip"),
+        ("ckpt", 0, "ksampler", "model"), (positive_from, 0, "ksampler", "positive"),
+        ("neg", 0, "ksampler", "negative"), ("latent", 0, "ksampler", "latent_image"),
+        ("ksampler", 0, "decode", "samples"), ("ckpt", 2, "decode", "vae"),
+        ("decode", 0, "save", "images"),
+    ]
+
+
+def slerp_graph():
+    readme = (
+        "Slerp Concepts (DTI): blend two learned words into a new one\n\n"
+        "DTI keeps every learned vector at the vocabulary's length and learns only its direction, so two "
+        "concepts can be blended along the sphere (slerp) and the blend stays a normal-looking word.\n\n"
+        "1. Pick two embeddings trained for this checkpoint (here concept_a / concept_b from models/embeddings).\n"
+        "2. t = 0 gives A, t = 1 gives B, 0.5 halfway.\n"
+        "3. Queue: the blend is saved as models/embeddings/NAME.safetensors and rendered; DTI Inspect shows "
+        "that its length stays at m*.\n\n"
+        "Trying another t? Change name (e.g. blend-0.3) or switch overwrite on: an existing file is never "
+        "replaced silently. Works the same with SDXL embeddings and an SDXL checkpoint."
+    )
+    x = 980
+    nodes = [note("readme", [0, -330], [560, 300], readme, "Read me")] + _embedding_loaders() + [
+        {"key": "slerp", "type": "DTISlerpConcepts", "pos": [440, 40], "size": [360, 160],
+         "widgets": {"t": 0.5, "name": "blend", "overwrite": False}},
+        {"key": "inspect", "type": "DTIInspect", "pos": [440, 440], "size": [480, 180],
+         "widgets": {"top_k": 5, "initializer": ""}},
+        {"key": "chart", "type": "PreviewImage", "pos": [440, 660], "size": [480, 300], "title": "Norm chart"},
+        {"key": "prompt", "type": "StringReplace", "pos": [x, 40], "size": [420, 220],
+         "title": "Prompt ({} = the blend)",
+         "widgets": {"string": "a photo of {} on a beach", "find": "{}", "replace": ""}},
+    ] + _render_nodes(x, "DTI/blend")
+    links = [
+        ("ckpt", 1, "emb_a", "clip"), ("ckpt", 1, "emb_b", "clip"),
+        ("emb_a", 1, "slerp", "embedding_a"), ("emb_b", 1, "slerp", "embedding_b"),
+        ("slerp", 1, "inspect", "embedding"), ("ckpt", 1, "inspect", "clip"),
+        ("inspect", 1, "chart", "images"),
+        ("slerp", 0, "prompt", "replace"), ("prompt", 0, "pos", "text"), ("ckpt", 1, "pos", "clip"),
+    ] + _render_links("pos")
+    groups = [
+        {"title": "1. Two learned concepts", "bounding": [0, -30, 400, 440], "color": GROUP_INPUT},
+        {"title": "2. Blend them (slerp)", "bounding": [420, -30, 520, 1010], "color": GROUP_BLEND},
+        {"title": "3. Render the blend", "bounding": [x - 20, -30, 1390, 780], "color": GROUP_RENDER},
+    ]
+    return {"nodes": nodes, "links": links, "groups": groups}
+
+
+def strip_graph():
+    readme = (
+        "DTI Interpolation Strip: morph from concept A to concept B in one queue\n\n"
+        "DTI Interpolation Strip encodes the prompt K times with the concept slerped from A (t = 0) to B "
+        "(t = 1) and gives one CONDITIONING batch of K. One KSampler over an Empty Latent Image batch of K "
+        "renders the whole strip.\n\n"
+        "Keep count (K) and the latent batch_size equal. Write {} in the prompt where the concept goes. "
+        "Each image gets its own noise from the seed (a latent batch), so the layout can change along "
+        "the strip as well. Works the same with SDXL embeddings and an SDXL checkpoint."
+    )
+    x = 460
+    nodes = [note("readme", [0, -330], [560, 300], readme, "Read me")] + _embedding_loaders() + [
+        {"key": "strip", "type": "DTIInterpolationStrip", "pos": [x, 40], "size": [420, 220],
+         "widgets": {"text": "a photo of {} on a beach", "count": 5}},
+        {"key": "tvalues", "type": "PreviewAny", "pos": [20, 450], "size": [360, 150], "title": "t of each image"},
+    ] + _render_nodes(x, "DTI/strip", batch=5, positive=False)
+    links = [
+        ("ckpt", 1, "emb_a", "clip"), ("ckpt", 1, "emb_b", "clip"),
+        ("ckpt", 1, "strip", "clip"), ("emb_a", 1, "strip", "embedding_a"), ("emb_b", 1, "strip", "embedding_b"),
+        ("strip", 1, "tvalues", "source"),
+    ] + _render_links("strip")
+    groups = [
+        {"title": "1. Two learned concepts", "bounding": [0, -30, 400, 660], "color": GROUP_INPUT},
+        {"title": "2. A -> B in K steps, rendered as one batch", "bounding": [x - 20, -30, 2190, 780],
+         "color": GROUP_BLEND},
+    ]
+    return {"nodes": nodes, "links": links, "groups": groups}
+
+
+GRAPHS = {
+    "dti_train_sd15.json": lambda: train_graph("sd15"),
+    "dti_train_sdxl.json": lambda: train_graph("sdxl"),
+    "dti_slerp_concepts.json": slerp_graph,
+    "dti_interpolation_strip.json": strip_graph,
+}
+
+BUILD_JS = r"""
+async (spec) => {
+  app.graph.clear();
+  const byKey = {};
+  for (const n of spec.nodes) {
+    const node = LiteGraph.createNode(n.type);
+    if (!node) throw new Error(`unknown node type ${n.type}`);
+    app.graph.add(node);
+    node.pos = n.pos;
+    if (n.title) node.title = n.title;
+    for (const [name, value] of Object.entries(n.widgets || {})) {
+      const w = (node.widgets || []).find((w) => w.name === name);
+      if (!w) throw new Error(`${n.type} has no widget ${name}: ${(node.widgets || []).map((w) => w.name)}`);
+      w.value = value;
+    }
+    if (n.size) node.size = [Math.max(n.size[0], node.size[0]), Math.max(n.size[1], node.computeSize()[1])];
+    if (n.color) node.color = n.color;
+    if (n.bgcolor) node.bgcolor = n.bgcolor;
+    byKey[n.key] = node;
+  }
+  for (const [a, slot, b, input] of spec.links) {
+    const target = byKey[b];
+    const idx = target.inputs.findIndex((i) => i.name === input);
+    if (idx < 0) throw new Error(`${target.type} has no input ${input}`);
+    if (!byKey[a].connect(slot, target, idx)) throw new Error(`cannot connect ${a}.${slot} -> ${b}.${input}`);
+  }
+  spec.groups.forEach((g, i) => {
+    const group = new LiteGraph.LGraphGroup(g.title);
+    group.configure({ id: i + 1, title: g.title, bounding: g.bounding, color: g.color, font_size: 24, flags: {} });
+    app.graph.add(group);
+  });
+  app.canvas.ds.offset = [40, 360];
+  app.canvas.ds.scale = 0.6;
+  const p = await app.graphToPrompt();
+  return p.workflow;
+}
+"""
+
+
+def drop_nulls(obj, path=""):
+    """Remove keys whose value is null (the frontend's own serializer leaves them on fresh nodes and the
+    loader's zod schema rejects several); keep nulls inside widgets_values."""
+    if isinstance(obj, dict):
+        return {k: (v if k == "widgets_values" else drop_nulls(v, f"{path}.{k}")) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list):
+        return [drop_nulls(v, path) for v in obj]
+    return obj
+
+
+def tidy(workflow):
+    wf = drop_nulls(workflow)
+    wf["id"] = "00000000-0000-0000-0000-000000000000"
+    wf.setdefault("extra", {}).setdefault("ds", {"scale": 0.6, "offset": [40, 360]})
+    return wf
+
+
+def build_all(page):
+    out = {}
+    for filename, make in GRAPHS.items():
+        wf = tidy(page.evaluate(BUILD_JS, make()))
+        out[filename] = wf
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="only compare with workflows/*.json")
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
+    args = ap.parse_args(argv)
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="dti-build-") as tmp:
+        server = h.ComfyServer(args.comfyui, tmp)
+        server.prepare()
+        # Only the names matter while building (nothing runs): empty placeholder files.
+        for name in (h.SD15_CKPT, h.SDXL_CKPT):
+            (server.checkpoints / name).write_bytes(b"")
+        h.write_example_images(server.input)
+        h.write_concept_embeddings(server.embeddings)
+        server.start()
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=h.BROWSER_ARGS)
+                page = browser.new_page(viewport={"width": 1600, "height": 1000})
+                page.goto(server.url + "/", timeout=60000)
+                page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=60000)
+                page.keyboard.press("Escape")
+                built = build_all(page)
+                problems = []
+                for filename, wf in built.items():
+                    target = h.WORKFLOWS_DIR / filename
+                    text = json.dumps(wf, indent=2, ensure_ascii=False) + "\n"
+                    if args.check:
+                        if not target.exists() or target.read_text() != text:
+                            problems.append(f"{filename} differs from what the builder makes")
+                    else:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_text(text)
+                        print(f"wrote {target.relative_to(REPO)} ({len(wf['nodes'])} nodes, {len(wf['links'])} links)")
+                browser.close()
+        finally:
+            server.stop()
+    if problems:
+        print("\n".join(problems))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

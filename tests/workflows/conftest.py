@@ -1,0 +1,207 @@
+"""Fixtures for the workflow tests: one real ComfyUI server per session, and headless Chromium.
+
+* ``COMFYUI_PATH`` must point at a ComfyUI checkout; otherwise every test here is skipped with a
+  reason starting "HOST TESTS SKIPPED".  The browser tests also skip loudly without Playwright
+  (``pip install playwright``) or Chromium (``apt-get install chromium``; or set ``DTI_CHROMIUM`` to
+  a Chromium/Chrome binary).  ``playwright install`` is not needed: the system Chromium is used.
+* The server is ``python main.py --cpu --listen 127.0.0.1 --port <free> --base-directory <tmp>``
+  run from COMFYUI_PATH, with this repository symlinked as ``<tmp>/custom_nodes/ComfyUI-DTI``, the
+  generated small SD1.5 / SDXL checkpoints (``tests/host/checkpoints.py``; cached in
+  ``DTI_TEST_CACHE`` when set) symlinked under the public names the workflows use, the example
+  images in ``<tmp>/input`` and two concept embeddings in ``<tmp>/models/embeddings``.
+* ``DTI_UPDATE_DOCS_IMAGES=1`` also copies the screenshots/renders to ``docs/images/`` (tests
+  always write them to ``test-artifacts/``, which git ignores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).resolve().parent
+_REPO = _HERE.parents[1]
+SKIP = "HOST TESTS SKIPPED: "
+
+
+def _load(name, path):
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# Loaded by path under unique names: this repo's ``tests`` package is shadowed by ComfyUI's
+# ``tests`` package once ComfyUI is on sys.path.  Same module name as tests/host/conftest.py uses.
+h = _load("dti_workflow_harness", _HERE / "harness.py")
+ck = _load("dti_host_checkpoints", _HERE.parent / "host" / "checkpoints.py")
+
+SERVER_START_TIMEOUT = 240.0
+
+
+@pytest.fixture(scope="session")
+def harness():
+    return h
+
+
+@pytest.fixture(scope="session")
+def comfyui_path():
+    p = os.environ.get("COMFYUI_PATH", "")
+    if not ck.is_comfyui_dir(p):
+        pytest.skip(SKIP + f"set COMFYUI_PATH to a ComfyUI checkout, e.g. /opt/ComfyUI (COMFYUI_PATH={p!r})")
+    return str(Path(p).resolve())
+
+
+@pytest.fixture(scope="session")
+def test_checkpoints(comfyui_path, tmp_path_factory):
+    """{'sd15': path, 'sdxl': path} of the small generated checkpoints."""
+    env = os.environ.get("DTI_TEST_CACHE")
+    folder = Path(env).expanduser().resolve() if env else tmp_path_factory.mktemp("dti_checkpoints")
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {kind: folder / ck.checkpoint_filename(kind) for kind in ("sd15", "sdxl")}
+    if not all(p.exists() for p in paths.values()):
+        ck.setup_comfy(comfyui_path, cpu=True)  # generating needs ComfyUI's classes in this process
+        paths = {kind: Path(ck.ensure_checkpoint(kind, folder)) for kind in ("sd15", "sdxl")}
+    return paths
+
+
+@pytest.fixture(scope="session")
+def server(comfyui_path, test_checkpoints, tmp_path_factory):
+    """A running ComfyUI (``harness.ComfyServer``) with this pack, the models and the inputs."""
+    base = tmp_path_factory.mktemp("comfyui_base")
+    srv = h.ComfyServer(comfyui_path, base)
+    srv.prepare()
+    srv.link_checkpoint(test_checkpoints["sd15"], h.SD15_CKPT)
+    srv.link_checkpoint(test_checkpoints["sdxl"], h.SDXL_CKPT)
+    h.write_example_images(srv.input)
+    h.write_concept_embeddings(srv.embeddings)
+    srv.start(timeout=SERVER_START_TIMEOUT)
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        try:
+            dst = _REPO / "test-artifacts" / "comfyui-server.log"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(srv.log_path, dst)
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def object_info(server):
+    info = server.object_info()
+    missing = [n for n in ("DTITrain", "DTILoadEmbedding", "DTISlerpConcepts", "DTIInterpolationStrip", "DTIInspect")
+               if n not in info]
+    if missing:
+        raise RuntimeError(f"ComfyUI did not load the pack's nodes {missing}; server log:\n{server.log_tail()}")
+    return info
+
+
+def _chromium_path():
+    env = os.environ.get("DTI_CHROMIUM")
+    if env:
+        return env if os.path.isfile(env) else None
+    for cand in ("/usr/bin/chromium", "/usr/bin/chromium-browser", shutil.which("chromium") or "",
+                 shutil.which("google-chrome") or ""):
+        if cand and os.path.isfile(cand):
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def browser(server):
+    """Headless Chromium through Playwright (sync API), or a loud skip saying what to install."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip(SKIP + "browser tests need Playwright: pip install playwright "
+                    "(no 'playwright install' needed; the system chromium is used)")
+    exe = _chromium_path()
+    if exe is None:
+        pytest.skip(SKIP + "browser tests need Chromium: apt-get install chromium "
+                    "(or set DTI_CHROMIUM to a Chromium/Chrome binary)")
+    pw = sync_playwright().start()
+    try:
+        b = pw.chromium.launch(executable_path=exe, args=h.BROWSER_ARGS, timeout=60000)
+    except Exception as e:
+        pw.stop()
+        pytest.skip(SKIP + f"could not launch Chromium at {exe}: {e}")
+    try:
+        yield b
+    finally:
+        b.close()
+        pw.stop()
+
+
+class Page:
+    """One browser tab on the server's frontend, recording console errors and page errors."""
+
+    def __init__(self, browser, server, width=1600, height=1000):
+        self.server = server
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(60000)
+        self.console = []   # (type, text, url)
+        self.errors = []    # uncaught page errors: (message, stack)
+        self.responses = []  # (url, status)
+        self.page.on("response", lambda r: self.responses.append((r.url, r.status)))
+        self.page.on("console", lambda m: self.console.append((m.type, m.text, (m.location or {}).get("url", ""))))
+        self.page.on("pageerror", lambda e: self.errors.append((str(e), getattr(e, "stack", "") or "")))
+
+    def open(self):
+        self.page.goto(self.server.url + "/", wait_until="load", timeout=90000)
+        self.page.wait_for_function("window.app && window.app.graph && window.LiteGraph && window.app.api",
+                                    timeout=90000)
+        # The template browser opens on a first visit (asynchronously): close any dialog for a moment.
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            if self.page.evaluate("() => document.querySelectorAll('.p-dialog').length"):
+                self.page.keyboard.press("Escape")
+            time.sleep(0.25)
+        return self
+
+    def evaluate(self, js, arg=None):
+        return self.page.evaluate(js, arg)
+
+    def toasts(self):
+        return self.page.evaluate(
+            "() => [...document.querySelectorAll('.p-toast-message')].map((e) => e.innerText)")
+
+    def dti_problems(self):
+        """Console errors/warnings and page errors that concern this pack (its files or its events)."""
+        out = []
+        for kind, text, url in self.console:
+            if kind in ("error", "warning") and ("ComfyUI-DTI" in url or "dti" in text.lower()):
+                out.append(f"console {kind}: {text} ({url})")
+        for msg, stack in self.errors:
+            if "ComfyUI-DTI" in stack or "dti" in msg.lower():
+                out.append(f"page error: {msg}\n{stack}")
+        return out
+
+    def close(self):
+        self.context.close()
+
+
+@pytest.fixture(scope="session")
+def page_factory(browser, server):
+    """``page_factory()`` opens a new tab on the frontend (the caller closes it)."""
+    return lambda **kw: Page(browser, server, **kw).open()
+
+
+@pytest.fixture
+def page(page_factory):
+    p = page_factory()
+    try:
+        yield p
+    finally:
+        p.close()

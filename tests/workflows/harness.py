@@ -1,0 +1,525 @@
+"""Helpers for the workflow tests: a real ComfyUI server on loopback, UI -> API workflow
+conversion, validation against ``/object_info``, and the test inputs (images, embeddings).
+
+Pure helper: no pytest, never imports ComfyUI (the server is a separate process).  Loaded by
+file path from ``conftest.py`` under the unique name ``dti_workflow_harness`` (this repo's
+``tests`` package is shadowed by ComfyUI's own ``tests`` package once ComfyUI is on sys.path).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKFLOWS_DIR = REPO_ROOT / "workflows"
+WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json")
+PACK_DIR_NAME = "ComfyUI-DTI"
+
+# File names the shipped workflows use (the common public names of the base checkpoints).
+SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+EXAMPLE_IMAGES = ("dti_example_1.png", "dti_example_2.png", "dti_example_3.png")
+CONCEPT_A = "concept_a.safetensors"
+CONCEPT_B = "concept_b.safetensors"
+
+# Node types the frontend never sends to the server (graphToPrompt skips them).
+VIRTUAL_NODES = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# Input options that make the frontend add an extra (non-serialized) widget right after the input's widget.
+UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload", "image_folder")
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+# ----------------------------------------------------------------------------
+# the server
+# ----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """``python main.py --cpu --listen 127.0.0.1 --port N --base-directory BASE`` from a ComfyUI
+    checkout, with this repository visible as ``BASE/custom_nodes/ComfyUI-DTI`` (a symlink)."""
+
+    def __init__(self, comfy_path, base_dir, port=None, python=None, extra_args=()):
+        self.comfy_path = Path(comfy_path).resolve()
+        self.base = Path(base_dir).resolve()
+        self.port = port or free_port()
+        self.python = python or sys.executable
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self.log_path = self.base / "server.log"
+        self._log = None
+
+    # folders --------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def folder(self, *parts) -> Path:
+        p = self.base.joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.folder("models", "checkpoints")
+
+    @property
+    def embeddings(self) -> Path:
+        return self.folder("models", "embeddings")
+
+    @property
+    def input(self) -> Path:
+        return self.folder("input")
+
+    @property
+    def output(self) -> Path:
+        return self.folder("output")
+
+    def prepare(self) -> None:
+        for parts in (("models", "checkpoints"), ("models", "embeddings"), ("input",), ("output",),
+                      ("custom_nodes",), ("user",)):
+            self.folder(*parts)
+        link = self.base / "custom_nodes" / PACK_DIR_NAME
+        if not link.exists():
+            link.symlink_to(REPO_ROOT, target_is_directory=True)
+
+    def link_checkpoint(self, source, name) -> Path:
+        dst = self.checkpoints / name
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(Path(source).resolve())
+        return dst
+
+    # process --------------------------------------------------------------
+    def start(self, timeout=180.0) -> "ComfyServer":
+        self.prepare()
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+               "--base-directory", str(self.base),
+               # the default database lives inside the ComfyUI checkout; keep the checkout untouched
+               "--database-url", "sqlite:///:memory:", *self.extra_args]
+        self._log = open(self.log_path, "ab")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode} while starting:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/system_stats", timeout=5) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer on {self.url} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout=20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: only what we started
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=timeout)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self, chars=6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no server log)"
+
+    # HTTP -----------------------------------------------------------------
+    def get_json(self, path, timeout=60.0):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post_json(self, path, data, timeout=60.0):
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else None)
+        except urllib.error.HTTPError as e:
+            body = e.read()
+            try:
+                return e.code, json.loads(body)
+            except ValueError:
+                return e.code, body.decode(errors="replace")
+
+    def object_info(self) -> dict:
+        return self.get_json("/object_info", timeout=120)
+
+    def queue(self, prompt: dict, client_id=None) -> str:
+        payload = {"prompt": prompt, "client_id": client_id or uuid.uuid4().hex}
+        status, body = self.post_json("/prompt", payload)
+        if status != 200:
+            raise AssertionError(f"POST /prompt refused the workflow ({status}): {json.dumps(body, indent=1)[:4000]}")
+        return body["prompt_id"]
+
+    def wait(self, prompt_id, timeout=600.0) -> dict:
+        """Poll ``/history/<id>`` until the prompt finished; return its history entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
+            hist = self.get_json(f"/history/{prompt_id}")
+            entry = hist.get(prompt_id)
+            if entry and (entry.get("status") or {}).get("status_str") in ("success", "error"):
+                return entry
+            time.sleep(0.5)
+        self.post_json("/interrupt", {})
+        raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def run(self, prompt: dict, timeout=600.0, client_id=None) -> dict:
+        entry = self.wait(self.queue(prompt, client_id=client_id), timeout=timeout)
+        status = entry.get("status", {})
+        if status.get("status_str") != "success":
+            errors = [m for m in status.get("messages", []) if m[0] in ("execution_error", "execution_interrupted")]
+            raise AssertionError(f"workflow failed: {json.dumps(errors, indent=1)[:6000]}\n--- server log ---\n"
+                                 f"{self.log_tail()}")
+        return entry
+
+
+# ----------------------------------------------------------------------------
+# UI workflow -> API prompt (what the frontend's app.graphToPrompt() sends)
+# ----------------------------------------------------------------------------
+
+def load_workflow(name_or_path) -> dict:
+    p = Path(name_or_path)
+    if not p.is_absolute() and not p.exists():
+        p = WORKFLOWS_DIR / p
+    return json.loads(p.read_text())
+
+
+def _ordered_inputs(info: dict):
+    """(name, spec, required) in the order the frontend creates the node's inputs."""
+    order = info.get("input_order") or {}
+    out = []
+    for section in ("required", "optional"):
+        specs = (info.get("input") or {}).get(section) or {}
+        names = order.get(section) or list(specs)
+        for n in names:
+            if n in specs:
+                out.append((n, specs[n], section == "required"))
+    return out
+
+
+def input_type(spec) -> str:
+    t = spec[0]
+    return "COMBO" if isinstance(t, list) else str(t)
+
+
+def input_options(spec) -> dict:
+    return spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+
+
+def combo_values(spec):
+    if isinstance(spec[0], list):
+        return spec[0]
+    return input_options(spec).get("options")
+
+
+def widget_slots(info: dict) -> list:
+    """The node's ``widgets_values`` layout as the frontend (1.27) builds it: one entry per widget
+    input, plus one for the control widget after a seed-like INT ('control_after_generate') and one
+    for the upload button after an upload combo.  Entries are input names, or None for the extras."""
+    slots = []
+    for name, spec, _ in _ordered_inputs(info):
+        t = input_type(spec)
+        if t not in WIDGET_TYPES:
+            continue
+        opts = input_options(spec)
+        slots.append(name)
+        control = opts.get("control_after_generate")
+        if t == "INT" and control is None:
+            control = name in ("seed", "noise_seed")  # the frontend's legacy convention
+        if control and t in ("INT", "FLOAT", "COMBO"):
+            slots.append(None)
+        if any(opts.get(k) for k in UPLOAD_OPTIONS):
+            slots.append(None)
+    return slots
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a UI-format workflow to the API prompt the Run button would queue.
+
+    Handles what the shipped workflows use: widget values, links into sockets and into widget
+    inputs, control/upload widgets, virtual nodes (notes).  Raises on anything it cannot map."""
+    links = {}
+    for link in workflow.get("links", []):
+        if isinstance(link, dict):
+            links[link["id"]] = (link["origin_id"], link["origin_slot"])
+        else:
+            links[link[0]] = (link[1], link[2])
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            raise KeyError(f"node {node['id']}: type {node['type']!r} is not known to this ComfyUI")
+        values = node.get("widgets_values") or []
+        if isinstance(values, dict):
+            raise ValueError(f"node {node['id']} ({node['type']}): dict widgets_values are not supported here")
+        slots = widget_slots(info)
+        if len(values) != len(slots):
+            raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, "
+                             f"the node has {len(slots)} widgets {slots}")
+        inputs = {name: value for name, value in zip(slots, values) if name is not None}
+        for inp in node.get("inputs") or []:
+            link_id = inp.get("link")
+            if link_id is None:
+                continue
+            origin_id, origin_slot = links[link_id]
+            origin = nodes[origin_id]
+            if origin["type"] in VIRTUAL_NODES:
+                raise ValueError(f"node {node['id']}: input {inp['name']} comes from a {origin['type']} node")
+            name = (inp.get("widget") or {}).get("name") or inp["name"]
+            inputs[name] = [str(origin_id), origin_slot]
+        entry = {"inputs": inputs, "class_type": node["type"]}
+        title = node.get("title") or info.get("display_name") or node["type"]
+        entry["_meta"] = {"title": title}
+        prompt[str(node["id"])] = entry
+    return prompt
+
+
+# ----------------------------------------------------------------------------
+# validation against /object_info
+# ----------------------------------------------------------------------------
+
+def _types_match(out_type: str, in_type: str) -> bool:
+    if out_type == "*" or in_type == "*":
+        return True
+    a = set(str(out_type).split(","))
+    b = set(str(in_type).split(","))
+    return bool(a & b)
+
+
+def validate_prompt(prompt: dict, object_info: dict) -> list[str]:
+    """Every problem ComfyUI's validation would find in ``prompt`` (and a few it would not);
+    an empty list means valid."""
+    problems = []
+    for nid, node in prompt.items():
+        ctype = node.get("class_type")
+        info = object_info.get(ctype)
+        where = f"node {nid} ({ctype})"
+        if info is None:
+            problems.append(f"{where}: unknown node type")
+            continue
+        specs = {name: (spec, req) for name, spec, req in _ordered_inputs(info)}
+        hidden = set(((info.get("input") or {}).get("hidden") or {}))
+        inputs = node.get("inputs", {})
+        for name, (spec, req) in specs.items():
+            if req and name not in inputs:
+                problems.append(f"{where}: required input {name!r} missing")
+        for name, value in inputs.items():
+            if name not in specs:
+                if name not in hidden:
+                    problems.append(f"{where}: input {name!r} is not an input of {ctype}")
+                continue
+            spec, _ = specs[name]
+            t, opts = input_type(spec), input_options(spec)
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                src = prompt.get(value[0])
+                if src is None:
+                    problems.append(f"{where}: {name} links to missing node {value[0]}")
+                    continue
+                src_info = object_info.get(src["class_type"], {})
+                outs = src_info.get("output", [])
+                if not isinstance(value[1], int) or not 0 <= value[1] < len(outs):
+                    problems.append(f"{where}: {name} links to output {value[1]} of {src['class_type']}, which has {len(outs)}")
+                    continue
+                out_t = outs[value[1]]
+                out_t = "COMBO" if isinstance(out_t, list) else out_t
+                if not _types_match(out_t, t):
+                    problems.append(f"{where}: {name} wants {t}, gets {out_t} from {src['class_type']}")
+                continue
+            if t == "COMBO":
+                choices = combo_values(spec) or []
+                if value not in choices:
+                    problems.append(f"{where}: {name}={value!r} is not one of {choices[:20]}")
+            elif t == "INT":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    problems.append(f"{where}: {name}={value!r} is not an integer")
+                elif not opts.get("min", -math.inf) <= value <= opts.get("max", math.inf):
+                    problems.append(f"{where}: {name}={value} outside [{opts.get('min')}, {opts.get('max')}]")
+            elif t == "FLOAT":
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    problems.append(f"{where}: {name}={value!r} is not a number")
+                elif not opts.get("min", -math.inf) <= value <= opts.get("max", math.inf):
+                    problems.append(f"{where}: {name}={value} outside [{opts.get('min')}, {opts.get('max')}]")
+            elif t == "BOOLEAN":
+                if not isinstance(value, bool):
+                    problems.append(f"{where}: {name}={value!r} is not a boolean")
+            elif t == "STRING":
+                if not isinstance(value, str):
+                    problems.append(f"{where}: {name}={value!r} is not a string")
+            else:
+                problems.append(f"{where}: {name} ({t}) must be linked, got the value {value!r}")
+    return problems
+
+
+def validate_ui_workflow(workflow: dict, object_info: dict) -> list[str]:
+    """Structural checks on the UI JSON itself: node types known, widget counts, links consistent."""
+    problems = []
+    nodes = {n["id"]: n for n in workflow.get("nodes", [])}
+    for n in workflow.get("nodes", []):
+        if n["type"] in VIRTUAL_NODES:
+            continue
+        info = object_info.get(n["type"])
+        if info is None:
+            problems.append(f"node {n['id']}: unknown type {n['type']!r}")
+            continue
+        slots = widget_slots(info)
+        if len(n.get("widgets_values") or []) != len(slots):
+            problems.append(f"node {n['id']} ({n['type']}): widgets_values {n.get('widgets_values')} "
+                            f"do not fit the widgets {slots}")
+    for link in workflow.get("links", []):
+        lid, o_id, o_slot, t_id, t_slot, ltype = link
+        o, t = nodes.get(o_id), nodes.get(t_id)
+        if o is None or t is None:
+            problems.append(f"link {lid}: missing node")
+            continue
+        if lid not in (o["outputs"][o_slot].get("links") or []):
+            problems.append(f"link {lid}: not listed on output {o_slot} of node {o_id}")
+        if t["inputs"][t_slot].get("link") != lid:
+            problems.append(f"link {lid}: not set on input {t_slot} of node {t_id}")
+    if workflow.get("last_node_id", 0) < max(nodes, default=0):
+        problems.append("last_node_id is smaller than a node id")
+    if workflow.get("last_link_id", 0) < max((l[0] for l in workflow.get("links", [])), default=0):
+        problems.append("last_link_id is smaller than a link id")
+    return problems
+
+
+def find_nodes(prompt: dict, class_type: str) -> list[dict]:
+    return [n for n in prompt.values() if n["class_type"] == class_type]
+
+
+def set_inputs(prompt: dict, class_type: str, **values) -> None:
+    found = find_nodes(prompt, class_type)
+    if not found:
+        raise KeyError(f"no {class_type} node in the prompt")
+    for n in found:
+        for k, v in values.items():
+            if k not in n["inputs"]:
+                raise KeyError(f"{class_type} has no input {k!r} in the prompt")
+            n["inputs"][k] = v
+
+
+# ----------------------------------------------------------------------------
+# test inputs
+# ----------------------------------------------------------------------------
+
+def write_example_images(folder, names=EXAMPLE_IMAGES, size=96):
+    """A simple 'subject' (an orange disc with a dark stripe) on different backgrounds and
+    positions, in different sizes (ImageBatch must resize), saved as PNG."""
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    backgrounds = [(40, 110, 200), (60, 160, 70), (210, 200, 180), (90, 60, 120)]
+    out = []
+    for i, name in enumerate(names):
+        w = size + 16 * i
+        img = Image.new("RGB", (w, size), backgrounds[i % len(backgrounds)])
+        d = ImageDraw.Draw(img)
+        cx, cy, r = w // 2 + (i - 1) * 8, size // 2, size // 3
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(240, 130, 30))
+        d.rectangle([cx - r // 2, cy - 3, cx + r // 2, cy + 3], fill=(30, 30, 30))
+        path = folder / name
+        img.save(path)
+        out.append(path)
+    return out
+
+
+def write_concept_embeddings(folder, names=(CONCEPT_A, CONCEPT_B), seed=0, m_star=None, num_vectors=1):
+    """Two DTI-style embeddings (random unit directions times m*) for SD1.x and SDXL: ``clip_l``
+    (768) and ``clip_g`` (1280), with DTI metadata, written with the pack's own writer."""
+    import torch
+
+    from dti_core.embedding_file import dti_metadata, save_embedding
+
+    m_star = m_star or {"clip_l": 0.39, "clip_g": 0.5}
+    widths = {"clip_l": 768, "clip_g": 1280}
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i, filename in enumerate(names):
+        stem = filename.rsplit(".", 1)[0]
+        vectors = {}
+        for key, width in widths.items():
+            v = torch.randn(num_vectors, width, generator=g)
+            vectors[key] = v / v.norm(dim=-1, keepdim=True) * m_star[key]
+        meta = dti_metadata(m_star=m_star, initializer=["dog", "cat"][i % 2], name=stem, steps=0, kappa=0.0)
+        paths.append(save_embedding(str(folder), stem, vectors, meta, overwrite=True))
+    return paths
+
+
+def tile_images(paths, out_path, gap=4, background=(24, 24, 28)):
+    """Tile images side by side (same height) into one PNG."""
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    h = max(im.height for im in images)
+    w = sum(im.width for im in images) + gap * (len(images) + 1)
+    canvas = Image.new("RGB", (w, h + 2 * gap), background)
+    x = gap
+    for im in images:
+        canvas.paste(im, (x, gap))
+        x += im.width + gap
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_path)
+    return out_path
+
+
+def saved_images(entry: dict) -> list[dict]:
+    """The images a history entry says were saved (type 'output')."""
+    out = []
+    for node_out in (entry.get("outputs") or {}).values():
+        for im in node_out.get("images", []) or []:
+            if im.get("type") == "output":
+                out.append(im)
+    return out
+
+
+def image_path(server: ComfyServer, im: dict) -> Path:
+    return server.output / im.get("subfolder", "") / im["filename"]
+
+
+def update_docs_images() -> bool:
+    """``DTI_UPDATE_DOCS_IMAGES=1``: also refresh docs/images/ (tests always write test-artifacts/)."""
+    return os.environ.get("DTI_UPDATE_DOCS_IMAGES", "").strip().lower() in ("1", "true", "yes")
+
+
+def copy_artifact(src, name) -> Path:
+    dst = REPO_ROOT / "test-artifacts" / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst

@@ -1,0 +1,175 @@
+"""The real ComfyUI frontend (headless Chromium): the workflows load without any alert, the page
+builds the same API prompt as our converter, and the DTI Train live chart draws a real run."""
+
+import shutil
+import time
+
+import pytest
+
+import dti_workflow_harness as h
+
+CHART_H = 150  # js/dti_train.js
+LOSS_RGB = (0xF0, 0xC0, 0x40)
+CLIP_L_RGB = (0xE8, 0x64, 0x3C)
+TRAIN_TIMEOUT = 420.0
+
+
+def test_extension_registers_without_errors(page):
+    got = page.evaluate("""() => ({
+        names: app.extensions.map((e) => e.name),
+        runs: window.__dtiRuns instanceof Map,
+        trainDef: !!LiteGraph.registered_node_types["DTITrain"],
+        version: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+    })""")
+    assert "DTI.TrainChart" in got["names"]
+    assert got["runs"] and got["trainDef"]
+    served = [(u, s) for u, s in page.responses if "/extensions/ComfyUI-DTI/" in u]
+    assert [s for u, s in served if u.endswith("/extensions/ComfyUI-DTI/dti_train.js")] == [200], served
+    time.sleep(1.0)
+    assert page.dti_problems() == []
+
+
+@pytest.fixture(scope="module")
+def tab(page_factory):
+    """One tab shared by the load tests (opening the frontend takes seconds on this CPU)."""
+    page = page_factory()
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+def _known_inputs(prompt, object_info):
+    """Drop inputs the server does not declare (the frontend adds e.g. PreviewAny's 'preview' text;
+    the server ignores them)."""
+    out = {}
+    for k, v in prompt.items():
+        spec = object_info[v["class_type"]].get("input", {})
+        names = set().union(*(spec.get(s, {}) for s in ("required", "optional", "hidden")))
+        out[k] = (v["class_type"], {n: x for n, x in v["inputs"].items() if n in names})
+    return out
+
+
+@pytest.mark.parametrize("name", h.WORKFLOWS)
+def test_workflow_loads_without_alerts_and_converts_like_the_frontend(name, tab, object_info):
+    page = tab
+    page.console.clear()
+    wf = h.load_workflow(name)
+    result = page.evaluate("""async (wf) => {
+        await app.loadGraphData(wf);
+        await new Promise((r) => setTimeout(r, 1000));
+        const p = await app.graphToPrompt();
+        return {
+            toasts: [...document.querySelectorAll('.p-toast-message')].map((e) => e.innerText),
+            dialogs: [...document.querySelectorAll('.p-dialog')].map((e) => e.innerText.slice(0, 300)),
+            nodes: app.graph._nodes.length,
+            prompt: p.output,
+            values: Object.fromEntries(p.workflow.nodes.map((n) => [n.id, n.widgets_values ?? []])),
+        };
+    }""", wf)
+    assert result["toasts"] == [], result["toasts"]
+    assert result["dialogs"] == [], result["dialogs"]
+    assert result["nodes"] == len(wf["nodes"])
+    bad = [(k, t) for k, t, _ in page.console if k in ("error", "warning") and
+           any(w in t for w in ("zod", "Invalid workflow", "missing", "Missing"))]
+    assert bad == []
+    assert page.dti_problems() == []
+    # the frontend's own graphToPrompt is the ground truth for what the Run button sends
+    ours = h.ui_to_api(wf, object_info)
+    theirs = result["prompt"]
+    assert _known_inputs(theirs, object_info) == _known_inputs(ours, object_info)
+    assert set(theirs) == set(ours)
+    # the chart widget is display-only: neither queued nor saved
+    for node in theirs.values():
+        assert "dti_chart" not in node["inputs"]
+    # a round trip through the editor keeps every widget value in place
+    assert result["values"] == {str(n["id"]): n.get("widgets_values") or [] for n in wf["nodes"]}
+
+
+def _count_near(img, rgb, tol=40):
+    img = img.convert("RGB")
+    w, hgt = img.size
+    return sum(1 for x in range(w) for y in range(hgt) if all(abs(a - b) <= tol for a, b in zip(img.getpixel((x, y)), rgb)))
+
+
+def test_train_chart_draws_a_live_run(page, server):
+    wf = h.load_workflow("dti_train_sd15.json")
+    steps = 3
+    page.page.set_viewport_size({"width": 1400, "height": 1100})
+    info = page.evaluate("""async ([wf, steps]) => {
+        await app.loadGraphData(wf);
+        await new Promise((r) => setTimeout(r, 500));
+        const nodes = app.graph._nodes;
+        const set = (type, values) => {
+            for (const node of nodes.filter((n) => n.type === type))
+                for (const [k, v] of Object.entries(values)) node.widgets.find((w) => w.name === k).value = v;
+        };
+        set("DTITrain", { name: "chart-test", steps, resolution: 64, batch_size: 1 });
+        set("EmptyLatentImage", { width: 64, height: 64 });
+        set("KSampler", { steps: 1 });
+        const train = nodes.find((n) => n.type === "DTITrain");
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [-train.pos[0] + 40, -train.pos[1] + 50];
+        app.canvas.setDirty(true, true);
+        return { id: train.id, clientId: app.api.clientId };
+    }""", [wf, steps])
+    node_id = info["id"]
+    page.evaluate("async () => { await app.queuePrompt(0, 1); }")
+
+    try:
+        page.page.wait_for_function(
+            "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.done); }",
+            arg=node_id, timeout=TRAIN_TIMEOUT * 1000, polling=500)
+    except Exception as e:
+        raise AssertionError(f"no dti.done reached the page: {e}\n--- server log ---\n{server.log_tail()}") from None
+    # the rest of the graph (render, save) finishes too
+    deadline = time.monotonic() + TRAIN_TIMEOUT
+    while time.monotonic() < deadline:
+        q = server.get_json("/queue")
+        if not q["queue_running"] and not q["queue_pending"]:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the queued workflow did not finish")
+
+    run = page.evaluate("""(id) => {
+        const s = window.__dtiRuns.get(String(id));
+        return { steps: s.steps, updates: s.updates, loss: s.loss, norms: s.norms, mStar: s.mStar, done: s.done };
+    }""", node_id)
+    assert run["updates"] >= 1 and run["steps"] == steps
+    assert [p[0] for p in run["loss"]][-1] == steps
+    assert set(run["norms"]) == {"clip_l"} and run["mStar"]["clip_l"] > 0
+    assert run["done"]["name"] == "chart-test" and not run["done"]["reused"]
+    assert (server.embeddings / "chart-test.safetensors").is_file()
+
+    # Draw and photograph the node: the chart is the bottom CHART_H pixels of the node.
+    box = page.evaluate("""(id) => {
+        const node = app.graph.getNodeById(id);
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true);
+        const r = app.canvas.canvas.getBoundingClientRect();
+        const s = app.canvas.ds.scale, o = app.canvas.ds.offset;
+        const title = LiteGraph.NODE_TITLE_HEIGHT;
+        return { x: r.left + (node.pos[0] + o[0]) * s, y: r.top + (node.pos[1] - title + o[1]) * s,
+                 w: node.size[0] * s, h: (node.size[1] + title) * s, title: title * s, scale: s };
+    }""", node_id)
+    time.sleep(0.5)
+    artifacts = h.REPO_ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "train_chart.png"
+    page.page.screenshot(path=str(shot), clip={"x": box["x"] - 10, "y": box["y"] - 10,
+                                                "width": box["w"] + 20, "height": box["h"] + 20})
+    page.page.screenshot(path=str(artifacts / "train_chart_page.png"))
+
+    from PIL import Image
+    img = Image.open(shot)
+    chart_top = 10 + box["h"] - (CHART_H + 8) * box["scale"]
+    chart = img.crop((10, int(chart_top), int(10 + box["w"]), int(chart_top + CHART_H * box["scale"])))
+    chart.save(artifacts / "train_chart_region.png")
+    assert _count_near(chart, LOSS_RGB) >= 20, "no loss curve drawn in the chart region"
+    assert _count_near(chart, CLIP_L_RGB) >= 20, "no clip_l norm line drawn in the chart region"
+    assert page.dti_problems() == []
+    if h.update_docs_images():
+        dst = h.REPO_ROOT / "docs" / "images" / "train_chart.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, dst)

@@ -1,0 +1,97 @@
+"""The shipped UI workflows are well-formed and valid against the running server's /object_info."""
+
+import json
+
+import pytest
+
+import dti_workflow_harness as h
+
+WORKFLOWS = h.WORKFLOWS
+CORE_MODULES = ("nodes", "comfy_extras.")
+PACK_MODULE = "custom_nodes.ComfyUI-DTI"
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+
+
+def test_the_four_workflows_are_shipped():
+    present = {p.name for p in h.WORKFLOWS_DIR.glob("*.json")}
+    assert set(WORKFLOWS) <= present
+
+
+def _nulls(obj, path="$"):
+    if obj is None:
+        yield path
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _nulls(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _nulls(v, f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_ui_workflow_is_well_formed(name, object_info):
+    wf = h.load_workflow(name)
+    assert wf.get("version") == 0.4
+    # the frontend's zod schema rejects null in several places; the builder drops all of them
+    assert list(_nulls(wf)) == []
+    assert h.validate_ui_workflow(wf, object_info) == []
+    for node in wf["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        module = object_info[node["type"]].get("python_module", "")
+        assert module == "nodes" or module.startswith(CORE_MODULES) or module == PACK_MODULE, \
+            f"{name}: node {node['id']} {node['type']} comes from {module}, not core ComfyUI or this pack"
+    # labelled for a newcomer: a read-me note and groups
+    assert any(n["type"] == "Note" and "Read me" == n.get("title") for n in wf["nodes"])
+    assert len(wf.get("groups", [])) >= 2
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_api_prompt_is_valid_against_object_info(name, object_info):
+    prompt = h.ui_to_api(h.load_workflow(name), object_info)
+    assert h.validate_prompt(prompt, object_info) == []
+    assert any(object_info[n["class_type"]].get("output_node") for n in prompt.values())
+
+
+def test_workflows_use_the_public_file_names(object_info):
+    uses = {}
+    for name in WORKFLOWS:
+        prompt = h.ui_to_api(h.load_workflow(name), object_info)
+        uses[name] = prompt
+        ckpts = {n["inputs"]["ckpt_name"] for n in h.find_nodes(prompt, "CheckpointLoaderSimple")}
+        assert ckpts == {h.SDXL_CKPT if "sdxl" in name else h.SD15_CKPT}
+    for name in ("dti_train_sd15.json", "dti_train_sdxl.json"):
+        images = sorted(n["inputs"]["image"] for n in h.find_nodes(uses[name], "LoadImage"))
+        assert images == list(h.EXAMPLE_IMAGES)
+        (train,) = h.find_nodes(uses[name], "DTITrain")
+        # the render's prompt is linked to the training output, so training runs first
+        (replace,) = h.find_nodes(uses[name], "StringReplace")
+        assert replace["inputs"]["replace"][0] in {k for k, v in uses[name].items() if v["class_type"] == "DTITrain"}
+        assert "{}" in replace["inputs"]["string"]
+    for name in ("dti_slerp_concepts.json", "dti_interpolation_strip.json"):
+        embs = sorted(n["inputs"]["embedding"] for n in h.find_nodes(uses[name], "DTILoadEmbedding"))
+        assert embs == [h.CONCEPT_A, h.CONCEPT_B]
+    (strip,) = h.find_nodes(uses["dti_interpolation_strip.json"], "DTIInterpolationStrip")
+    (latent,) = h.find_nodes(uses["dti_interpolation_strip.json"], "EmptyLatentImage")
+    assert strip["inputs"]["count"] == latent["inputs"]["batch_size"] == 5
+
+
+def test_validator_catches_bad_values(object_info):
+    """The checks above can fail: a wrong combo value, an out-of-range number, a bad link."""
+    prompt = h.ui_to_api(h.load_workflow("dti_train_sd15.json"), object_info)
+    bad = json.loads(json.dumps(prompt))
+    (train,) = h.find_nodes(bad, "DTITrain")
+    train["inputs"]["magnitude"] = "median"
+    train["inputs"]["steps"] = 0
+    (ks,) = h.find_nodes(bad, "KSampler")
+    ks["inputs"]["positive"] = [ks["inputs"]["model"][0], 0]  # MODEL into CONDITIONING
+    problems = h.validate_prompt(bad, object_info)
+    assert len(problems) == 3, problems
+
+
+def test_server_lists_them_as_the_packs_templates(server):
+    """ComfyUI serves *.json in a pack's workflows/ to the template browser."""
+    listed = server.get_json("/workflow_templates")
+    assert sorted(listed.get(h.PACK_DIR_NAME, [])) == sorted(n[:-5] for n in WORKFLOWS)
+    served = server.get_json(f"/api/workflow_templates/{h.PACK_DIR_NAME}/dti_train_sd15.json")
+    assert served == h.load_workflow("dti_train_sd15.json")
