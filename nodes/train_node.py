@@ -160,8 +160,10 @@ class DTITrain(WritesEmbeddingFile):
         device = mm.get_torch_device()
         step_fn = None
         try:
-            mm.load_models_gpu([model, clip.patcher], force_full_load=True)
+            # Latents first: the VAE's own load may evict other models, and the UNet and
+            # text encoders must then stay fully loaded for the whole run.
             latents, flipped = ct.encode_latents(vae, model, pixels, bool(horizontal_flip))
+            mm.load_models_gpu([model, clip.patcher], force_full_load=True)
             prompts = ct.tokenize_templates(clip, prompts_text, n_vec)
             with torch.inference_mode(False), torch.enable_grad():
                 latents = latents.clone()
