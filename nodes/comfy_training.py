@@ -159,6 +159,13 @@ class PromptTokens:
 
 def tokenize_templates(clip, templates: list[str], num_vectors: int) -> list[PromptTokens]:
     encoders = text_encoders(clip)
+    for key, (_, tok, _) in encoders.items():
+        if tok.embedding_directory is None:
+            # ComfyUI's tokenizer then ignores every "embedding:" word, in training and in prompts.
+            raise ValueError(
+                f"this CLIP's {key} tokenizer has no embeddings folder, so embedding:NAME cannot work with it. "
+                f"Load the model with CheckpointLoaderSimple or CLIPLoader, which set the embeddings folders."
+            )
     result = []
     with placeholder_tokenizers(clip, num_vectors):
         for template in templates:
@@ -215,11 +222,12 @@ def differentiable(model, clip, gradient_checkpointing: bool = False):
     if gradient_checkpointing:
         unet = model.model.diffusion_model
         blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + list(getattr(unet, "output_blocks", []))
+        # ComfyUI's UNet runs a block's layers one by one (forward_timestep_embed), never the
+        # block's own forward, so each layer (ResBlock, SpatialTransformer, ...) is wrapped.
         for blk in blocks:
-            if blk is None:
-                continue
-            blk.forward = functools.partial(_checkpointed, blk.forward)
-            wrapped.append(blk)
+            for layer in blk if blk is not None else []:
+                layer.forward = functools.partial(_checkpointed, layer.forward)
+                wrapped.append(layer)
     try:
         yield
     finally:

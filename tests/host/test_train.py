@@ -167,3 +167,46 @@ def test_sd2_v_prediction_trains_a_clip_h_embedding(dti_pack, fresh_sd2, comfy, 
     assert all(torch.isfinite(torch.tensor(out["result"][2]["loss"])))
     with_emb = encode(clip, "a photo of embedding:sd2-v")
     assert not torch.allclose(with_emb[0], encode(clip, "a photo of")[0])
+
+
+def test_gradient_checkpointing_gives_the_same_embedding(dti_pack, fresh_sd15, embeddings_dir, monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    run_train(dti_pack, fresh_sd15, name="gc-off", steps=2, gradient_checkpointing=False)
+    assert calls == []
+    run_train(dti_pack, fresh_sd15, name="gc-on", steps=2, gradient_checkpointing=True)
+    assert len(calls) > 0
+    off = load_embedding(str(embeddings_dir / "gc-off.safetensors")).vectors["clip_l"]
+    on = load_embedding(str(embeddings_dir / "gc-on.safetensors")).vectors["clip_l"]
+    assert torch.allclose(off, on, atol=1e-5)
+    # the checkpoint wrappers are gone afterwards: the UNet blocks run their own forward again
+    unet = fresh_sd15[0].model.diffusion_model
+    blocks = list(unet.input_blocks) + [unet.middle_block] + list(unet.output_blocks)
+    assert all("forward" not in vars(layer) for b in blocks for layer in b)
+
+
+def test_gradient_checkpointing_cuts_the_unet_activations_kept_for_backward(dti_pack, fresh_sd15):
+    ct = dti_pack.nodes.comfy_training
+    model, clip, _ = fresh_sd15
+    saved = {}
+    for gc in (False, True):
+        with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip, gc):
+            weights = {q.data_ptr() for q in model.model.parameters()}
+            total = [0]
+
+            def pack(t):
+                if t.data_ptr() not in weights:  # weights are referenced, not copied
+                    total[0] += t.numel() * t.element_size()
+                return t
+
+            cond = torch.randn(2, 77, 768, requires_grad=True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model.model.apply_model(torch.randn(2, 4, 32, 32), torch.tensor([1.0, 2.0]), c_crossattn=cond)
+            out.square().mean().backward()
+            saved[gc] = total[0]
+    print(f"\nUNet activations kept for backward at 32x32 latents, batch 2: "
+          f"{saved[False] / 2**20:.0f} MiB without, {saved[True] / 2**20:.0f} MiB with gradient checkpointing")
+    assert saved[True] < 0.25 * saved[False]
