@@ -191,3 +191,11 @@ def test_mixed_sizes_batched_by_comfyui_image_batch_train(dti_pack, fresh_sd15, 
     assert batch.shape == (2, 64, 96, 3)
     run_train(dti_pack, fresh_sd15, name="mixed", steps=1, batch_size=2, images=batch)
     assert (embeddings_dir / "mixed.safetensors").exists()
+
+
+def test_clip_without_embeddings_folder_is_refused_clearly(dti_pack, checkpoints, sd15_checkpoint, embeddings_dir):
+    # ComfyUI's tokenizer ignores "embedding:" words when its CLIP was loaded without the folder.
+    out, _ = checkpoints.load_checkpoint(sd15_checkpoint, embedding_directory=None)
+    with pytest.raises(ValueError, match="no embeddings folder.*CheckpointLoaderSimple"):
+        run_train(dti_pack, out, name="no-folder", steps=1, batch_size=1)
+    assert not (embeddings_dir / "no-folder.safetensors").exists()
