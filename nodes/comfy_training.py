@@ -283,6 +283,42 @@ def encode_tokens(clip, tokens):
     return cond, pooled
 
 
+def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode several one-chunk prompts in one text-encoder pass: ``(B, 77, width)`` and pooled ``(B, ...)``.
+
+    The prompts go through ``encode_token_weights`` as the chunks of one long prompt: ComfyUI
+    encodes chunks as independent rows of one batch and concatenates them, so row k equals a
+    separate encode of prompt k. The wrapper keeps only the first chunk's pooled output, so the
+    pooled rows are read from the encoder's own forward. Prompts of several chunks fall back to
+    one call each.
+    """
+    if any(len(chunks) != 1 for td in token_dicts for chunks in td.values()):
+        outs = [encode_tokens(clip, td) for td in token_dicts]
+        pooled = [p for _, p in outs]
+        return torch.cat([c for c, _ in outs]), (torch.cat(pooled) if pooled[0] is not None else None)
+    merged = {k: [td[k][0] for td in token_dicts] for k in token_dicts[0]}
+    captured: dict[str, list] = {}
+    hooks = [
+        encoder.register_forward_hook(lambda mod, args, out, _k=key: captured.setdefault(_k, []).append(out))
+        for key, (_, _, encoder) in text_encoders(clip).items()
+    ]
+    try:
+        cond, first_pooled = encode_tokens(clip, merged)
+    finally:
+        for h in hooks:
+            h.remove()
+    b = len(token_dicts)
+    cond = cond.reshape(b, -1, cond.shape[-1])
+    if first_pooled is None or not want_pooled:
+        return cond, None
+    for outs in captured.values():
+        rows = outs[0][1] if isinstance(outs[0], tuple) and len(outs[0]) > 1 else None
+        if rows is not None and rows.shape[-1] == first_pooled.shape[-1] and torch.allclose(
+                rows[0:1].to(first_pooled.device, first_pooled.dtype), first_pooled, rtol=0, atol=0, equal_nan=True):
+            return cond, rows[:b]
+    raise RuntimeError("could not find the pooled output of the batched prompts; please report this")
+
+
 class DiffusionStep:
     """``step_fn`` for ``dti_core.training.train``: one batch of the noise-prediction loss.
 
@@ -309,9 +345,10 @@ class DiffusionStep:
         self.t_min = float(ms.timestep(ms.sigma_min))
         self.t_max = float(ms.timestep(ms.sigma_max))
         self.transformer_options = dict(model.model_options.get("transformer_options", {}))
-
-    def encode(self, tokens):
-        return encode_tokens(self.clip, tokens)
+        # SDXL-style models build their vector conditioning from the pooled text output; SD1/SD2 don't.
+        self.uses_pooled = model.model.encode_adm(
+            pooled_output=torch.zeros(1, 1280), width=resolution, height=resolution, crop_w=0, crop_h=0,
+            target_width=resolution, target_height=resolution, device="cpu") is not None
 
     def __call__(self, embeds: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         g = step_generator(self.seed, step)
@@ -327,23 +364,22 @@ class DiffusionStep:
             x0 = torch.where(flip.to(self.device).view(-1, 1, 1, 1), self.flipped[idx.to(self.device)], x0)
 
         by_token_key = {tkey: embeds[key] for key, (tkey, _, _) in self.encoders.items()}
-        conds, pooled = [], []
-        for i in range(b):
-            cond, pool = self.encode(self.prompts[int(which[i])].with_vectors(by_token_key))
-            conds.append(cond)
-            pooled.append(pool)
         try:
-            cond = torch.cat(conds).to(self.device)
-        except RuntimeError:
+            cond, pooled = encode_token_batch(
+                self.clip, [self.prompts[int(i)].with_vectors(by_token_key) for i in which], self.uses_pooled)
+        except RuntimeError as e:
+            if "size" not in str(e) and "shape" not in str(e):
+                raise
             raise ValueError("all training prompts must fit in one 75-token chunk; shorten the custom templates") from None
+        cond = cond.to(self.device)
 
         timestep = (self.t_min + u * (self.t_max - self.t_min)).float()
         sigma = self.ms.sigma(timestep).to(self.device)
         x_t = self.ms.noise_scaling(sigma, noise, x0)
         kwargs = {}
-        if pooled[0] is not None:
+        if self.uses_pooled:
             y = self.model.model.encode_adm(
-                pooled_output=torch.cat(pooled).to(self.device), width=self.resolution, height=self.resolution,
+                pooled_output=pooled.to(self.device), width=self.resolution, height=self.resolution,
                 crop_w=0, crop_h=0, target_width=self.resolution, target_height=self.resolution, device=self.device,
             )
             if y is not None:

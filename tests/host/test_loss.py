@@ -34,7 +34,8 @@ def test_loss_matches_the_parameterisation_target(sampling, dti_pack, fresh_sd15
         sigma = ms.sigma((step.t_min + u * (step.t_max - step.t_min)).float())
         x0 = latents[idx]
         x_t = x0 + sigma.view(-1, 1, 1, 1) * noise
-        conds = [step.encode(prompts[int(w)].with_vectors({"l": embeds["clip_l"]}))[0] for w in which]
+        # one encode per prompt (the CLIPTextEncode path) as the reference for the batched step
+        conds = [ct.encode_tokens(clip, prompts[int(w)].with_vectors({"l": embeds["clip_l"]}))[0] for w in which]
         unet = model.model.diffusion_model
         out = unet(ms.calculate_input(sigma, x_t), ms.timestep(sigma).float(), context=torch.cat(conds)).float()
         s = sigma.view(-1, 1, 1, 1)
@@ -42,3 +43,24 @@ def test_loss_matches_the_parameterisation_target(sampling, dti_pack, fresh_sd15
         expected = ((out - target) ** 2).mean()
     assert torch.isfinite(loss)
     assert torch.allclose(loss, expected, rtol=1e-4, atol=1e-7), (float(loss), float(expected))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_batched_prompt_encoding_equals_one_encode_per_prompt(kind, request, dti_pack):
+    ct = dti_pack.nodes.comfy_training
+    _, clip, _ = request.getfixturevalue(f"{kind}_loaded")
+    with torch.inference_mode():
+        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.tokenize_templates(clip, ["a photo of a {}", "a (weighted:1.3) {} in the snow", "{}"], 1)
+    enc = ct.text_encoders(clip)
+    vectors = {tkey: (m_star[key] * init[key]).requires_grad_() for key, (tkey, _, _) in enc.items()}
+    with torch.inference_mode(False), torch.no_grad():
+        dicts = [p.with_vectors(vectors) for p in prompts]
+        cond, pooled = ct.encode_token_batch(clip, dicts)
+        ref = [ct.encode_tokens(clip, d) for d in dicts]
+    assert cond.shape[0] == 3
+    for k, (c, p) in enumerate(ref):
+        assert torch.allclose(cond[k:k + 1].float(), c.float(), atol=1e-5, rtol=0)
+        if kind == "sdxl":
+            assert torch.allclose(pooled[k:k + 1].float().cpu(), p.float().cpu(), atol=1e-5, rtol=0)
+    assert not torch.allclose(cond[0], cond[1])
