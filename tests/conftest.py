@@ -1,6 +1,41 @@
-"""Suite-wide: count host tests so CI can say how many ran and how many skipped."""
+"""Suite-wide: where ComfyUI is (one loud skip), loading helpers by path, and counting host tests."""
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
+
+import pytest
+
+SKIP = "HOST TESTS SKIPPED: "
+
+
+def load_by_path(name, path):
+    """Import ``path`` as module ``name`` once. Test helpers are loaded this way because this
+    repo's ``tests`` package is shadowed by ComfyUI's own ``tests`` package once ComfyUI is on
+    sys.path."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+# Reachable from the layer conftests as ``from dti_tests_support import load_by_path``.
+sys.modules.setdefault("dti_tests_support", sys.modules[__name__])
+
+
+_checkpoints = load_by_path("dti_host_checkpoints", Path(__file__).resolve().parent / "host" / "checkpoints.py")
+
+
+@pytest.fixture(scope="session")
+def comfy_path():
+    """Absolute path of the ComfyUI checkout from ``COMFYUI_PATH``; skips loudly if unusable."""
+    p = os.environ.get("COMFYUI_PATH", "")
+    if not _checkpoints.is_comfyui_dir(p):
+        pytest.skip(SKIP + f"set COMFYUI_PATH to a ComfyUI checkout, e.g. /opt/ComfyUI (COMFYUI_PATH={p!r})")
+    return str(Path(p).resolve())
 
 HOST_DIRS = (os.sep + "host" + os.sep, os.sep + "workflows" + os.sep)
 

@@ -36,39 +36,12 @@ import types
 from pathlib import Path
 
 import pytest
+from dti_tests_support import load_by_path  # registered by tests/conftest.py
 
 _HERE = Path(__file__).resolve().parent
-_SKIP_REASON = ("HOST TESTS SKIPPED: set COMFYUI_PATH to a ComfyUI checkout, e.g. /opt/ComfyUI "
-                "(COMFYUI_PATH={!r})")
-
-
-def _load_helper():
-    name = "dti_host_checkpoints"
-    mod = sys.modules.get(name)
-    if mod is not None:
-        return mod
-    spec = importlib.util.spec_from_file_location(name, _HERE / "checkpoints.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ck = _load_helper()
-
-
-def _load_module(name, filename):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _HERE / filename)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-# Shared helpers for the host tests (``import tests_host_helpers``), loaded by path for
-# the same reason as the checkpoint helper.
-_load_module("tests_host_helpers", "helpers.py")
+ck = load_by_path("dti_host_checkpoints", _HERE / "checkpoints.py")
+# Shared helpers for the host tests (``import tests_host_helpers``).
+load_by_path("tests_host_helpers", _HERE / "helpers.py")
 
 
 def _gpu_requested():
@@ -79,15 +52,6 @@ def _gpu_requested():
 def checkpoints():
     """The helper module ``tests/host/checkpoints.py`` (pure, no pytest)."""
     return ck
-
-
-@pytest.fixture(scope="session")
-def comfy_path():
-    """Absolute path of the ComfyUI checkout from ``COMFYUI_PATH``; skips loudly if unusable."""
-    p = os.environ.get("COMFYUI_PATH", "")
-    if not ck.is_comfyui_dir(p):
-        pytest.skip(_SKIP_REASON.format(p))
-    return str(Path(p).resolve())
 
 
 @pytest.fixture(scope="session")

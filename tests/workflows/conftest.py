@@ -15,35 +15,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from dti_tests_support import load_by_path  # registered by tests/conftest.py
 
 _HERE = Path(__file__).resolve().parent
 _REPO = _HERE.parents[1]
-SKIP = "HOST TESTS SKIPPED: "
-
-
-def _load(name, path):
-    mod = sys.modules.get(name)
-    if mod is not None:
-        return mod
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from dti_tests_support import SKIP  # noqa: E402  (one wording for every host skip)
 
 
 # Loaded by path under unique names: this repo's ``tests`` package is shadowed by ComfyUI's
 # ``tests`` package once ComfyUI is on sys.path.  Same module name as tests/host/conftest.py uses.
-h = _load("dti_workflow_harness", _HERE / "harness.py")
-ck = _load("dti_host_checkpoints", _HERE.parent / "host" / "checkpoints.py")
+h = load_by_path("dti_workflow_harness", _HERE / "harness.py")
+ck = load_by_path("dti_host_checkpoints", _HERE.parent / "host" / "checkpoints.py")
 
 SERVER_START_TIMEOUT = 240.0
 
@@ -54,31 +42,23 @@ def harness():
 
 
 @pytest.fixture(scope="session")
-def comfyui_path():
-    p = os.environ.get("COMFYUI_PATH", "")
-    if not ck.is_comfyui_dir(p):
-        pytest.skip(SKIP + f"set COMFYUI_PATH to a ComfyUI checkout, e.g. /opt/ComfyUI (COMFYUI_PATH={p!r})")
-    return str(Path(p).resolve())
-
-
-@pytest.fixture(scope="session")
-def test_checkpoints(comfyui_path, tmp_path_factory):
+def test_checkpoints(comfy_path, tmp_path_factory):
     """{'sd15': path, 'sdxl': path} of the small generated checkpoints."""
     env = os.environ.get("DTI_TEST_CACHE")
     folder = Path(env).expanduser().resolve() if env else tmp_path_factory.mktemp("dti_checkpoints")
     folder.mkdir(parents=True, exist_ok=True)
     paths = {kind: folder / ck.checkpoint_filename(kind) for kind in ("sd15", "sdxl")}
     if not all(p.exists() for p in paths.values()):
-        ck.setup_comfy(comfyui_path, cpu=True)  # generating needs ComfyUI's classes in this process
+        ck.setup_comfy(comfy_path, cpu=True)  # generating needs ComfyUI's classes in this process
         paths = {kind: Path(ck.ensure_checkpoint(kind, folder)) for kind in ("sd15", "sdxl")}
     return paths
 
 
 @pytest.fixture(scope="session")
-def server(comfyui_path, test_checkpoints, tmp_path_factory):
+def server(comfy_path, test_checkpoints, tmp_path_factory):
     """A running ComfyUI (``harness.ComfyServer``) with this pack, the models and the inputs."""
     base = tmp_path_factory.mktemp("comfyui_base")
-    srv = h.ComfyServer(comfyui_path, base)
+    srv = h.ComfyServer(comfy_path, base)
     srv.prepare()
     srv.link_checkpoint(test_checkpoints["sd15"], h.SD15_CKPT)
     srv.link_checkpoint(test_checkpoints["sdxl"], h.SDXL_CKPT)
