@@ -387,5 +387,7 @@ class DiffusionStep:
         x0_pred = self.model.model.apply_model(
             x_t, sigma, c_crossattn=cond, transformer_options=self.transformer_options, **kwargs
         ).float()
-        slope = self.ms.calculate_denoised(sigma, torch.ones_like(x0_pred), torch.zeros_like(x0_pred))
+        # d(x0_pred)/d(model output) per sample; (b, 1, 1, 1) broadcasts, no latent-sized tensors.
+        unit = torch.ones((b,) + (1,) * (x0_pred.dim() - 1), device=x0_pred.device)
+        slope = self.ms.calculate_denoised(sigma, unit, torch.zeros_like(unit))
         return (((x0_pred - x0) / slope) ** 2).mean()
