@@ -210,3 +210,11 @@ def test_gradient_checkpointing_cuts_the_unet_activations_kept_for_backward(dti_
     print(f"\nUNet activations kept for backward at 32x32 latents, batch 2: "
           f"{saved[False] / 2**20:.0f} MiB without, {saved[True] / 2**20:.0f} MiB with gradient checkpointing")
     assert saved[True] < 0.25 * saved[False]
+
+
+def test_explicit_vector_count_starts_every_vector_at_the_initializer_mean(dti_pack, fresh_sdxl, embeddings_dir):
+    out = run_train(dti_pack, fresh_sdxl, name="three-vectors", initializer="fluffy cat", num_vectors=3,
+                    steps=1, batch_size=1)
+    emb = load_embedding(str(embeddings_dir / "three-vectors.safetensors"))
+    assert {k: v.shape[0] for k, v in emb.vectors.items()} == {"clip_l": 3, "clip_g": 3}
+    assert out["result"][0] == "embedding:three-vectors"
