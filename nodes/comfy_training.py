@@ -56,6 +56,11 @@ def text_encoders(clip) -> dict[str, tuple[str, object, torch.nn.Module]]:
     return found
 
 
+def clip_widths(clip) -> dict[str, int]:
+    """``{embedding_key: token width}`` of the CLIP's text encoders."""
+    return {key: tok.embedding_size for key, (_, tok, _) in text_encoders(clip).items()}
+
+
 def check_model(model) -> None:
     """Refuse diffusion models whose conditioning this trainer does not build."""
     import comfy.model_base as mb

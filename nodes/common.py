@@ -7,7 +7,7 @@ import os
 
 import folder_paths
 
-from ..dti_core.embedding_file import Embedding, load_embedding
+from ..dti_core.embedding_file import Embedding, EmbeddingFileError, load_embedding
 from ..dti_core.names import resolve_inside
 
 log = logging.getLogger("ComfyUI-DTI")
@@ -57,6 +57,23 @@ def load_listed(filename: str) -> Embedding:
     if path is None:
         raise FileNotFoundError(f"embedding {filename!r} is not in any ComfyUI embeddings folder")
     return load_embedding(path)
+
+
+def existing_result(path: str, name: str, fingerprint: str) -> Embedding | None:
+    """For a node about to write ``path`` without overwrite: the file there if these exact inputs
+    made it (reuse it), None if there is no file; otherwise refuse, never touching the file."""
+    if not os.path.exists(path):
+        return None
+    try:
+        existing = load_embedding(path)
+    except EmbeddingFileError:
+        existing = None
+    if existing is not None and existing.metadata.get("dti.fingerprint") == fingerprint:
+        return existing
+    raise FileExistsError(
+        f"embeddings/{name}.safetensors already exists and was not made from these inputs. "
+        f"Choose another name, or enable 'overwrite' to replace it."
+    )
 
 
 def send_to_client(event: str, data: dict) -> None:

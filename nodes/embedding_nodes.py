@@ -11,16 +11,12 @@ import torch
 import folder_paths
 
 from ..dti_core import __version__
-from ..dti_core.embedding_file import Embedding, EmbeddingFileError, check_fits, load_embedding, save_embedding
+from ..dti_core.embedding_file import Embedding, check_fits, save_embedding
 from ..dti_core.interpolate import T_MAX, T_MIN, check_t, slerp_embeddings
 from ..dti_core.names import check_name
 from . import comfy_training as ct
-from .common import (CATEGORY, EMBEDDING_TYPE, WritesEmbeddingFile, embeddings_root, file_state, load_listed, log,
-                     prompt_name, target_path)
-
-
-def clip_widths(clip) -> dict[str, int]:
-    return {key: tok.embedding_size for key, (_, tok, _) in ct.text_encoders(clip).items()}
+from .common import (CATEGORY, EMBEDDING_TYPE, WritesEmbeddingFile, embeddings_root, existing_result, file_state,
+                     load_listed, log, prompt_name, target_path)
 
 
 class DTILoadEmbedding:
@@ -52,7 +48,7 @@ class DTILoadEmbedding:
     def load(self, embedding, clip=None):
         emb = load_listed(embedding)
         if clip is not None:
-            check_fits(emb, clip_widths(clip))
+            check_fits(emb, ct.clip_widths(clip))
         return (f"embedding:{prompt_name(emb.path)}", emb)
 
 
@@ -94,14 +90,7 @@ class DTISlerpConcepts(WritesEmbeddingFile):
                 if ma is not None and mb is not None:
                     meta[f"dti.m_star.{key}"] = repr((1 - t) * ma + t * mb)
         path = target_path(name)
-        if os.path.exists(path) and not overwrite:
-            try:
-                same = load_embedding(path).metadata.get("dti.fingerprint") == fingerprint
-            except EmbeddingFileError:
-                same = False
-            if not same:
-                raise FileExistsError(f"embeddings/{name}.safetensors already exists; choose another name or enable overwrite")
-        else:
+        if overwrite or existing_result(path, name, fingerprint) is None:
             save_embedding(embeddings_root(), name, vectors, meta, overwrite=bool(overwrite))
         emb = Embedding(vectors=vectors, metadata=meta, source_format="dti", path=path)
         text = f"Saved embedding:{name} (t = {t:g})" + "".join(f"\nWarning: {w}" for w in warnings)
@@ -135,7 +124,7 @@ class DTIInterpolationStrip:
             raise ValueError("the prompt must contain {} exactly once, where the blended concept goes")
         if not 2 <= int(count) <= 64:
             raise ValueError(f"count must be between 2 and 64; got {count}")
-        widths = clip_widths(clip)
+        widths = ct.clip_widths(clip)
         for emb in (embedding_a, embedding_b):
             check_fits(emb, widths)
         ts = [k / (count - 1) for k in range(count)]

@@ -42,7 +42,7 @@ class DTIInspect:
 
     def inspect(self, embedding, clip, top_k, initializer=""):
         encoders = ct.text_encoders(clip)
-        check_fits(embedding, {k: tok.embedding_size for k, (_, tok, _) in encoders.items()})
+        check_fits(embedding, ct.clip_widths(clip))
         word = initializer.strip() or embedding.metadata.get("dti.initializer", "")
         lines, charts = [], []
         name = embedding.metadata.get("dti.name") or (embedding.path or "embedding")

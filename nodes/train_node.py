@@ -19,8 +19,8 @@ from ..dti_core.names import check_name
 from ..dti_core.templates import resolve_templates
 from ..dti_core.training import NonFiniteError, TrainConfig, train
 from . import comfy_training as ct
-from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, log,
-                     send_to_client, target_path)
+from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, existing_result,
+                     log, send_to_client, target_path)
 
 NONE = "(none)"
 MAGNITUDES = ["mean", "max", "min", "number"]
@@ -100,10 +100,10 @@ class DTITrain(WritesEmbeddingFile):
                        magnitude_value=magnitude_value, resolution=resolution, save_every=save_every,
                        num_vectors=num_vectors)
         ct.check_model(model)
-        ct.text_encoders(clip)
+        encoder_keys = ct.text_encoders(clip).keys()  # also refuses unsupported CLIPs early
         prompts_text = resolve_templates(templates, custom_templates)
         if resolution == 0:
-            resolution = 768 if type(model.model).__name__ == "SDXL" or ct.text_encoders(clip).keys() == {"clip_h"} else 512
+            resolution = 768 if type(model.model).__name__ == "SDXL" or encoder_keys == {"clip_h"} else 512
         pixels = ct.prepare_images(images, resolution)
         mag = float(magnitude_value) if magnitude == "number" else magnitude
         settings = dict(initializer=initializer, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
@@ -113,17 +113,12 @@ class DTITrain(WritesEmbeddingFile):
         fingerprint = _fingerprint(settings, pixels, model, clip)
         path = target_path(name)
 
-        if os.path.exists(path) and not overwrite:
-            existing = _try_load(path)
-            if existing is not None and existing.metadata.get("dti.fingerprint") == fingerprint:
-                log.info("DTI Train: %s already holds the result of these exact inputs; reusing it", path)
-                send_to_client("dti.done", {"node": unique_id, "name": name, "reused": True, "path": path})
-                return _outputs(name, existing, None, f"Reused {name}: it was trained from these exact inputs. "
-                                "Delete the file or enable overwrite to train again.")
-            raise FileExistsError(
-                f"embeddings/{name}.safetensors already exists and was not trained from these inputs. "
-                f"Choose another name, or enable 'overwrite' to replace it."
-            )
+        existing = None if overwrite else existing_result(path, name, fingerprint)
+        if existing is not None:
+            log.info("DTI Train: %s already holds the result of these exact inputs; reusing it", path)
+            send_to_client("dti.done", {"node": unique_id, "name": name, "reused": True, "path": path})
+            return _outputs(name, existing, None, f"Reused {name}: it was trained from these exact inputs. "
+                            "Delete the file or enable overwrite to train again.")
 
         rate = float(learning_rate) * int(batch_size)  # the reference's scale_lr
         config = TrainConfig(steps=int(steps), lr=rate, kappa=float(kappa), seed=int(seed), checkpoint_every=int(save_every))
@@ -174,8 +169,7 @@ class DTITrain(WritesEmbeddingFile):
                     result = train(init, mu, m_star, step_fn, config, device=device, start_step=start_step,
                                    optimizer_state=opt_state, on_step=on_step, on_checkpoint=on_checkpoint)
         except torch.OutOfMemoryError:
-            step_fn = None
-            _release()
+            # `finally` below drops the step and frees the memory before this propagates.
             raise mm.OOM_EXCEPTION(
                 "DTI Train ran out of GPU memory. Lower batch_size or resolution, or enable "
                 "gradient_checkpointing; nothing was written."
