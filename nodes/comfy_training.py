@@ -10,7 +10,6 @@ tokenizer placed and ``encode_token_weights`` splices in.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import torch
@@ -21,6 +20,7 @@ import comfy.utils
 from ..dti_core.magnitude import target_norm
 from ..dti_core.sphere import normalize
 from ..dti_core.training import step_generator
+from . import differentiable as _differentiable
 
 log = logging.getLogger("ComfyUI-DTI")
 
@@ -187,63 +187,10 @@ def tokenize_templates(clip, templates: list[str], num_vectors: int) -> list[Pro
     return result
 
 
-def _clone_to_normal(module: torch.nn.Module) -> None:
-    """Replace every parameter and buffer with a normal (non-inference) clone, one at a time.
-
-    Models loaded under ComfyUI's inference_mode hold inference tensors that
-    autograd cannot save; on a GPU even ones reporting ``is_inference() == False``
-    fail, so every tensor is replaced, not just the flagged ones.
-    """
-    for m in module.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None:
-                m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-        for name, b in list(m._buffers.items()):
-            if b is not None:
-                m._buffers[name] = b.clone()
-
-
-def _clone_input(module, args):
-    # ComfyUI's CLIPLayer adds residuals in place (x += attn(ln1(x))); handing the
-    # layer norms a copy keeps the tensor they save for backward unmodified.
-    return (args[0].clone(),) + tuple(args[1:])
-
-
-@contextlib.contextmanager
 def differentiable(model, clip, gradient_checkpointing: bool = False):
-    """Make the shared MODEL/CLIP usable for backward for the duration, then undo the hooks.
-
-    Must run inside ``torch.inference_mode(False)``. The cloned weights stay (same
-    values), so the objects keep sampling as before, LoRA patches included.
-    """
-    hooks, wrapped = [], []
-    _clone_to_normal(model.model)
-    for _, _, encoder in text_encoders(clip).values():
-        _clone_to_normal(encoder)
-        for m in encoder.modules():
-            if hasattr(m, "layer_norm1") and hasattr(m, "layer_norm2"):
-                hooks.append(m.layer_norm1.register_forward_pre_hook(_clone_input))
-                hooks.append(m.layer_norm2.register_forward_pre_hook(_clone_input))
-    if gradient_checkpointing:
-        unet = model.model.diffusion_model
-        blocks = list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)] + list(getattr(unet, "output_blocks", []))
-        # ComfyUI's UNet runs a block's layers one by one (forward_timestep_embed), never the
-        # block's own forward, so each layer (ResBlock, SpatialTransformer, ...) is wrapped.
-        for blk in blocks:
-            for layer in blk if blk is not None else []:
-                layer.forward = functools.partial(_checkpointed, layer.forward)
-                wrapped.append(layer)
-    try:
-        yield
-    finally:
-        for h in hooks:
-            h.remove()
-        for blk in wrapped:
-            del blk.forward
-
-
-def _checkpointed(forward, *args, **kwargs):
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    """``differentiable.differentiable`` for the MODEL and every text encoder of the CLIP."""
+    encoders = [encoder for _, _, encoder in text_encoders(clip).values()]
+    return _differentiable.differentiable(model, encoders, gradient_checkpointing)
 
 
 def prepare_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -349,7 +296,8 @@ class DiffusionStep:
         self.ms = ms
         self.t_min = float(ms.timestep(ms.sigma_min))
         self.t_max = float(ms.timestep(ms.sigma_max))
-        self.transformer_options = dict(model.model_options.get("transformer_options", {}))
+        # Differentiable attention for these calls only, whatever backend the launch flags chose.
+        self.transformer_options = _differentiable.training_transformer_options(model)
         # SDXL-style models build their vector conditioning from the pooled text output; SD1/SD2 don't.
         self.uses_pooled = model.model.encode_adm(
             pooled_output=torch.zeros(1, 1280), width=resolution, height=resolution, crop_w=0, crop_h=0,

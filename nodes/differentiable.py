@@ -1,0 +1,207 @@
+"""Making ComfyUI's inference-only modules differentiable for one training run, then undoing it.
+
+ComfyUI builds its models for sampling; five things stand between them and a backward pass,
+and each is handled here, for the run only:
+
+* weights loaded under ``inference_mode`` are inference tensors autograd cannot save
+  (replaced by normal clones, one tensor at a time);
+* CLIP/T5 layers add residuals in place after a layer norm saved its input (the norms get a copy);
+* the attention ComfyUI picked from the launch flags may not be differentiable
+  (sub-quadratic attention exponentiates in place once free memory is short; sage has no
+  backward): training calls get PyTorch SDPA through ``optimized_attention_override``;
+* layers that cast their stored weights per call (fp16 text encoders on the CPU, fp8 weights,
+  LoRA patches) would keep every cast copy alive until backward -- a second copy of the whole
+  model: those layers recast in backward instead;
+* optional activation checkpointing per UNet layer.
+
+Sampling outside the run is untouched: the attention override lives only in the training
+step's own ``transformer_options``, and every forward or hook installed here is removed on
+exit, on error and on cancel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("ComfyUI-DTI")
+
+
+# ---------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------
+
+def _sdpa_attention(func, *args, **kwargs):
+    # Called by ComfyUI's wrap_attn with the backend it chose as `func`; kwargs already carry
+    # the wrapper's re-entry flag, so attention_pytorch runs directly. SDPA has a backward on
+    # every device and dtype, and never depends on free memory.
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+def training_transformer_options(model) -> dict:
+    """A copy of the MODEL's ``transformer_options`` whose attention is differentiable.
+
+    Only calls that pass this dict get SDPA; the MODEL's own options (what KSampler uses)
+    are not modified.
+    """
+    opts = dict(model.model_options.get("transformer_options", {}))
+    if "optimized_attention_override" in opts:
+        log.info("DTI Train: replacing this model's attention override with PyTorch SDPA for the run")
+    opts["optimized_attention_override"] = _sdpa_attention
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------
+# per-call weight casting without a saved copy
+# ---------------------------------------------------------------------------------------------
+
+class _CastLinear(torch.autograd.Function):
+    """``linear(x, cast(W))`` that keeps no cast weight for backward: the input gradient
+    ``g @ cast(W)`` recasts W. Weights never need gradients here."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        import comfy.ops
+
+        weight, bias = comfy.ops.cast_bias_weight(module, x)
+        ctx.module, ctx.dtype, ctx.device = module, x.dtype, x.device
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import comfy.ops
+
+        weight, _ = comfy.ops.cast_bias_weight(ctx.module, dtype=ctx.dtype, device=ctx.device)
+        return grad.to(weight.dtype) @ weight, None
+
+
+class _CastConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module):
+        import comfy.ops
+
+        weight, bias = comfy.ops.cast_bias_weight(module, x)
+        ctx.module, ctx.dtype, ctx.device, ctx.shape = module, x.dtype, x.device, x.shape
+        return module._conv_forward(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import comfy.ops
+
+        m = ctx.module
+        weight, _ = comfy.ops.cast_bias_weight(m, dtype=ctx.dtype, device=ctx.device)
+        gx = torch.nn.grad.conv2d_input(ctx.shape, weight, grad.to(weight.dtype), m.stride, m.padding,
+                                        m.dilation, m.groups)
+        return gx, None
+
+
+def _lean_forward(fn, module, x, *args, **kwargs):
+    if args or kwargs or not torch.is_grad_enabled() or not x.requires_grad:
+        return module.__class__.forward_comfy_cast_weights(module, x, *args, **kwargs)
+    return fn.apply(x, module)
+
+
+def _lean_cast_layers(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """Give every plain casting Linear/Conv2d of ComfyUI's ops a forward that saves no weight.
+
+    Layers with their own cast forward (scaled fp8, cuBLAS ops) are wrapped in per-layer
+    recomputation instead, which also saves only the input.
+    """
+    import comfy.ops as ops
+
+    base = {ops.disable_weight_init.Linear.forward_comfy_cast_weights: _CastLinear,
+            ops.disable_weight_init.Conv2d.forward_comfy_cast_weights: _CastConv2d}
+    changed = []
+    for m in root.modules():
+        if not isinstance(m, ops.CastWeightBiasOp) or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        own = type(m).forward_comfy_cast_weights
+        fn = base.get(own)
+        if isinstance(m, torch.nn.Conv2d) and (m.padding_mode != "zeros" or isinstance(m.padding, str)):
+            fn = None  # conv2d_input below assumes zero padding given as numbers
+        if fn is not None:
+            m.forward_comfy_cast_weights = functools.partial(_lean_forward, fn, m)
+        else:
+            m.forward_comfy_cast_weights = functools.partial(_recompute, functools.partial(own, m))
+        changed.append(m)
+    return changed
+
+
+def _recompute(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# inference tensors and in-place residuals
+# ---------------------------------------------------------------------------------------------
+
+def clone_to_normal(module: torch.nn.Module) -> None:
+    """Replace every parameter and buffer with a normal (non-inference) clone, one at a time.
+
+    Models loaded under ComfyUI's inference_mode hold inference tensors that
+    autograd cannot save; on a GPU even ones reporting ``is_inference() == False``
+    fail, so every tensor is replaced, not just the flagged ones.
+    """
+    for m in module.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None:
+                m._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+        for name, b in list(m._buffers.items()):
+            if b is not None:
+                m._buffers[name] = b.clone()
+
+
+def _clone_input(module, args):
+    # ComfyUI's CLIPLayer adds residuals in place (x += attn(ln1(x))); handing the
+    # layer norms a copy keeps the tensor they save for backward unmodified.
+    return (args[0].clone(),) + tuple(args[1:])
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def differentiable(model, encoders, gradient_checkpointing: bool = False):
+    """Make the shared MODEL and the given text encoders usable for backward, then undo it.
+
+    Must run inside ``torch.inference_mode(False)``. The cloned weights stay (same
+    values), so the objects keep sampling as before, LoRA patches included.
+    """
+    hooks, wrapped, lean = [], [], []
+    try:
+        clone_to_normal(model.model)
+        lean += _lean_cast_layers(model.model)
+        for encoder in encoders:
+            clone_to_normal(encoder)
+            lean += _lean_cast_layers(encoder)
+            for m in encoder.modules():
+                if hasattr(m, "layer_norm1") and hasattr(m, "layer_norm2"):
+                    hooks.append(m.layer_norm1.register_forward_pre_hook(_clone_input))
+                    hooks.append(m.layer_norm2.register_forward_pre_hook(_clone_input))
+        if gradient_checkpointing:
+            unet = model.model.diffusion_model
+            blocks = (list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)]
+                      + list(getattr(unet, "output_blocks", [])))
+            # ComfyUI's UNet runs a block's layers one by one (forward_timestep_embed), never the
+            # block's own forward, so each layer (ResBlock, SpatialTransformer, ...) is wrapped.
+            for blk in blocks:
+                for layer in blk if blk is not None else []:
+                    layer.forward = functools.partial(_checkpointed, layer.forward)
+                    wrapped.append(layer)
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        for layer in wrapped:
+            del layer.forward
+        for m in lean:
+            del m.forward_comfy_cast_weights
