@@ -136,7 +136,11 @@ def train(
             raise NonFiniteError(f"the loss became {loss_value} at step {step + 1}; nothing was saved from this run")
         loss.backward()
         for k in keys:
-            if params[k].grad is not None and not bool(torch.isfinite(params[k].grad).all()):
+            if params[k].grad is None:
+                # The optimizer would skip it and the run would "finish" with that encoder untrained.
+                raise RuntimeError(f"no gradient reached the {k} vector at step {step + 1}: the step function "
+                                   f"detached it or never used it; please report this")
+            if not bool(torch.isfinite(params[k].grad).all()):
                 raise NonFiniteError(f"the gradient for {k} became non-finite at step {step + 1}; nothing was saved")
         optimizer.step()
         for k in keys:

@@ -41,9 +41,28 @@ def test_learns_toward_target_with_norm_held_at_m_star():
     assert result.history.loss[-1] < result.history.loss[0]
 
 
-def test_same_seed_same_result_and_resume_reproduces_uninterrupted_run():
+def test_step_function_gets_m_star_times_the_unit_direction_attached_to_the_graph():
     init, mu, target = setup()
-    cfg = TrainConfig(steps=20, lr=0.03, kappa=1e-2, beta=0.9, checkpoint_every=7)
+    seen = []
+
+    def step_fn(embeds, step):
+        seen.append({k: e for k, e in embeds.items()})
+        return noisy_loss(target)(embeds, step)
+
+    train(init, mu, M_STAR, step_fn, TrainConfig(steps=2, lr=0.05, kappa=0.0))
+    for k in init:
+        first = seen[0][k]
+        assert first.requires_grad, f"{k} reaches the step function detached, so it can never train"
+        assert torch.allclose(first.norm(dim=-1), torch.full((2,), M_STAR[k]), atol=1e-6, rtol=0)
+        assert torch.allclose(first.detach(), M_STAR[k] * normalize(init[k]), atol=1e-6, rtol=0)
+        assert torch.allclose(seen[1][k].norm(dim=-1), torch.full((2,), M_STAR[k]), atol=1e-6, rtol=0)
+
+
+def test_same_seed_same_result_and_resume_reproduces_uninterrupted_run():
+    # kappa = 0: with a strong prior every run lands next to the initializer and a resume
+    # that restarted from step 0 would agree with the uninterrupted run anyway.
+    init, mu, target = setup()
+    cfg = TrainConfig(steps=20, lr=0.03, kappa=0.0, beta=0.9, checkpoint_every=7)
     checkpoints = {}
     full = train(init, mu, M_STAR, noisy_loss(target), cfg, on_checkpoint=lambda s, r: checkpoints.setdefault(s, r))
     assert sorted(checkpoints) == [7, 14]
@@ -51,9 +70,25 @@ def test_same_seed_same_result_and_resume_reproduces_uninterrupted_run():
     for k in full.vectors:
         assert torch.equal(full.vectors[k], again.vectors[k])
     ck = checkpoints[14]
-    resumed = train(ck.vectors, mu, M_STAR, noisy_loss(target), cfg, start_step=14, optimizer_state=ck.optimizer_state)
+    assert ck.steps_done == 14
+    calls = []
+
+    def counting(embeds, step):
+        calls.append(step)
+        return noisy_loss(target)(embeds, step)
+
+    resumed = train(ck.vectors, mu, M_STAR, counting, cfg, start_step=14, optimizer_state=ck.optimizer_state)
+    assert calls == list(range(14, 20))
+    assert resumed.history.steps == list(range(15, 21)) and resumed.steps_done == 20
+    assert resumed.history.loss == pytest.approx(full.history.loss[14:], rel=1e-5)
     for k in full.vectors:
-        assert torch.allclose(resumed.vectors[k], full.vectors[k], atol=1e-6)
+        assert torch.allclose(resumed.vectors[k], full.vectors[k], atol=1e-6, rtol=0)
+    # The comparison can tell (elements are ~0.02): a restart, or a resume without the
+    # optimizer state, ends at least 100 tolerances away.
+    restarted = train(ck.vectors, mu, M_STAR, noisy_loss(target), cfg)
+    no_state = train(ck.vectors, mu, M_STAR, noisy_loss(target), cfg, start_step=14)
+    for other in (restarted, no_state):
+        assert max(float((other.vectors[k] - full.vectors[k]).abs().max()) for k in full.vectors) > 1e-4
 
 
 def test_non_finite_loss_stops_the_run():
@@ -67,6 +102,34 @@ def test_non_finite_loss_stops_the_run():
     with pytest.raises(NonFiniteError, match="step 4"):
         train(init, mu, M_STAR, bad, TrainConfig(steps=10), on_step=lambda s, *_: steps.append(s))
     assert steps == [1, 2, 3]
+
+
+def test_non_finite_gradient_stops_the_run_before_the_optimizer_step():
+    init, mu, _ = setup()
+
+    def bad_grad(embeds, step):
+        loss = sum(((e - 0.1) ** 2).mean() for e in embeds.values())
+        if step == 2:
+            x = embeds["clip_l"][0, 0]
+            loss = loss + torch.sqrt(x - x)  # value 0, gradient NaN
+        return loss
+
+    steps = []
+    with pytest.raises(NonFiniteError, match="gradient for clip_l became non-finite at step 3"):
+        train(init, mu, M_STAR, bad_grad, TrainConfig(steps=10, kappa=0.0), on_step=lambda s, *_: steps.append(s))
+    assert steps == [1, 2]
+
+
+def test_an_encoder_whose_vector_gets_no_gradient_is_an_error():
+    # A vector detached inside the step function would silently never train.
+    init, mu, target = setup()
+
+    def detached_g(embeds, step):
+        embeds = dict(embeds, clip_g=embeds["clip_g"].detach())
+        return noisy_loss(target)(embeds, step)
+
+    with pytest.raises(RuntimeError, match="no gradient reached the clip_g vector"):
+        train(init, mu, M_STAR, detached_g, TrainConfig(steps=3, kappa=0.0))
 
 
 def test_cancel_from_callback_stops_within_a_step():
