@@ -33,11 +33,25 @@ def test_norms_interpolate_linearly_for_different_lengths():
     assert slerp_vectors(a, b, 0.25).norm().item() == pytest.approx(1.5, rel=1e-6)
 
 
-def test_single_vector_broadcasts_other_mismatch_refused():
-    a, b = dti(1, 16, 1.0, 1), dti(3, 16, 1.0, 2)
-    assert slerp_vectors(a, b, 0.5).shape == (3, 16)
+def test_single_vector_pairs_with_every_row_of_the_other_mismatch_refused():
+    one, three = dti(1, 16, 1.0, 1), dti(3, 16, 2.0, 2)
+    for a, b in ((one, three), (three, one)):
+        out = slerp_vectors(a, b, 0.3)
+        assert out.shape == (3, 16)
+        for k in range(3):
+            pair = slerp_vectors(a[k:k + 1] if a.shape[0] == 3 else a, b[k:k + 1] if b.shape[0] == 3 else b, 0.3)
+            assert torch.allclose(out[k:k + 1], pair, atol=1e-6, rtol=0), f"row {k} was not paired with its own row"
+        # each row is its own blend, not three copies of the first
+        assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
     with pytest.raises(InterpolationError, match="2 vectors and B has 3"):
-        slerp_vectors(dti(2, 16, 1.0, 1), b, 0.5)
+        slerp_vectors(dti(2, 16, 1.0, 1), three, 0.5)
+
+
+def test_equal_counts_pair_row_by_row():
+    a, b = dti(3, 16, 1.0, 3), dti(3, 16, 1.0, 4)
+    out = slerp_vectors(a, b, 0.5)
+    for k in range(3):
+        assert torch.allclose(angle(a[k], out[k]), angle(a[k], b[k]) / 2, atol=1e-5)
 
 
 def test_identical_antipodal_and_zero():

@@ -11,7 +11,8 @@ from dti_core.magnitude import target_norm, vocabulary_norms
 from dti_core.names import UnsafeNameError, check_name, resolve_inside
 
 HOSTILE = ["../x", "a/../../x", "/abs", "C:\\x", "..\\..\\x", "con", "aux.txt", "", "   ", "x" * 300,
-           "a\x00b", "a b", "emb,x", ".hidden", "a/", "a//b", "./a", "sub/..", "trailing."]
+           "a\x00b", "a b", "emb,x", ".hidden", "a/", "a//b", "./a", "sub/..", "trailing.",
+           "a/../b", "a/./b", "a/b/../../c", "a/..", "../embeddings/x"]
 
 
 def all_files(folder):
@@ -152,6 +153,26 @@ def test_corrupt_safetensors_give_clear_errors(tmp_path, blob, problem):
     with pytest.raises(EmbeddingFileError, match=problem) as err:
         load_embedding(str(path))
     assert "bad.safetensors" in str(err.value)
+
+
+def test_check_name_never_rewrites_a_path():
+    # Refuse rather than normalise: "a/../b" must not quietly become "b".
+    for name in ("a/../b", "a/./b", "x/y/../z"):
+        with pytest.raises(UnsafeNameError, match="refused"):
+            check_name(name)
+        with pytest.raises(UnsafeNameError, match="refused"):
+            resolve_inside("/tmp", name)
+
+
+@pytest.mark.parametrize("key, width", [("clip_l", 1280), ("clip_g", 768), ("clip_h", 768), ("clip_l", 1024)])
+def test_per_encoder_key_of_the_wrong_width_is_refused_on_load(tmp_path, key, width):
+    # ComfyUI picks the tensor by key name, so a wrong-width clip_l would be spliced into the wrong encoder.
+    save_file({key: vec(1, width)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(EmbeddingFileError, match=f"{key}.*{width} wide.*expected {ef.ENCODER_WIDTHS[key]}"):
+        load_embedding(str(tmp_path / "w.safetensors"))
+    torch.save({key: vec(1, width)}, tmp_path / "w.pt")
+    with pytest.raises(EmbeddingFileError, match=f"{width} wide"):
+        load_embedding(str(tmp_path / "w.pt"))
 
 
 def test_wrong_dtype_nan_and_unknown_width(tmp_path):
