@@ -158,7 +158,11 @@ class DTITrain(WritesEmbeddingFile):
             # Latents first: the VAE's own load may evict other models, and the UNet and
             # text encoders must then stay fully loaded for the whole run.
             latents, flipped = ct.encode_latents(vae, model, pixels, bool(horizontal_flip))
-            mm.load_models_gpu([model, clip.patcher], force_full_load=True)
+            # Fully loaded unless the user launched with --lowvram/--novram: then ComfyUI keeps part
+            # of the weights off the GPU and casts them per layer, which training follows (the
+            # cast layers recast in backward, see differentiable.py).
+            mm.load_models_gpu([model, clip.patcher],
+                               force_full_load=mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
             prompts = ct.tokenize_templates(clip, prompts_text, n_vec)
             with torch.inference_mode(False), torch.enable_grad():
                 latents = latents.clone()

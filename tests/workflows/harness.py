@@ -40,6 +40,25 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Input options that make the frontend add an extra (non-serialized) widget right after the input's widget.
 UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_image_upload", "image_folder")
 
+# ComfyUI's mutually exclusive VRAM modes (--cpu is one of them).
+VRAM_FLAGS = {"--gpu-only", "--highvram", "--normalvram", "--lowvram", "--novram", "--cpu"}
+
+# Test-only custom node: ComfyUI's attention module sees 1 KiB of free memory, so sub-quadratic
+# attention takes its chunked, in-place path (the one that broke training on busy machines) on any
+# machine. Only attention's view of memory changes; model loading is untouched.
+LOW_MEMORY_NODE = '''"""Test-only: ComfyUI's attention module sees 1 KiB of free memory."""
+import types
+import comfy.ldm.modules.attention as attention
+import comfy.model_management as mm
+
+_proxy = types.ModuleType("low_memory_model_management")
+_proxy.__getattr__ = lambda name: getattr(mm, name)
+_proxy.get_free_memory = lambda dev=None, torch_free_too=False: (1024, 1024) if torch_free_too else 1024
+attention.model_management = _proxy
+NODE_CLASS_MAPPINGS = {}
+'''
+LOW_MEMORY_NODE_DIR = "dti_test_low_memory"
+
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -102,6 +121,10 @@ class ComfyServer:
         if not link.exists():
             link.symlink_to(REPO_ROOT, target_is_directory=True)
 
+    def force_low_attention_memory(self) -> None:
+        """Install the test-only node that forces chunked sub-quadratic attention (before start)."""
+        (self.folder("custom_nodes", LOW_MEMORY_NODE_DIR) / "__init__.py").write_text(LOW_MEMORY_NODE)
+
     def link_checkpoint(self, source, name) -> Path:
         dst = self.checkpoints / name
         if dst.is_symlink() or dst.exists():
@@ -112,7 +135,9 @@ class ComfyServer:
     # process --------------------------------------------------------------
     def start(self, timeout=180.0) -> "ComfyServer":
         self.prepare()
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        # --cpu unless the flags pick a VRAM mode themselves (ComfyUI takes only one of them)
+        device = [] if set(self.extra_args) & VRAM_FLAGS else ["--cpu"]
+        cmd = [self.python, "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base),
                # the default database lives inside the ComfyUI checkout; keep the checkout untouched
                "--database-url", "sqlite:///:memory:", *self.extra_args]

@@ -1,0 +1,138 @@
+"""DTI Train on a real ComfyUI server started with each launch flag users run, through the HTTP API,
+on the thin SD1.5 and SDXL models (one server per flag set, both models in one prompt).
+
+Under the sub-quadratic attention (the CPU default and ``--use-quad-cross-attention``) the
+server is started with a test-only custom node (``harness.LOW_MEMORY_NODE``) that makes ComfyUI's
+attention module see 1 KiB of free memory, so sub-quadratic attention takes its chunked, in-place
+path -- the one that failed on busy machines -- instead of depending on how busy this machine is.
+``--lowvram`` / ``--novram`` need a GPU (ComfyUI will not start with them otherwise): they skip
+loudly here and run where one is present.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import dti_workflow_harness as h
+from dti_core.embedding_file import load_embedding
+
+RUN_TIMEOUT = 600.0
+
+# flag set id -> (extra server args, force the chunked sub-quadratic path, line the log must show)
+FLAGS = {
+    "cpu-default": ((), True, "sub quadratic optimization for attention"),
+    "split-attention": (("--use-split-cross-attention",), False, "split optimization for attention"),
+    "quad-attention": (("--use-quad-cross-attention",), True, "sub quadratic optimization for attention"),
+    "pytorch-attention": (("--use-pytorch-cross-attention",), False, "Using pytorch attention"),
+    "lowvram": (("--lowvram",), False, None),
+    "novram": (("--novram",), False, None),
+    "disable-smart-memory": (("--disable-smart-memory",), False, None),
+    "force-fp32": (("--force-fp32",), False, None),
+    "fp32-text-enc": (("--fp32-text-enc",), False, "dtype: torch.float32"),
+    "bf16-unet": (("--bf16-unet",), False, "model weight dtype torch.bfloat16"),
+    "fp8-unet": (("--fp8_e4m3fn-unet",), False, "model weight dtype torch.float8_e4m3fn"),
+    "fp8-text-enc": (("--fp8_e4m3fn-text-enc",), False, "dtype: torch.float8_e4m3fn"),
+    "lora": ((), False, None),
+}
+
+def write_lora(checkpoint, out_path, prefix="model.diffusion_model.", rank=4, seed=0):
+    """A small LoRA on every cross-attention key/value projection of the checkpoint's UNet, in the
+    key format ComfyUI maps to the model (``diffusion_model.<module>.lora_up/down.weight``)."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    with safe_open(str(checkpoint), "pt") as f:
+        for key in f.keys():
+            if key.startswith(prefix) and re.search(r"attn2\.to_[kv]\.weight$", key):
+                out_f, in_f = f.get_slice(key).get_shape()
+                base = "diffusion_model." + key[len(prefix):-len(".weight")]
+                tensors[base + ".lora_up.weight"] = torch.randn(out_f, rank, generator=g) * 0.05
+                tensors[base + ".lora_down.weight"] = torch.randn(rank, in_f, generator=g) * 0.05
+    assert tensors, f"no cross-attention projections found in {checkpoint}"
+    save_file(tensors, str(out_path))
+    return len(tensors) // 2
+
+
+def train_prompt(object_info, lora: dict | None = None, **train) -> dict:
+    """CheckpointLoaderSimple (-> LoraLoader) -> DTI Train -> PreviewAny, for SD1.5 and SDXL."""
+    defaults = {name: spec[1].get("default") for name, spec in object_info["DTITrain"]["input"]["required"].items()
+                if isinstance(spec, list) and len(spec) > 1 and isinstance(spec[1], dict)}
+    prompt = {}
+    for i, (kind, ckpt) in enumerate((("sd15", h.SD15_CKPT), ("sdxl", h.SDXL_CKPT))):
+        base = 10 * (i + 1)
+        prompt[str(base)] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}}
+        mc = [str(base), 0], [str(base), 1]
+        if lora:
+            prompt[str(base + 1)] = {"class_type": "LoraLoader", "inputs": {
+                "model": mc[0], "clip": mc[1], "lora_name": lora[kind], "strength_model": 1.0, "strength_clip": 1.0}}
+            mc = [str(base + 1), 0], [str(base + 1), 1]
+        inputs = dict(defaults, model=mc[0], clip=mc[1], vae=[str(base), 2], images=[str(base + 2), 0],
+                      name=f"flags-{kind}", initializer="dog", resume_from="(none)")
+        inputs.update(train)
+        prompt[str(base + 2)] = {"class_type": "LoadImage", "inputs": {"image": h.EXAMPLE_IMAGES[0]}}
+        prompt[str(base + 3)] = {"class_type": "DTITrain", "inputs": inputs}
+        prompt[str(base + 4)] = {"class_type": "PreviewAny", "inputs": {"source": [str(base + 3), 0]}}
+    assert h.validate_prompt(prompt, object_info) == []
+    return prompt
+
+
+@pytest.fixture(scope="module", params=list(FLAGS))
+def flag_server(request, comfy_path, test_checkpoints, tmp_path_factory):
+    flag_id = request.param
+    args, low_memory, _ = FLAGS[flag_id]
+    if set(args) & {"--lowvram", "--novram"} and not torch.cuda.is_available():
+        pytest.skip(f"LAUNCH FLAG NOT TESTED HERE: {' '.join(args)} needs a GPU (ComfyUI refuses to start with it on a "
+                    "machine without one); its partial-loading path is tested in-process by "
+                    "tests/host/test_launch_setups.py::test_partially_loaded_model_trains_like_a_fully_loaded_one")
+    base = tmp_path_factory.mktemp(f"comfyui_{flag_id}")
+    srv = h.ComfyServer(comfy_path, base, extra_args=args)
+    srv.prepare()
+    srv.link_checkpoint(test_checkpoints["sd15"], h.SD15_CKPT)
+    srv.link_checkpoint(test_checkpoints["sdxl"], h.SDXL_CKPT)
+    h.write_example_images(srv.input)
+    if low_memory:
+        srv.force_low_attention_memory()
+    srv.start(timeout=240.0)
+    try:
+        yield flag_id, srv
+    finally:
+        srv.stop()
+
+
+def test_dti_train_under_launch_flag(flag_server):
+    flag_id, srv = flag_server
+    _, low_memory, log_line = FLAGS[flag_id]
+    lora = None
+    if flag_id == "lora":
+        loras = srv.folder("models", "loras")
+        lora = {}
+        for kind, ckpt in (("sd15", h.SD15_CKPT), ("sdxl", h.SDXL_CKPT)):
+            lora[kind] = f"test-{kind}.safetensors"
+            write_lora(srv.checkpoints / ckpt, loras / lora[kind])
+    info = srv.object_info()
+    prompt = train_prompt(info, lora=lora, steps=2, batch_size=2, resolution=64)
+    started = len(srv.log_path.read_text(errors="replace"))
+    srv.run(prompt, timeout=RUN_TIMEOUT)
+
+    log = srv.log_path.read_text(errors="replace")
+    # (ComfyUI's start-up may log tracebacks of its own optional nodes, e.g. without torchaudio)
+    assert "Traceback" not in log[started:], log[started:][-6000:]
+    if low_memory:
+        failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and h.LOW_MEMORY_NODE_DIR in line]
+        assert h.LOW_MEMORY_NODE_DIR in log and not failed, "the low-memory forcing node did not load"
+    if log_line:
+        assert log_line in log, f"the server did not run with {flag_id!r}: {log_line!r} not in its log"
+    if lora:
+        assert "lora key not loaded" not in log and "ERROR lora" not in log
+    for kind, keys in (("sd15", {"clip_l"}), ("sdxl", {"clip_l", "clip_g"})):
+        emb = load_embedding(str(srv.embeddings / f"flags-{kind}.safetensors"))
+        assert set(emb.vectors) == keys and emb.metadata["dti.steps"] == "2"
+        for key, v in emb.vectors.items():
+            # trained vectors stay fp32 and on the sphere of radius m*, whatever the weights' dtype
+            assert v.dtype == torch.float32
+            m = emb.m_star(key)
+            assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m), rtol=0, atol=1e-5), (key, v.norm(dim=-1), m)
