@@ -6,6 +6,9 @@ starting from "car". On random weights the signal is weaker than on a trained CL
 test asserts a clear rise of the cosine to "dog", not convergence.
 """
 
+import math
+
+import pytest
 import torch
 
 
@@ -93,3 +96,44 @@ def test_dti_recovers_target_through_the_denoiser(dti_pack, fresh_sd15):
     print(f"\nteacher-student through the UNet: cos(v, dog) {start:.3f} -> {learned:.3f} in 40 steps; "
           f"loss {sum(dti.history.loss[:5]) / 5:.3g} -> {sum(dti.history.loss[-5:]) / 5:.3g} (5-step means)")
     assert learned > start + 0.1
+
+
+def fit_through_the_training_step(dti_pack, loaded, steps, lr):
+    """kappa = 0 DTI steps through the node's own DiffusionStep, all on one fixed draw (step 0), so
+    the objective is one deterministic function of the vectors: it must fall, and every encoder's
+    vectors must turn by exactly atan(lr) in the first step (beta = 0 normalises each step)."""
+    ct = dti_pack.nodes.comfy_training
+    core = dti_pack.dti_core.training
+    model, clip, _ = loaded
+    with torch.inference_mode():
+        init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
+        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    flipped = latents.flip(-1)
+    snapshots = {}
+    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+        ds = ct.DiffusionStep(model, clip, prompts, latents, flipped, 2, 11, 64, torch.device("cpu"))
+        result = core.train(init, mu, m_star, lambda e, s: ds(e, 0),
+                            core.TrainConfig(steps=steps, lr=lr, kappa=0.0, checkpoint_every=1),
+                            on_checkpoint=lambda s, r: snapshots.setdefault(s, {k: v.clone() for k, v in r.vectors.items()}))
+    return init, m_star, snapshots[1], result
+
+
+def angle(a, b):
+    a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    return 2 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1))
+
+
+@pytest.mark.parametrize("kind, steps", [("sd15", 4), ("sdxl", 3)])
+def test_every_encoder_trains_and_the_loss_falls_through_the_diffusion_step(kind, steps, request, dti_pack):
+    lr = 0.04
+    init, m_star, first, result = fit_through_the_training_step(dti_pack, request.getfixturevalue(f"fresh_{kind}"),
+                                                                steps, lr)
+    assert set(result.vectors) == {"sd15": {"clip_l"}, "sdxl": {"clip_l", "clip_g"}}[kind]
+    for k, v in result.vectors.items():
+        assert torch.allclose(angle(first[k], init[k]), torch.full((v.shape[0],), math.atan(lr)), atol=1e-4), k
+        assert (angle(v, init[k]) > 1.5 * math.atan(lr)).all(), f"{k} stopped moving"
+        assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m_star[k]), atol=1e-5)
+    loss = result.history.loss
+    print(f"\n{kind}: loss on the fixed draw {loss}")
+    assert loss[-1] < loss[0] and all(b <= a for a, b in zip(loss, loss[1:]))
