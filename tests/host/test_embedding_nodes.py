@@ -155,7 +155,9 @@ def test_strip_entries_equal_clip_text_encode_of_each_saved_blend(kind, request,
         assert torch.allclose(batch[k:k + 1], ref_cond, atol=1e-6, rtol=0)
         if kind == "sdxl":
             assert torch.allclose(extra["pooled_output"][k:k + 1], ref_extra["pooled_output"], atol=1e-6, rtol=0)
-    assert not torch.allclose(batch[0], batch[-1])
+    # every entry is its own blend: no two neighbours encode alike
+    for k in range(K - 1):
+        assert not torch.allclose(batch[k], batch[k + 1], atol=1e-3)
 
 
 def test_inspect_reports_norms_angles_tokens_and_draws_a_chart(dti_pack, sdxl_loaded, embeddings_dir):
@@ -169,3 +171,40 @@ def test_inspect_reports_norms_angles_tokens_and_draws_a_chart(dti_pack, sdxl_lo
     assert report.count("vector 0") == 2 and "nearest:" in report
     assert image.shape[0] == 1 and image.shape[-1] == 3 and image.shape[1] == 2 * 220
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.std()) > 0
+
+
+def test_inspect_numbers_percentile_degrees_and_nearest_tokens(dti_pack, sd15_loaded, embeddings_dir):
+    import math
+    import re
+
+    ct = dti_pack.nodes.comfy_training
+    _, clip, _ = sd15_loaded
+    (_, tok, encoder), = ct.text_encoders(clip).values()
+    with torch.inference_mode(False):
+        vocab = ct.vocabulary(encoder).detach().float().clone()
+    norms = vocab.norm(dim=-1)
+    norms = norms[norms > 0]
+    (cat,) = ct.initializer_ids(tok, "cat")
+    c = normalize(vocab[cat])
+    w = torch.randn(768, generator=torch.Generator().manual_seed(9))
+    w = normalize(w - (w @ c) * c)
+    n0, n1 = float(norms.median()), 2 * float(norms.max())
+    rotated = math.cos(math.radians(60)) * c + math.sin(math.radians(60)) * w
+    vectors = torch.stack([n0 * c, n1 * rotated])
+    save_embedding(str(embeddings_dir), "insp-values", {"clip_l": vectors}, dti_metadata(initializer="cat"))
+    _, emb = load(dti_pack, "insp-values.safetensors", clip)
+    with torch.inference_mode():
+        report = dti_pack.nodes.inspect_node.DTIInspect().inspect(emb, clip, 3)["result"][0]
+    rows = re.findall(r"vector (\d+): norm ([\d.]+) \(([\d.]+)th percentile\), ([\d.]+) deg from 'cat'; nearest: (.*)",
+                      report)
+    assert len(rows) == 2, report
+    unit = vocab / vocab.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    for (i, norm, pct, deg, near), v, deg_ref in zip(rows, vectors, (0.0, 60.0)):
+        n = float(v.norm())
+        assert float(norm) == pytest.approx(n, abs=1e-4)
+        assert float(pct) == pytest.approx(100.0 * float((norms < n).sum()) / norms.numel(), abs=0.06)
+        assert float(deg) == pytest.approx(deg_ref, abs=0.06)
+        top = torch.topk(unit @ normalize(v), 3)
+        expected = [f"{tok.inv_vocab[int(j)].replace('</w>', '')} ({float(cs):.2f})" for cs, j in zip(top.values, top.indices)]
+        assert near == ", ".join(expected)
+    assert rows[0][4].startswith("cat (1.00)") and float(rows[1][2]) == 100.0

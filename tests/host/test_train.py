@@ -1,6 +1,7 @@
 """DTI Train on the real ComfyUI: under inference mode, on generated SD1.5 / SDXL checkpoints."""
 
 import logging
+import math
 import os
 
 import pytest
@@ -37,6 +38,11 @@ def test_train_writes_a_file_that_clip_text_encode_uses(kind, request, dti_pack,
         for norms in history["norms"][k]:
             assert norms == pytest.approx([m_star] * v.shape[0], abs=1e-5)
     assert len(history["loss"]) == history["steps"][-1]
+    # every encoder's vectors turned away from the initializer ("cat"): none was left out of the graph
+    with torch.inference_mode():
+        init, _, _ = dti_pack.nodes.comfy_training.initial_vectors(clip, "cat", 0, "mean")
+    for k, v in emb.vectors.items():
+        assert (angle(v, init[k]) > 1e-3).all(), f"{k} did not train"
 
     # The file works through ComfyUI's own CLIPTextEncode path, silently.
     caplog.set_level(logging.WARNING)
@@ -53,6 +59,49 @@ def test_train_writes_a_file_that_clip_text_encode_uses(kind, request, dti_pack,
         latent = {"samples": torch.zeros(1, 4, 8, 8)}
         (samples,) = comfy_nodes.common_ksampler(model, 0, 2, 5.0, "euler", "normal", cond, cond, latent)
     assert torch.isfinite(samples["samples"]).all()
+
+
+def angle(a, b):
+    a, b = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    return 2 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1))
+
+
+def test_one_step_turns_the_vector_by_the_batch_scaled_rate(dti_pack, fresh_sd15, embeddings_dir):
+    # kappa = 0, beta = 0: one step moves each vector exactly lr * batch_size along the sphere
+    # (the reference's scale_lr), so the angle to the start is atan(0.01 * 2).
+    _, clip, _ = fresh_sd15
+    out = run_train(dti_pack, fresh_sd15, name="one-step", steps=1, kappa=0.0, learning_rate=0.01, batch_size=2)
+    with torch.inference_mode():
+        init, _, m_star = dti_pack.nodes.comfy_training.initial_vectors(clip, "cat", 0, "mean")
+    v = load_embedding(str(embeddings_dir / "one-step.safetensors")).vectors["clip_l"]
+    assert torch.allclose(angle(v, init["clip_l"]), torch.tensor(math.atan(0.02)), atol=1e-4)
+    assert out["result"][2]["steps"] == [1] and math.isfinite(out["result"][2]["loss"][0])
+    assert out["result"][2]["m_star"]["clip_l"] == pytest.approx(m_star["clip_l"])
+
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_horizontal_flip_hands_the_step_the_mirrored_latents(hflip, dti_pack, fresh_sd15, monkeypatch):
+    ct = dti_pack.nodes.comfy_training
+    model, _, vae = fresh_sd15
+    seen = {}
+
+    class Spy(ct.DiffusionStep):
+        def __init__(self, model, clip, prompts, latents, flipped, *args, **kwargs):
+            seen["latents"], seen["flipped"] = latents.clone(), None if flipped is None else flipped.clone()
+            super().__init__(model, clip, prompts, latents, flipped, *args, **kwargs)
+
+    monkeypatch.setattr(ct, "DiffusionStep", Spy)
+    imgs = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    run_train(dti_pack, fresh_sd15, name=f"flip-{hflip}", steps=1, batch_size=1, horizontal_flip=hflip, images=imgs)
+    with torch.inference_mode():
+        expected = model.model.process_latent_in(vae.encode(imgs.flip(2))).float()  # mirror left-right (W axis)
+        plain = model.model.process_latent_in(vae.encode(imgs)).float()
+    assert torch.allclose(seen["latents"], plain, atol=1e-5)
+    if not hflip:
+        assert seen["flipped"] is None
+        return
+    assert seen["flipped"] is not None and not torch.allclose(seen["flipped"], seen["latents"], atol=1e-2)
+    assert torch.allclose(seen["flipped"], expected, atol=1e-5)
 
 
 def test_same_seed_same_embedding_and_reuse_and_retrain(dti_pack, fresh_sd15, embeddings_dir):
@@ -109,7 +158,8 @@ def test_cancel_stops_within_a_step_and_leaves_no_final_file(dti_pack, fresh_sd1
 
 def test_resume_from_checkpoint_reproduces_the_uninterrupted_run(dti_pack, fresh_sd15, embeddings_dir):
     run_train(dti_pack, fresh_sd15, name="full", steps=4, save_every=2)
-    run_train(dti_pack, fresh_sd15, name="resumed", steps=4, resume_from="full-step2.safetensors")
+    out = run_train(dti_pack, fresh_sd15, name="resumed", steps=4, resume_from="full-step2.safetensors")
+    assert out["result"][2]["steps"] == [3, 4]  # resumed at step 2, not restarted
     full = load_embedding(str(embeddings_dir / "full.safetensors")).vectors["clip_l"]
     resumed = load_embedding(str(embeddings_dir / "resumed.safetensors")).vectors["clip_l"]
     assert torch.allclose(full, resumed, atol=1e-6)
