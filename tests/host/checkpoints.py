@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -162,11 +163,36 @@ def _is_norm(mod):
 
 
 @torch.no_grad()
+def _init_tensor_(mod, mname, pname, p, generator, *, weight_std=WEIGHT_STD,
+                  token_embedding_std=TOKEN_EMBEDDING_STD,
+                  position_embedding_std=POSITION_EMBEDDING_STD):
+    """Fill ``p`` (parameter ``pname`` of module ``mod`` named ``mname``) by the rule
+    ``init_weights_`` documents; raise ValueError when no rule applies."""
+    if pname == "bias":
+        p.zero_()
+    elif pname == "logit_scale":
+        p.fill_(LOGIT_SCALE)
+    elif pname in ("weight", "scale") and _is_norm(mod):
+        # ("scale": the RMSNorm of Flux/Chroma's QK-norm and Chroma's approximator)
+        p.fill_(1.0)
+    elif pname == "weight" and isinstance(mod, torch.nn.Embedding):
+        std = position_embedding_std if "position" in mname else token_embedding_std
+        p.normal_(0.0, std, generator=generator)
+    elif pname == "weight" and p.dim() >= 2:
+        p.normal_(0.0, weight_std, generator=generator)
+    else:
+        full = f"{mname}.{pname}" if mname else pname
+        raise ValueError(f"init_weights_: no rule for parameter {full} {tuple(p.shape)} in {type(mod).__name__}")
+
+
+@torch.no_grad()
 def init_weights_(root, generator, *, weight_std=WEIGHT_STD,
                   token_embedding_std=TOKEN_EMBEDDING_STD,
                   position_embedding_std=POSITION_EMBEDDING_STD):
     """Initialise *every* parameter of ``root`` in place, deterministically.
 
+    Rules: biases 0, ``logit_scale`` log(100), norm weights/scales 1, embeddings
+    N(0, token/position std), other weight matrices/kernels N(0, weight_std).
     Raises on a parameter it does not know how to initialise (so a new ComfyUI
     module with an odd parameter cannot silently keep ``torch.empty`` garbage) and
     on floating-point buffers (none are expected in the modules built here).
@@ -175,20 +201,8 @@ def init_weights_(root, generator, *, weight_std=WEIGHT_STD,
     n = 0
     for mname, mod in root.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            if pname == "bias":
-                p.zero_()
-            elif pname == "logit_scale":
-                p.fill_(LOGIT_SCALE)
-            elif pname == "weight" and _is_norm(mod):
-                p.fill_(1.0)
-            elif pname == "weight" and isinstance(mod, torch.nn.Embedding):
-                std = position_embedding_std if "position" in mname else token_embedding_std
-                p.normal_(0.0, std, generator=generator)
-            elif pname == "weight" and p.dim() >= 2:
-                p.normal_(0.0, weight_std, generator=generator)
-            else:
-                raise ValueError(f"init_weights_: no rule for parameter {full} {tuple(p.shape)} in {type(mod).__name__}")
+            _init_tensor_(mod, mname, pname, p, generator, weight_std=weight_std,
+                          token_embedding_std=token_embedding_std, position_embedding_std=position_embedding_std)
             n += p.numel()
         for bname, b in mod.named_buffers(recurse=False):
             if b is not None and b.is_floating_point():
@@ -412,9 +426,534 @@ def human_bytes(n):
     return f"{n / 2**20:.1f} MiB"
 
 
+# ============================================================================
+# Flux.1 dev / schnell, Chroma, SD3 / SD3.5: the 16-channel-latent families
+# ============================================================================
+#
+# These are distributed as separate files, and the generator writes them that way:
+#
+# * a diffusion-model-only file (what UNETLoader / ``comfy.sd.load_diffusion_model``
+#   reads; raw ``diffusion_model`` keys, no prefix, like flux1-dev.safetensors);
+# * text-encoder files in the layout of the published clip_l / clip_g / t5xxl files
+#   (the ``transformer`` of ComfyUI's encoder module: ``text_model.*``, ``encoder.*``,
+#   ``shared.weight``), read by CLIPLoader / DualCLIPLoader / TripleCLIPLoader through
+#   ``comfy.sd.load_clip``;
+# * a 16-channel VAE (the Flux / SD3 ``ae.safetensors`` layout: ``encoder.*``,
+#   ``decoder.*``, no quant convs; ``comfy.sd.VAE`` derives z_channels from
+#   ``decoder.conv_in.weight`` and builds an AutoencodingEngine; same file for all);
+# * for SD3.5 also a single-file checkpoint "incl. clips" (MMDiT + CLIP-L + CLIP-G +
+#   VAE, no T5, like the published sd3_medium_incl_clips) for CheckpointLoaderSimple.
+#
+# What ComfyUI 0.3.64's detection pins (comfy/model_detection.py):
+# * Flux / Chroma: hidden 3072, 24 heads, context 4096 are hard-coded; only the number of
+#   double / single blocks is read from the keys (one of each here).  ``guidance_in`` keys
+#   decide Flux (dev, guidance-distilled) vs FluxSchnell.  Chroma is recognised by its
+#   ``distilled_guidance_layer`` whose size (64 -> 5120 x 5 layers -> 3072) is pinned.
+# * SD3 / SD3.5 (MMDiT): width = 64 x depth (heads = depth); every layout detects as
+#   ``supported_models.SD3``.  The layouts differ in ``qk_norm`` (SD3.5), dual-attention
+#   ``x_block_self_attn_layers`` (SD3.5 medium) and ``pos_embed_max_size``.
+# * CLIP-L / CLIP-G / T5-XXL configs are fixed JSON files; only the T5 depth can be changed,
+#   through ``model_options={"t5xxl_model_config": {"num_layers": N}}`` (SDClipModel reads
+#   ``<model_name>_model_config``; T5XXLModel's model_name is "t5xxl").  The loader nodes
+#   pass no such option and route files by deep keys (``encoder.block.23...`` means T5-XXL),
+#   so a one-layer T5 must be loaded with ``comfy.sd.load_clip(..., model_options=
+#   T5XXL_ONE_LAYER_OPTIONS)``; the full-depth T5 (``t5_layers=24``) is what the nodes load.
+#
+# All files are written tensor by tensor from a module built on the meta device
+# (``write_safetensors_streaming``), so generating even the 4.8B-parameter T5-XXL needs
+# one tensor's memory, not the model's.
+
+FAMILY_GENERATOR_VERSION = "f1"
+
+T5XXL_FULL_LAYERS = 24
+T5XXL_ONE_LAYER_OPTIONS = {"t5xxl_model_config": {"num_layers": 1}}
+
+# What detect_unet_config returns for the generated files (checked after generation).
+FLUX_DEV_DIT_CONFIG = {
+    "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
+    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
+    "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+    "guidance_embed": True,
+}
+FLUX_SCHNELL_DIT_CONFIG = {**FLUX_DEV_DIT_CONFIG, "guidance_embed": False}
+CHROMA_DIT_CONFIG = {
+    "image_model": "chroma", "in_channels": 64, "patch_size": 2, "out_channels": 64,
+    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
+    "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
+    "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5,
+}
+# Depth 2 (width 128, 2 heads): one ordinary joint block and the final one, whose text
+# stream is "pre_only" as in the real models.
+_SD3_COMMON = {
+    "in_channels": 16, "patch_size": 2, "out_channels": 16, "depth": 2, "input_size": None,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}},
+    "num_patches": 192 * 192, "pos_embed_max_size": 192, "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
+}
+SD3_MEDIUM_DIT_CONFIG = dict(_SD3_COMMON)                                  # SD3 (2024) medium: no qk-norm
+SD35_LARGE_DIT_CONFIG = {**_SD3_COMMON, "qk_norm": "rms"}                  # SD3.5 large / large turbo
+SD35_MEDIUM_DIT_CONFIG = {**_SD3_COMMON, "qk_norm": "rms", "x_block_self_attn_layers": [0],
+                          "num_patches": 384 * 384, "pos_embed_max_size": 384}  # SD3.5 medium (MMDiT-X)
+
+VAE16_DDCONFIG = {**VAE_DDCONFIG, "z_channels": 16}
+
+# diffusion kind -> (supported_models class name, detected config)
+DIT_KINDS = {
+    "flux-dev": ("Flux", FLUX_DEV_DIT_CONFIG),
+    "flux-schnell": ("FluxSchnell", FLUX_SCHNELL_DIT_CONFIG),
+    "chroma": ("Chroma", CHROMA_DIT_CONFIG),
+    "sd3-medium": ("SD3", SD3_MEDIUM_DIT_CONFIG),
+    "sd35-medium": ("SD3", SD35_MEDIUM_DIT_CONFIG),
+    "sd35-large": ("SD3", SD35_LARGE_DIT_CONFIG),
+}
+TEXT_ENCODER_KINDS = ("clip-l", "clip-g", "t5xxl")
+
+
+class Family:
+    """How one family is put together from the generated files and loaded."""
+
+    def __init__(self, name, dit, text_encoders, clip_type, config, model_class, expected_tokenizers):
+        self.name = name
+        self.dit = dit                        # key of DIT_KINDS
+        self.text_encoders = text_encoders    # subset of TEXT_ENCODER_KINDS, in loader order
+        self.clip_type = clip_type            # comfy.sd.CLIPType member name
+        self.config = config                  # comfy.supported_models class name
+        self.model_class = model_class        # comfy.model_base class name
+        # attribute of clip.tokenizer -> its embedding_key (what embedding files are read by)
+        self.expected_tokenizers = expected_tokenizers
+
+    def __repr__(self):
+        return f"Family({self.name!r})"
+
+
+FAMILIES = {f.name: f for f in (
+    Family("flux-dev", "flux-dev", ("clip-l", "t5xxl"), "FLUX", "Flux", "Flux",
+           {"clip_l": "clip_l", "t5xxl": "t5xxl"}),
+    Family("flux-schnell", "flux-schnell", ("clip-l", "t5xxl"), "FLUX", "FluxSchnell", "Flux",
+           {"clip_l": "clip_l", "t5xxl": "t5xxl"}),
+    Family("chroma", "chroma", ("t5xxl",), "CHROMA", "Chroma", "Chroma",
+           {"clip_t5xxl": "t5xxl"}),
+    Family("sd3", "sd35-medium", ("clip-l", "clip-g", "t5xxl"), "SD3", "SD3", "SD3",
+           {"clip_l": "clip_l", "clip_g": "clip_g", "t5xxl": "t5xxl"}),
+    Family("sd35-large", "sd35-large", ("clip-l", "clip-g", "t5xxl"), "SD3", "SD3", "SD3",
+           {"clip_l": "clip_l", "clip_g": "clip_g", "t5xxl": "t5xxl"}),
+    Family("sd3-medium", "sd3-medium", ("clip-l", "clip-g", "t5xxl"), "SD3", "SD3", "SD3",
+           {"clip_l": "clip_l", "clip_g": "clip_g", "t5xxl": "t5xxl"}),
+)}
+# The single-file SD3.5 checkpoint (CheckpointLoaderSimple): MMDiT of this layout + clips + VAE.
+SD3_CHECKPOINT_DIT = "sd35-medium"
+
+
+def component_filename(component, seed=DEFAULT_SEED, dtype=torch.float16):
+    """Cache file name of one generated component: ``<dit kind>-dit``, ``clip-l``,
+    ``clip-g``, ``t5xxl-<N>layer``, ``vae16`` or ``sd3-checkpoint`` (carries
+    FAMILY_GENERATOR_VERSION, seed and dtype)."""
+    dt = str(dtype).replace("torch.", "")
+    return f"dti-test-{component}-{FAMILY_GENERATOR_VERSION}-seed{seed}-{dt}.safetensors"
+
+
+def _component_seed(component, seed):
+    import zlib
+    return (int(seed) * 1_000_003 + zlib.crc32(component.encode())) % (2**63)
+
+
+# ----------------------------------------------------------------------------
+# streaming safetensors writer
+# ----------------------------------------------------------------------------
+
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+              torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors_streaming(path, entries, metadata=None):
+    """Write a safetensors file one tensor at a time (atomically: temp file + rename).
+
+    ``entries``: sequence of ``(name, shape, dtype, produce)``; ``produce()`` returns the
+    tensor (CPU, that shape and dtype) and is called once, in order, while writing, so
+    only one tensor is alive at a time.  Returns the number of bytes written."""
+    import json
+    import math
+    import struct
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header, off = {}, 0
+    for name, shape, dtype, _ in entries:
+        if name in header:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": [int(x) for x in shape], "data_offsets": [off, off + n]}
+        off += n
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(hb)))
+            f.write(hb)
+            for name, shape, dtype, produce in entries:
+                t = produce()
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device.type != "cpu":
+                    raise ValueError(f"{name}: produced {tuple(t.shape)} {t.dtype} {t.device}, declared {tuple(shape)} {dtype}")
+                raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(raw))
+                del t, raw
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path.stat().st_size
+
+
+def _plan_module(root, prefix="", buffers=None):
+    """``[(name, shape, fill)]`` for every parameter (and the floating buffers named in
+    ``buffers``: ``{name: fill}``) of ``root`` (usually built on the meta device);
+    ``fill(t, generator)`` fills a fresh float32 tensor by ``_init_tensor_``'s rules.
+    Raises for a parameter without a rule or an unlisted floating buffer, before
+    anything is written."""
+    plan = []
+    buffers = dict(buffers or {})
+    probe = torch.Generator().manual_seed(0)
+    for mname, mod in root.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            _init_tensor_(mod, mname, pname, torch.empty((2,) * p.dim() if p.dim() else ()), probe)  # rule exists?
+            plan.append((prefix + full, tuple(p.shape),
+                         (lambda m, mn, pn: lambda t, g: _init_tensor_(m, mn, pn, t, g))(mod, mname, pname)))
+        for bname, b in mod.named_buffers(recurse=False):
+            full = f"{mname}.{bname}" if mname else bname
+            if b is None or not b.is_floating_point():
+                continue
+            if full not in buffers:
+                raise ValueError(f"no rule for floating buffer {full} {tuple(b.shape)} in {type(mod).__name__}")
+            plan.append((prefix + full, tuple(b.shape), buffers.pop(full)))
+    if buffers:
+        raise ValueError(f"buffers not found: {sorted(buffers)}")
+    return plan
+
+
+def _entries(plan, generator, dtype):
+    """Writer entries that fill each tensor in fp32 from ``generator`` (in plan order, so
+    the file is deterministic) and store it as ``dtype``."""
+    def produce(shape, fill):
+        def _p():
+            t = torch.empty(shape, dtype=torch.float32)
+            with torch.no_grad():
+                fill(t, generator)
+            return t.to(dtype)
+        return _p
+    return [(name, shape, dtype, produce(shape, fill)) for name, shape, fill in plan]
+
+
+def _sd3_pos_embed_fill(hidden, max_size):
+    """SD3's fixed 2-D sin-cos position table (what the released files hold)."""
+    def fill(t, _g):
+        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+        pe = get_2d_sincos_pos_embed(hidden, max_size)
+        t.copy_(torch.from_numpy(pe).float().reshape(t.shape))
+    return fill
+
+
+# ----------------------------------------------------------------------------
+# component plans (modules built on the meta device)
+# ----------------------------------------------------------------------------
+
+def _dit_plan(kind, prefix=""):
+    import comfy.supported_models as sm
+    cls_name, cfg = DIT_KINDS[kind]
+    model_config = getattr(sm, cls_name)(dict(cfg))
+    with torch.device("meta"):
+        base = model_config.get_model({}, "")
+    dm = base.diffusion_model
+    buffers = {}
+    if cls_name == "SD3":
+        buffers["pos_embed"] = _sd3_pos_embed_fill(dm.hidden_size, cfg["pos_embed_max_size"])
+    return _plan_module(dm, prefix, buffers), getattr(sm, cls_name), cfg
+
+
+def _text_encoder_module(kind, t5_layers=1):
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.text_encoders.sd3_clip
+    with torch.device("meta"):
+        if kind == "clip-l":
+            return comfy.sd1_clip.SDClipModel(device=None, dtype=torch.float32)
+        if kind == "clip-g":
+            return comfy.sdxl_clip.SDXLClipG(device=None, dtype=torch.float32)
+        if kind == "t5xxl":
+            return comfy.text_encoders.sd3_clip.T5XXLModel(
+                device=None, dtype=torch.float32, model_options={"t5xxl_model_config": {"num_layers": int(t5_layers)}})
+    raise ValueError(f"unknown text encoder {kind!r}; expected one of {TEXT_ENCODER_KINDS}")
+
+
+def _text_encoder_plan(kind, t5_layers=1, prefix=""):
+    # The files hold the ``transformer`` of ComfyUI's encoder module, as published files do.
+    return _plan_module(_text_encoder_module(kind, t5_layers).transformer, prefix)
+
+
+def _vae16_plan(prefix=""):
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+    ddconfig = dict(VAE16_DDCONFIG)
+    with torch.device("meta"):
+        vae = AutoencodingEngine(
+            regularizer_config={"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"},
+            encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder", "params": ddconfig},
+            decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder", "params": ddconfig})
+    return _plan_module(vae, prefix)
+
+
+def _component_name(component, t5_layers=1):
+    if component == "t5xxl":
+        return f"t5xxl-{int(t5_layers)}layer"
+    if component in DIT_KINDS:
+        return f"{component}-dit"
+    return component
+
+
+def generate_component(component, path, seed=DEFAULT_SEED, dtype=torch.float16, t5_layers=1):
+    """Write one component file; return an info dict (params, bytes, seconds, ...).
+
+    ``component``: a DIT_KINDS key (diffusion-model-only file), ``clip-l``, ``clip-g``,
+    ``t5xxl`` (``t5_layers`` deep; 24 is the real T5-XXL), ``vae16``."""
+    t0 = time.perf_counter()
+    name = _component_name(component, t5_layers)
+    gen = torch.Generator(device="cpu").manual_seed(_component_seed(name, seed))
+    info = {"component": name, "seed": seed, "dtype": str(dtype)}
+    if component in DIT_KINDS:
+        plan, config_cls, cfg = _dit_plan(component)
+        info["config"] = config_cls.__name__
+    elif component in TEXT_ENCODER_KINDS:
+        plan = _text_encoder_plan(component, t5_layers)
+    elif component == "vae16":
+        plan = _vae16_plan()
+    else:
+        raise ValueError(f"unknown component {component!r}")
+    metadata = {"dti_test_generator": FAMILY_GENERATOR_VERSION, "dti_test_component": name,
+                "dti_test_seed": str(seed), "dti_test_dtype": str(dtype)}
+    info["params"] = sum(_numel(shape) for _n, shape, _f in plan)
+    info["bytes"] = write_safetensors_streaming(path, _entries(plan, gen, dtype), metadata)
+    info["path"] = str(path)
+    if component in DIT_KINDS:
+        _check_dit_detection(path, component)
+    info["seconds"] = time.perf_counter() - t0
+    return info
+
+
+def _numel(shape):
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
+
+
+def _check_dit_detection(path, kind):
+    """ComfyUI's detector must pick the intended config class and read back the config."""
+    import comfy.model_detection
+    import comfy.supported_models as sm
+    from safetensors import safe_open
+    cls_name, cfg = DIT_KINDS[kind]
+    with safe_open(str(path), framework="pt") as f:
+        # Detection reads key names and a few shapes; give it the real tensors for those.
+        sd = {k: f.get_slice(k) for k in f.keys()}
+        sd = _ShapeOnly(sd)
+        detected = comfy.model_detection.model_config_from_unet(sd, "")
+        det_cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if type(detected) is not getattr(sm, cls_name):
+        raise AssertionError(f"generated {kind} detected as {type(detected).__name__ if detected is not None else None}, "
+                             f"expected {cls_name}")
+    for k, v in cfg.items():
+        if det_cfg.get(k) != v:
+            raise AssertionError(f"{kind}: detected {k!r} = {det_cfg.get(k)!r}, generated with {v!r}")
+
+
+class _ShapeOnly(dict):
+    """A state dict of safetensors slices: detection only needs ``.shape`` and keys."""
+
+    class _T:
+        def __init__(self, sl):
+            self.shape = torch.Size(sl.get_shape())
+            dt = sl.get_dtype()
+            self.dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(dt, dt)
+
+    def __init__(self, slices):
+        super().__init__({k: self._T(v) for k, v in slices.items()})
+
+
+def ensure_component(component, folder, seed=DEFAULT_SEED, dtype=torch.float16, t5_layers=1):
+    """Path of ``component`` in ``folder`` (cache), generating it when missing."""
+    path = Path(folder) / component_filename(_component_name(component, t5_layers), seed, dtype)
+    if not path.exists():
+        generate_component(component, path, seed=seed, dtype=dtype, t5_layers=t5_layers)
+    return path
+
+
+def ensure_sd3_checkpoint(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+    """Single-file SD3.5 checkpoint "incl. clips" (CheckpointLoaderSimple): the
+    SD3_CHECKPOINT_DIT MMDiT under ``model.diffusion_model.``, CLIP-L / CLIP-G under
+    ``text_encoders.clip_{l,g}.transformer.``, the 16-channel VAE under
+    ``first_stage_model.``; no T5 (as in the published sd3_medium_incl_clips: the
+    loader then builds SD3's text encoder without T5).  Copied tensor by tensor from
+    the component files, so the weights are the same as the separate files'."""
+    from safetensors import safe_open
+    path = Path(folder) / component_filename("sd3-checkpoint", seed, dtype)
+    if path.exists():
+        return path
+    parts = [("model.diffusion_model.", ensure_component(SD3_CHECKPOINT_DIT, folder, seed, dtype)),
+             ("text_encoders.clip_l.transformer.", ensure_component("clip-l", folder, seed, dtype)),
+             ("text_encoders.clip_g.transformer.", ensure_component("clip-g", folder, seed, dtype)),
+             ("first_stage_model.", ensure_component("vae16", folder, seed, dtype))]
+    entries = []
+    for prefix, src in parts:
+        with safe_open(str(src), framework="pt") as f:
+            for k in f.keys():
+                sl = f.get_slice(k)
+                st = sl.get_dtype()
+                dt = {v: k2 for k2, v in _ST_DTYPES.items()}[st]
+
+                def produce(src=src, k=k):
+                    with safe_open(str(src), framework="pt") as g:
+                        return g.get_tensor(k)
+                entries.append((prefix + k, tuple(sl.get_shape()), dt, produce))
+    write_safetensors_streaming(path, entries, {"dti_test_generator": FAMILY_GENERATOR_VERSION,
+                                                "dti_test_component": "sd3-checkpoint",
+                                                "dti_test_dit": SD3_CHECKPOINT_DIT,
+                                                "dti_test_seed": str(seed), "dti_test_dtype": str(dtype)})
+    return path
+
+
+def ensure_family_files(family, folder, seed=DEFAULT_SEED, dtype=torch.float16, t5_layers=1, t5_dtype=None):
+    """``{"diffusion_model": path, "text_encoders": [paths in loader order], "vae": path}``
+    for ``family`` (a FAMILIES key), generating what the cache lacks.  The T5 file is
+    ``t5_layers`` deep and stored as ``t5_dtype`` (default ``dtype``; the full-depth T5 is
+    4.8B parameters: 9.5 GB in fp16, 4.8 GB in float8_e4m3fn like t5xxl_fp8_e4m3fn)."""
+    fam = FAMILIES[family]
+    return {
+        "diffusion_model": ensure_component(fam.dit, folder, seed, dtype),
+        "text_encoders": [ensure_component(te, folder, seed, (t5_dtype or dtype) if te == "t5xxl" else dtype,
+                                           t5_layers=t5_layers) for te in fam.text_encoders],
+        "vae": ensure_component("vae16", folder, seed, dtype),
+    }
+
+
+# ----------------------------------------------------------------------------
+# loading, as ComfyUI's loader nodes do inside the executor
+# ----------------------------------------------------------------------------
+
+def load_diffusion_model(path, model_options=None):
+    """UNETLoader's call (``comfy.sd.load_diffusion_model``; weight_dtype "default" gives
+    ``model_options={}``) under ``torch.inference_mode()``.  Returns ``(model, log)``."""
+    import comfy.sd
+    with capture_logs() as records, torch.inference_mode():
+        model = comfy.sd.load_diffusion_model(str(path), model_options=dict(model_options or {}))
+    return model, records
+
+
+def load_vae(path):
+    """VAELoader's call: ``comfy.sd.VAE(sd=load_torch_file(path))`` under inference mode."""
+    import comfy.sd
+    import comfy.utils
+    with capture_logs() as records, torch.inference_mode():
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(path)))
+        vae.throw_exception_if_invalid()
+    return vae, records
+
+
+def t5_model_options(t5_layers):
+    """The ``model_options`` for ``comfy.sd.load_clip`` that build a T5-XXL of
+    ``t5_layers`` layers (none for the real depth: what the loader nodes use)."""
+    if int(t5_layers) == T5XXL_FULL_LAYERS:
+        return {}
+    return {"t5xxl_model_config": {"num_layers": int(t5_layers)}}
+
+
+def load_text_encoders(paths, clip_type, embedding_directory=None, model_options=None):
+    """CLIPLoader / DualCLIPLoader / TripleCLIPLoader's call, ``comfy.sd.load_clip(
+    ckpt_paths, embedding_directory, clip_type, model_options)``, under inference mode.
+    ``clip_type``: a ``comfy.sd.CLIPType`` member or its name ("FLUX", "SD3", "CHROMA").
+
+    One exception, for a shallow T5 alone (Chroma / PixArt): ``load_text_encoder_state_dicts``
+    recognises a single T5-XXL file only by ``encoder.block.23`` and takes a shallower one
+    for T5-Base (Stable Audio's encoder).  There the CLIP is built exactly as that function
+    builds it for a full T5-XXL with this clip_type (``pixart_te(**t5_xxl_detect(sd))`` +
+    ``PixArtTokenizer``, ``comfy.sd.CLIP(...)``, ``clip.load_sd``).  Returns ``(clip, log)``."""
+    import comfy.sd
+    import comfy.text_encoders.pixart_t5
+    import comfy.text_encoders.sd3_clip
+    import comfy.utils
+    ct = getattr(comfy.sd.CLIPType, clip_type) if isinstance(clip_type, str) else clip_type
+    model_options = dict(model_options or {})
+    paths = [str(p) for p in paths]
+    with capture_logs() as records, torch.inference_mode():
+        if ct in (comfy.sd.CLIPType.CHROMA, comfy.sd.CLIPType.PIXART) and len(paths) == 1:
+            sd = comfy.utils.load_torch_file(paths[0], safe_load=True)
+            if comfy.sd.detect_te_model(sd) != comfy.sd.TEModel.T5_XXL:
+                target = types.SimpleNamespace(
+                    clip=comfy.text_encoders.pixart_t5.pixart_te(**comfy.text_encoders.sd3_clip.t5_xxl_detect(sd)),
+                    tokenizer=comfy.text_encoders.pixart_t5.PixArtTokenizer, params={})
+                clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory,
+                                     parameters=comfy.utils.calculate_parameters(sd), tokenizer_data={},
+                                     model_options=model_options)
+                m, u = clip.load_sd(sd)
+                if m:
+                    logging.warning("clip missing: {}".format(m))
+                if u:
+                    logging.debug("clip unexpected: {}".format(u))
+                return clip, records
+            del sd
+        clip = comfy.sd.load_clip(ckpt_paths=paths, embedding_directory=embedding_directory,
+                                  clip_type=ct, model_options=model_options)
+    return clip, records
+
+
+def load_family(family, folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16, t5_layers=1,
+                t5_dtype=None):
+    """Generate (if needed) and load ``family`` the way a UNETLoader + (Dual/Triple)CLIPLoader
+    + VAELoader graph does, everything under ``torch.inference_mode()``.  The T5 is
+    ``t5_layers`` deep, built with ``t5_model_options(t5_layers)``.
+
+    Returns ``SimpleNamespace(out=(model, clip, vae), log=[records], paths=..., seconds=...)``."""
+    fam = FAMILIES[family]
+    paths = ensure_family_files(family, folder, seed, dtype, t5_layers=t5_layers, t5_dtype=t5_dtype)
+    t0 = time.perf_counter()
+    model, log_m = load_diffusion_model(paths["diffusion_model"])
+    clip, log_c = load_text_encoders(paths["text_encoders"], fam.clip_type, embedding_directory,
+                                     t5_model_options(t5_layers) if "t5xxl" in fam.text_encoders else {})
+    vae, log_v = load_vae(paths["vae"])
+    return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths,
+                                 seconds=time.perf_counter() - t0, family=fam)
+
+
+def load_sd3_checkpoint(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
+    """The SD3.5 single-file checkpoint through CheckpointLoaderSimple's call
+    (``load_checkpoint``).  Returns ``SimpleNamespace(out, log, path, seconds)``."""
+    path = ensure_sd3_checkpoint(folder, seed, dtype)
+    t0 = time.perf_counter()
+    out, records = load_checkpoint(path, embedding_directory=embedding_directory)
+    return types.SimpleNamespace(out=out, log=records, path=path, seconds=time.perf_counter() - t0)
+
+
+def model_conds(model, cond, pooled, latent, **extra):
+    """What the sampler feeds ``apply_model`` for one conditioning: ``model.model.extra_conds``
+    called as ``comfy.samplers.encode_model_conds`` calls it (cross_attn, pooled_output,
+    noise, device, width/height = 8 x latent size), each cond processed for the batch.
+    Returns a dict of tensors / values to pass as ``apply_model(x, t, **conds)``."""
+    params = {"cross_attn": cond, "pooled_output": pooled, "noise": latent, "device": latent.device,
+              "width": latent.shape[3] * 8, "height": latent.shape[2] * 8, "prompt_type": "positive", **extra}
+    out = model.model.extra_conds(**params)
+    return {k: v.process_cond(batch_size=latent.shape[0], device=latent.device, area=None).cond for k, v in out.items()}
+
+
 __all__ = [
     "GENERATOR_VERSION", "DEFAULT_SEED", "KINDS", "SD15_UNET_CONFIG", "SDXL_UNET_CONFIG", "VAE_DDCONFIG",
     "expected_config_class", "checkpoint_filename", "init_weights_", "build_state_dict",
     "generate_checkpoint", "ensure_checkpoint", "is_comfyui_dir", "setup_comfy", "capture_logs",
     "load_checkpoint", "load_problems", "param_count", "human_bytes",
+    "FAMILY_GENERATOR_VERSION", "FAMILIES", "DIT_KINDS", "TEXT_ENCODER_KINDS", "T5XXL_FULL_LAYERS",
+    "T5XXL_ONE_LAYER_OPTIONS", "component_filename", "write_safetensors_streaming", "generate_component",
+    "ensure_component", "ensure_sd3_checkpoint", "ensure_family_files", "load_diffusion_model", "load_vae",
+    "t5_model_options", "load_text_encoders", "load_family", "load_sd3_checkpoint", "model_conds",
 ]
