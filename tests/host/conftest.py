@@ -208,3 +208,130 @@ def sd2_checkpoint(comfy, checkpoint_cache_dir):
 @pytest.fixture
 def fresh_sd2(comfy, embeddings_dir, sd2_checkpoint):
     return _load(comfy, sd2_checkpoint).out
+
+
+# ---------------------------------------------------------------------------
+# Flux.1 dev / schnell, Chroma, SD3.5: separate diffusion-model, text-encoder and VAE
+# files (checkpoints.FAMILIES), loaded as UNETLoader + (Dual/Triple)CLIPLoader + VAELoader
+# do, under torch.inference_mode().  The T5-XXL is one layer deep unless asked otherwise.
+# ---------------------------------------------------------------------------
+
+class FamilyCache:
+    """Loads families on demand and keeps the last ``keep`` of them (a loaded Flux or
+    Chroma is ~3.5 GB on the CPU: DiT in fp32, encoders in fp16), so a session that
+    touches every family does not hold them all.  ``get`` returns the shared load
+    (``SimpleNamespace(out=(model, clip, vae), log, paths, seconds, family)``); ``fresh``
+    a new, uncached one."""
+
+    def __init__(self, comfy, folder, keep=1):
+        self.comfy, self.folder, self.keep = comfy, folder, keep
+        self._loads = {}  # insertion order = age
+
+    def _embedding_directory(self):
+        return self.comfy.folder_paths.get_folder_paths("embeddings")
+
+    def fresh(self, family, t5_layers=1, t5_dtype=None):
+        if family == "sd3-checkpoint":
+            return ck.load_sd3_checkpoint(self.folder, embedding_directory=self._embedding_directory())
+        return ck.load_family(family, self.folder, embedding_directory=self._embedding_directory(),
+                              t5_layers=t5_layers, t5_dtype=t5_dtype)
+
+    def get(self, family, t5_layers=1, t5_dtype=None):
+        key = (family, t5_layers, t5_dtype)
+        if key in self._loads:
+            return self._loads[key]
+        while self._loads and len(self._loads) >= self.keep:
+            self._loads.pop(next(iter(self._loads)))
+        import gc
+        gc.collect()
+        self._loads[key] = self.fresh(family, t5_layers, t5_dtype)
+        return self._loads[key]
+
+
+@pytest.fixture(scope="session")
+def family_cache(comfy, embeddings_dir, checkpoint_cache_dir):
+    """The session's ``FamilyCache``: ``family_cache.get("flux-dev")``, ``.get("sd35-large")``,
+    ``.get("flux-dev", t5_layers=24)``, ``.fresh("chroma")``, ``.get("sd3-checkpoint")``.
+    Every CLIP it builds reads ``embeddings_dir`` (``embedding:NAME``)."""
+    return FamilyCache(comfy, checkpoint_cache_dir)
+
+
+@pytest.fixture
+def flux_dev_load(family_cache):
+    """Session-shared load of the Flux.1 dev family (``guidance_in``; clip_l + 1-layer
+    t5xxl, ``CLIPType.FLUX``): ``.out`` = (model, clip, vae), ``.log``, ``.paths``,
+    ``.seconds``.  Shared: do not modify in place; clone."""
+    return family_cache.get("flux-dev")
+
+
+@pytest.fixture
+def flux_dev_loaded(flux_dev_load):
+    """``(model, clip, vae)`` of Flux.1 dev (supported_models.Flux, model_base.Flux)."""
+    return flux_dev_load.out
+
+
+@pytest.fixture
+def flux_schnell_load(family_cache):
+    return family_cache.get("flux-schnell")
+
+
+@pytest.fixture
+def flux_schnell_loaded(flux_schnell_load):
+    """``(model, clip, vae)`` of Flux.1 schnell (no ``guidance_in``: supported_models.FluxSchnell)."""
+    return flux_schnell_load.out
+
+
+@pytest.fixture
+def chroma_load(family_cache):
+    return family_cache.get("chroma")
+
+
+@pytest.fixture
+def chroma_loaded(chroma_load):
+    """``(model, clip, vae)`` of Chroma (1-layer t5xxl alone, ``CLIPType.CHROMA``)."""
+    return chroma_load.out
+
+
+@pytest.fixture
+def sd3_load(family_cache):
+    return family_cache.get("sd3")
+
+
+@pytest.fixture
+def sd3_loaded(sd3_load):
+    """``(model, clip, vae)`` of SD3.5 (medium layout: qk-norm + dual attention;
+    supported_models.SD3) with clip_l + clip_g + 1-layer t5xxl (``CLIPType.SD3``)."""
+    return sd3_load.out
+
+
+@pytest.fixture
+def sd3_checkpoint_load(family_cache):
+    """The single-file SD3.5 checkpoint (MMDiT + CLIP-L + CLIP-G + VAE, no T5) through
+    CheckpointLoaderSimple's call."""
+    return family_cache.get("sd3-checkpoint")
+
+
+@pytest.fixture
+def sd3_checkpoint_loaded(sd3_checkpoint_load):
+    return sd3_checkpoint_load.out
+
+
+@pytest.fixture
+def fresh_flux_dev(family_cache):
+    """A new, independent ``(model, clip, vae)`` of Flux.1 dev for one test (~5 s)."""
+    return family_cache.fresh("flux-dev").out
+
+
+@pytest.fixture
+def fresh_flux_schnell(family_cache):
+    return family_cache.fresh("flux-schnell").out
+
+
+@pytest.fixture
+def fresh_chroma(family_cache):
+    return family_cache.fresh("chroma").out
+
+
+@pytest.fixture
+def fresh_sd3(family_cache):
+    return family_cache.fresh("sd3").out
