@@ -1,4 +1,6 @@
-"""Small, randomly initialised SD1.5 / SDXL checkpoints for host (ComfyUI) tests.
+"""Small, randomly initialised SD1.5 / SDXL checkpoints for host (ComfyUI) tests, and
+Flux.1 dev / schnell, Chroma and SD3 / SD3.5 component files (see the section
+"Flux.1 dev / schnell, Chroma, SD3 / SD3.5" further down).
 
 Pure helper: no pytest, no ComfyUI import at module level.  Every function that
 needs ComfyUI imports ``comfy`` lazily, so the caller (``tests/host/conftest.py``)
