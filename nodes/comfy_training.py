@@ -29,48 +29,43 @@ PLACEHOLDER_NAME = "__dti_training_placeholder__"
 # Marker rows stand in for the learned vectors until each step splices the real ones in.
 _MARK_A, _MARK_B = 12345.0, -98765.0
 
-SUPPORTED = "SD1.x, SD2.x and SDXL checkpoints (CLIP-L, CLIP-H, CLIP-L + CLIP-G)"
-
-
 class UnsupportedModelError(ValueError):
     pass
 
 
 def text_encoders(clip) -> dict[str, tuple[str, object, torch.nn.Module]]:
-    """``{embedding_key: (token_dict_key, tokenizer, encoder)}`` for the CLIP's text encoders."""
+    """``{embedding_key: (token_dict_key, tokenizer, encoder)}`` for every text encoder of the CLIP
+    whose ComfyUI tokenizer reads ``embedding:NAME`` (CLIP-L/G/H, T5-XXL, ...).
+
+    The embedding key is what ComfyUI looks up in an embedding file for that encoder
+    (``clip_l``, ``clip_g``, ``clip_h``, ``t5xxl``); the token dict key is the encoder's key in
+    ``clip.tokenize(...)`` output (``l``, ``g``, ``h``, ``t5xxl``).
+    """
     found = {}
-    for attr, tok in vars(clip.tokenizer).items():
+    outer = clip.tokenizer
+    for attr, tok in vars(outer).items():
         key = getattr(tok, "embedding_key", None)
-        if not (attr.startswith("clip_") and key == attr and hasattr(tok, "_try_get_embedding")):
+        if key is None or not hasattr(tok, "_try_get_embedding") or attr not in (key, "clip_" + key):
             continue
         encoder = getattr(clip.cond_stage_model, attr, None)
         if encoder is None or not hasattr(encoder, "transformer"):
             continue
-        found[key] = (attr[len("clip_"):], tok, encoder)
-    if not found or any(k not in ("clip_l", "clip_g", "clip_h") for k in found) or "clip_g" in found and "clip_l" not in found:
-        names = ", ".join(sorted(found)) or "none"
+        if attr == getattr(outer, "clip", None) and getattr(outer, "clip_name", None):
+            tkey = outer.clip_name  # a one-encoder SD1Tokenizer wrapper: tokens under its clip_name
+        else:
+            tkey = attr[len("clip_"):] if attr.startswith("clip_") else attr
+        found[key] = (tkey, tok, encoder)
+    if not found:
+        from .families import supported_text
         raise UnsupportedModelError(
-            f"DTI Train supports {SUPPORTED}; this CLIP's text encoders are: {names} "
-            f"({type(clip.cond_stage_model).__name__})"
-        )
+            f"DTI Train supports {supported_text()}; this CLIP ({type(clip.cond_stage_model).__name__}) has no text "
+            "encoder whose tokenizer reads embedding:NAME")
     return found
 
 
 def clip_widths(clip) -> dict[str, int]:
     """``{embedding_key: token width}`` of the CLIP's text encoders."""
     return {key: tok.embedding_size for key, (_, tok, _) in text_encoders(clip).items()}
-
-
-def check_model(model) -> None:
-    """Refuse diffusion models whose conditioning this trainer does not build."""
-    import comfy.model_base as mb
-
-    inner = model.model
-    if type(inner) not in (mb.BaseModel, mb.SDXL):
-        raise UnsupportedModelError(
-            f"DTI Train supports {SUPPORTED}; this MODEL is {type(inner).__name__} "
-            f"({type(inner.model_config).__name__})"
-        )
 
 
 def vocabulary(encoder) -> torch.Tensor:
@@ -84,17 +79,20 @@ def initializer_ids(tokenizer, words: str) -> list[int]:
     return list(ids[tokenizer.tokens_start : end])
 
 
-def initial_vectors(clip, words: str, count: int, magnitude) -> tuple[dict, dict, dict]:
-    """``(init, mu, m_star)`` per encoder.
+def initial_vectors(clip, words: str, count: int, magnitude, keys=None) -> tuple[dict, dict, dict]:
+    """``(init, mu, m_star)`` per encoder (all of the CLIP's, or ``keys``).
 
-    By default one vector per initializer token, each starting at (and pulled
-    toward) its token's direction. With an explicit ``count`` that differs, every
-    vector starts at the mean direction of the initializer tokens.
+    By default one vector per initializer token of that encoder's tokenizer (CLIP and
+    T5 may split a word differently), each starting at (and pulled toward) its
+    token's direction. With an explicit ``count`` that differs, every vector starts
+    at the mean direction of the initializer tokens.
     """
     if not words.strip():
         raise ValueError("initializer word is empty: give a word that describes the concept, e.g. 'dog'")
     init, mu, m_star = {}, {}, {}
     for key, (_, tok, encoder) in text_encoders(clip).items():
+        if keys is not None and key not in keys:
+            continue
         ids = initializer_ids(tok, words)
         if not ids:
             raise ValueError(f"initializer {words!r} produced no tokens")
@@ -111,13 +109,15 @@ def initial_vectors(clip, words: str, count: int, magnitude) -> tuple[dict, dict
 
 
 @contextlib.contextmanager
-def placeholder_tokenizers(clip, num_vectors: int):
-    """While active, ``embedding:PLACEHOLDER_NAME`` tokenizes to ``num_vectors`` marker rows."""
+def placeholder_tokenizers(clip, num_vectors):
+    """While active, ``embedding:PLACEHOLDER_NAME`` tokenizes to marker rows: ``num_vectors`` of
+    them (an int for every encoder, or ``{embedding_key: count}``)."""
     originals = {}
     for key, (_, tok, _) in text_encoders(clip).items():
-        marker = torch.zeros(num_vectors, tok.embedding_size)
+        n = num_vectors if isinstance(num_vectors, int) else num_vectors[key]
+        marker = torch.zeros(n, tok.embedding_size)
         marker[:, 0], marker[:, 2] = _MARK_A, _MARK_B
-        marker[:, 1] = torch.arange(num_vectors, dtype=torch.float32)
+        marker[:, 1] = torch.arange(n, dtype=torch.float32)
         original = tok._try_get_embedding
 
         def patched(embedding_name, _orig=original, _marker=marker):
@@ -162,7 +162,10 @@ class PromptTokens:
         return out
 
 
-def tokenize_templates(clip, templates: list[str], num_vectors: int) -> list[PromptTokens]:
+def tokenize_templates(clip, templates: list[str], num_vectors) -> list[PromptTokens]:
+    """Each template with ``{}`` replaced by the learned word, tokenized by the CLIP's own tokenizers.
+
+    ``num_vectors``: an int for every encoder, or ``{embedding_key: count}``."""
     encoders = text_encoders(clip)
     for key, (_, tok, _) in encoders.items():
         if tok.embedding_directory is None:
@@ -181,7 +184,8 @@ def tokenize_templates(clip, templates: list[str], num_vectors: int) -> list[Pro
                 found = [(c, j, _marker_row(e[0])) for c, chunk in enumerate(chunks) for j, e in enumerate(chunk)]
                 slots[tkey] = [s for s in found if s[2] is not None]
             for key, (tkey, _, _) in encoders.items():
-                if sorted(r for _, _, r in slots.get(tkey, [])) != list(range(num_vectors)):
+                n = num_vectors if isinstance(num_vectors, int) else num_vectors[key]
+                if sorted(r for _, _, r in slots.get(tkey, [])) != list(range(n)):
                     raise ValueError(f"template {template!r}: the learned word did not tokenize into the {key} prompt")
             result.append(PromptTokens(tokens, slots))
     return result
@@ -236,18 +240,17 @@ def encode_tokens(clip, tokens):
 
 
 def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Encode several one-chunk prompts in one text-encoder pass: ``(B, 77, width)`` and pooled ``(B, ...)``.
+    """Encode several one-chunk prompts in one text-encoder pass: ``(B, L, width)`` and pooled ``(B, ...)``.
 
     The prompts go through ``encode_token_weights`` as the chunks of one long prompt: ComfyUI
     encodes chunks as independent rows of one batch and concatenates them, so row k equals a
-    separate encode of prompt k. The wrapper keeps only the first chunk's pooled output, so the
-    pooled rows are read from the encoder's own forward. Prompts of several chunks fall back to
-    one call each.
+    separate encode of prompt k -- for CLIP-style wrappers. The wrapper keeps only the first
+    chunk's pooled output, so the pooled rows are read from the encoder's own forward. Prompts of
+    several chunks fall back to one call each. Whether this trick is exact for a given CLIP is
+    checked once per run by ``TextPath``.
     """
     if any(len(chunks) != 1 for td in token_dicts for chunks in td.values()):
-        outs = [encode_tokens(clip, td) for td in token_dicts]
-        pooled = [p for _, p in outs]
-        return torch.cat([c for c, _ in outs]), (torch.cat(pooled) if pooled[0] is not None else None)
+        return encode_each(clip, token_dicts, want_pooled)
     merged = {k: [td[k][0] for td in token_dicts] for k in token_dicts[0]}
     captured: dict[str, list] = {}
     hooks = [
@@ -268,7 +271,70 @@ def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) 
         if rows is not None and rows.shape[-1] == first_pooled.shape[-1] and torch.allclose(
                 rows[0:1].to(first_pooled.device, first_pooled.dtype), first_pooled, rtol=0, atol=0, equal_nan=True):
             return cond, rows[:b]
-    raise RuntimeError("could not find the pooled output of the batched prompts; please report this")
+    raise RuntimeError("could not find the pooled output of the batched prompts")
+
+
+def encode_each(clip, token_dicts: list[dict], want_pooled: bool = True):
+    """One ``encode_token_weights`` call per prompt: a list of ``(1, L_k, width)`` conds (lengths
+    may differ, e.g. T5 without padding) and the pooled rows ``(B, ...)`` or None."""
+    outs = [encode_tokens(clip, td) for td in token_dicts]
+    pooled = [p for _, p in outs]
+    conds = [c for c, _ in outs]
+    return conds, (torch.cat(pooled) if want_pooled and pooled[0] is not None else None)
+
+
+class TextPath:
+    """Encodes a step's prompts the way CLIPTextEncode would, batched where that is exact.
+
+    At the start of a run, two different training prompts are encoded both ways (no gradient):
+    if the one-pass batch equals one encode per prompt to the precision of the encoder's dtype,
+    the batched pass is used; otherwise (wrappers that join encoders along the sequence, like
+    SD3's, or unpadded T5 prompts of different lengths) one encode per prompt.
+    """
+
+    def __init__(self, clip, prompts: list[PromptTokens], embeds_by_token_key: dict, want_pooled: bool):
+        self.clip, self.want_pooled = clip, want_pooled
+        self.batched = False
+        if len(prompts) < 2:
+            self.batched = True  # every row is the same prompt: no mixing possible
+            return
+        probe = [prompts[0].with_vectors(embeds_by_token_key), prompts[1].with_vectors(embeds_by_token_key)]
+        with torch.no_grad():
+            try:
+                cond, pooled = encode_token_batch(clip, probe, want_pooled)
+            except (RuntimeError, ValueError):
+                return
+            conds, ref_pooled = encode_each(clip, probe, want_pooled)
+        if torch.is_tensor(cond) and all(c.shape[1:] == cond.shape[1:] for c in conds):
+            ref = torch.cat(conds)
+            # fp16 encoders: rows of one batch and single rows may round differently in the last
+            # place; anything beyond a few ulps means the rows were mixed.
+            tol = 8 * torch.finfo(ref.dtype).eps * float(ref.abs().max()) if ref.is_floating_point() else 0.0
+            same = torch.allclose(cond.float(), ref.float(), rtol=0, atol=tol)
+            if same and ref_pooled is not None:
+                same = pooled is not None and torch.allclose(pooled.float(), ref_pooled.float(), rtol=0,
+                                                             atol=8 * torch.finfo(ref_pooled.dtype).eps * float(ref_pooled.abs().max()))
+            self.batched = bool(same)
+
+    def __call__(self, token_dicts: list[dict]):
+        """``(conds, pooled)``: conds a ``(B, L, width)`` tensor, or a list of ``(1, L_k, width)``."""
+        if self.batched:
+            return encode_token_batch(self.clip, token_dicts, self.want_pooled)
+        return encode_each(self.clip, token_dicts, self.want_pooled)
+
+
+def model_conds(model, cond, pooled, noise, resolution: tuple[int, int], device, guidance=None) -> dict:
+    """The keyword arguments ``apply_model`` gets for this conditioning, built by the model itself
+    (``extra_conds``, as ComfyUI's sampler does in ``encode_model_conds``): SDXL's pooled ``y`` with
+    size micro-conditioning, Flux's guidance, attention masks."""
+    height, width = resolution
+    params = dict(cross_attn=cond, pooled_output=pooled, device=device, noise=noise, width=width, height=height,
+                  crop_w=0, crop_h=0, target_width=width, target_height=height)
+    if guidance is not None:
+        params["guidance"] = guidance
+    out = model.model.extra_conds(**params)
+    b = noise.shape[0]
+    return {k: c.process_cond(batch_size=b, device=device, area=None).cond for k, c in out.items()}
 
 
 class DiffusionStep:
@@ -280,16 +346,17 @@ class DiffusionStep:
     error. For eps models this is exactly ``||eps_pred - eps||^2`` (the paper's
     loss), for v-prediction the v error, for flow models the velocity error.
     Reduction: element-wise mean over the batch, as the reference does, so kappa
-    keeps its meaning.
+    keeps its meaning. Conditioning comes from the model's own ``extra_conds``.
     """
 
     def __init__(self, model, clip, prompts: list[PromptTokens], latents, flipped, batch_size: int,
-                 seed: int, resolution: int, device):
+                 seed: int, resolution: int, device, *, guidance: float | None = None):
         self.model, self.clip, self.prompts = model, clip, prompts
         self.device = device
         self.latents = latents.to(device)
         self.flipped = flipped.to(device) if flipped is not None else None
         self.batch_size, self.seed, self.resolution = batch_size, seed, resolution
+        self.guidance = guidance
         self.encoders = text_encoders(clip)
         # get_model_object sees object patches (e.g. ModelSamplingDiscrete v_prediction) too.
         ms = model.get_model_object("model_sampling")
@@ -298,10 +365,15 @@ class DiffusionStep:
         self.t_max = float(ms.timestep(ms.sigma_max))
         # Differentiable attention for these calls only, whatever backend the launch flags chose.
         self.transformer_options = _differentiable.training_transformer_options(model)
-        # SDXL-style models build their vector conditioning from the pooled text output; SD1/SD2 don't.
-        self.uses_pooled = model.model.encode_adm(
-            pooled_output=torch.zeros(1, 1280), width=resolution, height=resolution, crop_w=0, crop_h=0,
-            target_width=resolution, target_height=resolution, device="cpu") is not None
+        # Models that condition on the pooled text (SDXL's y, Flux's vector) get it; others don't
+        # need the encoder to compute it.
+        self.uses_pooled = _needs_pooled(model, tuple(latents.shape[1:]))
+        self._text = None
+
+    def _text_path(self, by_token_key):
+        if self._text is None:
+            self._text = TextPath(self.clip, self.prompts, by_token_key, self.uses_pooled)
+        return self._text
 
     def __call__(self, embeds: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         g = step_generator(self.seed, step)
@@ -317,30 +389,50 @@ class DiffusionStep:
             x0 = torch.where(flip.to(self.device).view(-1, 1, 1, 1), self.flipped[idx.to(self.device)], x0)
 
         by_token_key = {tkey: embeds[key] for key, (tkey, _, _) in self.encoders.items()}
+        text = self._text_path({k: v.detach() for k, v in by_token_key.items()})
         try:
-            cond, pooled = encode_token_batch(
-                self.clip, [self.prompts[int(i)].with_vectors(by_token_key) for i in which], self.uses_pooled)
+            cond, pooled = text([self.prompts[int(i)].with_vectors(by_token_key) for i in which])
         except RuntimeError as e:
             if "size" not in str(e) and "shape" not in str(e):
                 raise
             raise ValueError("all training prompts must fit in one 75-token chunk; shorten the custom templates") from None
-        cond = cond.to(self.device)
 
         timestep = (self.t_min + u * (self.t_max - self.t_min)).float()
         sigma = self.ms.sigma(timestep).to(self.device)
         x_t = self.ms.noise_scaling(sigma, noise, x0)
-        kwargs = {}
-        if self.uses_pooled:
-            y = self.model.model.encode_adm(
-                pooled_output=pooled.to(self.device), width=self.resolution, height=self.resolution,
-                crop_w=0, crop_h=0, target_width=self.resolution, target_height=self.resolution, device=self.device,
-            )
-            if y is not None:
-                kwargs["y"] = y
-        x0_pred = self.model.model.apply_model(
-            x_t, sigma, c_crossattn=cond, transformer_options=self.transformer_options, **kwargs
-        ).float()
-        # d(x0_pred)/d(model output) per sample; (b, 1, 1, 1) broadcasts, no latent-sized tensors.
-        unit = torch.ones((b,) + (1,) * (x0_pred.dim() - 1), device=x0_pred.device)
-        slope = self.ms.calculate_denoised(sigma, unit, torch.zeros_like(unit))
-        return (((x0_pred - x0) / slope) ** 2).mean()
+        h, w = self.resolution, self.resolution
+        if torch.is_tensor(cond):
+            groups = [(list(range(b)), cond)]
+        else:
+            # Prompts of different lengths (unpadded T5) are run apart, as ComfyUI's sampler batches
+            # only conds of equal shape.
+            by_len: dict[int, list[int]] = {}
+            for i, c in enumerate(cond):
+                by_len.setdefault(c.shape[1], []).append(i)
+            groups = [(rows, torch.cat([cond[i] for i in rows])) for rows in by_len.values()]
+        losses = []
+        for rows, c in groups:
+            r = torch.tensor(rows, device=self.device)
+            p = pooled[rows].to(self.device) if pooled is not None else None
+            kwargs = model_conds(self.model, c.to(self.device), p, noise[r], (h, w), self.device, self.guidance)
+            x0_pred = self.model.model.apply_model(x_t[r], sigma[r], transformer_options=self.transformer_options,
+                                                   **kwargs).float()
+            # d(x0_pred)/d(model output) per sample; (b, 1, 1, 1) broadcasts, no latent-sized tensors.
+            unit = torch.ones((len(rows),) + (1,) * (x0_pred.dim() - 1), device=x0_pred.device)
+            slope = self.ms.calculate_denoised(sigma[r], unit, torch.zeros_like(unit))
+            losses.append(((x0_pred - x0[r]) / slope) ** 2)
+        if len(losses) == 1:
+            return losses[0].mean()
+        return sum(l.sum() for l in losses) / x0.numel()  # the same element-wise mean over the batch
+
+
+def _needs_pooled(model, latent_shape: tuple) -> bool:
+    """Whether the model's conditioning reads the pooled text output (SDXL ``y``, Flux's vector)."""
+    marker = torch.full((1, 1), 1234.5)
+    try:
+        out = model.model.extra_conds(pooled_output=marker, cross_attn=None, device="cpu",
+                                      noise=torch.zeros(1, *latent_shape), width=64, height=64)
+    except (KeyError, TypeError, AttributeError, RuntimeError):
+        return True  # it read pooled_output and could not use a placeholder: it needs it
+    return any(torch.is_tensor(c.cond) and bool((c.cond == 1234.5).any()) for c in out.values()
+               if hasattr(c, "cond"))

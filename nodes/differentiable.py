@@ -169,6 +169,26 @@ def _checkpointed(forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
+RESIDUAL_NORMS = ("layer_norm1", "layer_norm2", "layer_norm")
+# Transformer block lists of ComfyUI's DiT families: Flux/Chroma, SD3 (MMDiT), Lumina 2 / others.
+DIT_BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks", "layers", "blocks", "transformer_blocks")
+
+
+def checkpoint_units(net: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose activations gradient checkpointing recomputes, for a UNet or a DiT."""
+    if hasattr(net, "input_blocks"):
+        blocks = list(net.input_blocks) + [getattr(net, "middle_block", None)] + list(getattr(net, "output_blocks", []))
+        # ComfyUI's UNet runs a block's layers one by one (forward_timestep_embed), never the
+        # block's own forward, so each layer (ResBlock, SpatialTransformer, ...) is the unit.
+        return [layer for blk in blocks if blk is not None for layer in blk]
+    units = []
+    for attr in DIT_BLOCK_LISTS:
+        blocks = getattr(net, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            units += list(blocks)
+    return units
+
+
 @contextlib.contextmanager
 def differentiable(model, encoders, gradient_checkpointing: bool = False):
     """Make the shared MODEL and the given text encoders usable for backward, then undo it.
@@ -183,20 +203,15 @@ def differentiable(model, encoders, gradient_checkpointing: bool = False):
         for encoder in encoders:
             clone_to_normal(encoder)
             lean += _lean_cast_layers(encoder)
-            for m in encoder.modules():
-                if hasattr(m, "layer_norm1") and hasattr(m, "layer_norm2"):
-                    hooks.append(m.layer_norm1.register_forward_pre_hook(_clone_input))
-                    hooks.append(m.layer_norm2.register_forward_pre_hook(_clone_input))
+            for name, m in encoder.named_modules():
+                # CLIP (layer_norm1/2) and T5 (layer_norm in its attention and feed-forward layers)
+                # add residuals in place after these norms saved their input.
+                if name.rsplit(".", 1)[-1] in RESIDUAL_NORMS:
+                    hooks.append(m.register_forward_pre_hook(_clone_input))
         if gradient_checkpointing:
-            unet = model.model.diffusion_model
-            blocks = (list(getattr(unet, "input_blocks", [])) + [getattr(unet, "middle_block", None)]
-                      + list(getattr(unet, "output_blocks", [])))
-            # ComfyUI's UNet runs a block's layers one by one (forward_timestep_embed), never the
-            # block's own forward, so each layer (ResBlock, SpatialTransformer, ...) is wrapped.
-            for blk in blocks:
-                for layer in blk if blk is not None else []:
-                    layer.forward = functools.partial(_checkpointed, layer.forward)
-                    wrapped.append(layer)
+            for layer in checkpoint_units(model.model.diffusion_model):
+                layer.forward = functools.partial(_checkpointed, layer.forward)
+                wrapped.append(layer)
         yield
     finally:
         for h in hooks:

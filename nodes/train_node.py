@@ -19,6 +19,7 @@ from ..dti_core.names import check_name
 from ..dti_core.templates import resolve_templates
 from ..dti_core.training import NonFiniteError, TrainConfig, train
 from . import comfy_training as ct
+from .families import family_of, supported_text, trained_encoders
 from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, existing_result,
                      log, send_to_client, target_path)
 
@@ -54,7 +55,7 @@ class DTITrain(WritesEmbeddingFile):
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model from your checkpoint loader (SD1.x, SD2.x or SDXL)."}),
+                "model": ("MODEL", {"tooltip": f"The diffusion model from your checkpoint or UNet loader ({supported_text()})."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder(s) from the same checkpoint. Training goes through the exact path CLIPTextEncode uses."}),
                 "vae": ("VAE", {"tooltip": "The VAE from the same checkpoint; images are encoded once and cached."}),
                 "images": ("IMAGE", {"tooltip": "3-20 images of your subject. Any size: each is centre-cropped and resized to the training resolution. Alpha is dropped, grayscale is expanded to RGB."}),
@@ -68,7 +69,7 @@ class DTITrain(WritesEmbeddingFile):
                 "magnitude_value": ("FLOAT", {"default": 0.4, "min": 0.001, "max": 100.0, "step": 0.001, "tooltip": "Vector length used when magnitude is 'number'."}),
                 "templates": (TEMPLATES, {"default": "object", "tooltip": "Training prompts: 'object' ('a photo of a {}', ...), 'style' ('a painting in the style of {}', ...) or your own lines below."}),
                 "custom_templates": ("STRING", {"default": "a photo of {}\na close-up photo of {}", "multiline": True, "tooltip": "Used when templates is 'custom': one prompt per line, each with {} where the learned word goes."}),
-                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, 768 for SD2.x and SDXL (the paper's SDXL setting)."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, Flux.1 and Chroma, 768 for SD2.x, SDXL (the paper's SDXL setting) and SD3."}),
                 "horizontal_flip": ("BOOLEAN", {"default": True, "tooltip": "Also train on mirrored images (each drawn with probability 0.5). Turn off for text or asymmetric subjects."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Same seed and inputs give the same embedding."}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Also save NAME-stepK every this many steps (0 = only the final file). A cancelled run can resume from them."}),
@@ -77,7 +78,9 @@ class DTITrain(WritesEmbeddingFile):
             },
             "optional": {
                 "num_vectors": ("INT", {"default": 0, "min": 0, "max": 16, "tooltip": "Number of vectors; 0 = one per initializer token. A different count starts every vector at the initializer's mean direction."}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute UNet activations in the backward pass: much less memory, about 30-60% slower per step."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the diffusion model's activations block by block in the backward pass: much less memory, about 30-60% slower per step."}),
+                "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance-distilled models (Flux.1 dev): train at the guidance you render with (FluxGuidance; 3.5 by default). Ignored by other models."}),
+                "train_encoders": ("STRING", {"default": "all", "tooltip": "Which text encoders learn vectors: 'all' (the model's: clip_l, clip_g, t5xxl as it has them) or a comma-separated list, e.g. 't5xxl'. The others keep the initializer's vectors in the file."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -94,22 +97,27 @@ class DTITrain(WritesEmbeddingFile):
 
     def run(self, model, clip, vae, images, name, initializer, steps, batch_size, learning_rate, kappa,
             magnitude, magnitude_value, templates, custom_templates, resolution, horizontal_flip, seed,
-            save_every, resume_from, overwrite, num_vectors=0, gradient_checkpointing=False, unique_id=None):
+            save_every, resume_from, overwrite, num_vectors=0, gradient_checkpointing=False, guidance=3.5,
+            train_encoders="all", unique_id=None):
         name = check_name(name)
         _check_numbers(steps=steps, batch_size=batch_size, learning_rate=learning_rate, kappa=kappa,
                        magnitude_value=magnitude_value, resolution=resolution, save_every=save_every,
-                       num_vectors=num_vectors)
-        ct.check_model(model)
-        encoder_keys = ct.text_encoders(clip).keys()  # also refuses unsupported CLIPs early
+                       num_vectors=num_vectors, guidance=guidance)
+        family = family_of(model, clip)  # refuses unsupported models and mismatched CLIPs early
+        learn = trained_encoders(family, train_encoders)
         prompts_text = resolve_templates(templates, custom_templates)
         if resolution == 0:
-            resolution = 768 if type(model.model).__name__ == "SDXL" or encoder_keys == {"clip_h"} else 512
+            resolution = family.resolution
         pixels = ct.prepare_images(images, resolution)
         mag = float(magnitude_value) if magnitude == "number" else magnitude
         settings = dict(initializer=initializer, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                         kappa=kappa, magnitude=mag, templates=prompts_text, resolution=resolution,
                         horizontal_flip=bool(horizontal_flip), seed=seed, num_vectors=num_vectors,
                         resume_from=resume_from)
+        if family.guidance:
+            settings["guidance"] = float(guidance)
+        if learn != family.encoders:
+            settings["train_encoders"] = list(learn)
         fingerprint = _fingerprint(settings, pixels, model, clip)
         path = target_path(name)
 
@@ -124,20 +132,23 @@ class DTITrain(WritesEmbeddingFile):
         config = TrainConfig(steps=int(steps), lr=rate, kappa=float(kappa), seed=int(seed), checkpoint_every=int(save_every))
         config.validate()
 
-        init, mu, m_star = ct.initial_vectors(clip, initializer, int(num_vectors), mag)
+        init, mu, m_star = ct.initial_vectors(clip, initializer, int(num_vectors), mag, keys=family.encoders)
         start_step, opt_state = 0, None
         if resume_from and resume_from != NONE:
             init, start_step, opt_state = _resume(resume_from, init, int(steps))
+        # Encoders left out of train_encoders keep their starting vectors, on the sphere of radius m*.
+        frozen = {k: (m_star[k] * init[k]).float() for k in init if k not in learn}
+        learn_init = {k: init[k] for k in learn}
 
-        family = type(model.model.model_config).__name__
         base_meta = dict(m_star=m_star, kappa=float(kappa), lr=rate, lr_per_image=float(learning_rate),
                          batch_size=int(batch_size), steps=int(steps), initializer=initializer, seed=int(seed),
-                         model_family=family, resolution=resolution, version=__version__, fingerprint=fingerprint,
+                         model_family=family.name, resolution=resolution, version=__version__, fingerprint=fingerprint,
                          templates=templates, magnitude=str(mag), name=name)
 
         pbar = comfy.utils.ProgressBar(int(steps), node_id=unique_id)
         pbar.update_absolute(start_step, int(steps))
-        n_vec = next(iter(init.values())).shape[0]
+        counts = {k: v.shape[0] for k, v in init.items()}
+        n_vec = max(counts.values())
         send_to_client("dti.start", {"node": unique_id, "name": name, "steps": int(steps), "start": start_step,
                                      "m_star": m_star})
 
@@ -150,7 +161,7 @@ class DTITrain(WritesEmbeddingFile):
         def on_checkpoint(step, result):
             meta = dti_metadata(**base_meta, step=step, checkpoint_of=name,
                                 ema_sq_norm={k: json.dumps(v) for k, v in result.optimizer_state.items()})
-            _save_checkpoint(name, step, result.vectors, meta)
+            _save_checkpoint(name, step, {**frozen, **result.vectors}, meta)
 
         device = mm.get_torch_device()
         step_fn = None
@@ -163,15 +174,19 @@ class DTITrain(WritesEmbeddingFile):
             # cast layers recast in backward, see differentiable.py).
             mm.load_models_gpu([model, clip.patcher],
                                force_full_load=mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
-            prompts = ct.tokenize_templates(clip, prompts_text, n_vec)
+            prompts = ct.tokenize_templates(clip, prompts_text, counts)
             with torch.inference_mode(False), torch.enable_grad():
                 latents = latents.clone()
                 flipped = flipped.clone() if flipped is not None else None
                 with ct.differentiable(model, clip, bool(gradient_checkpointing)):
                     step_fn = ct.DiffusionStep(model, clip, prompts, latents, flipped, int(batch_size),
-                                               int(seed), resolution, device)
-                    result = train(init, mu, m_star, step_fn, config, device=device, start_step=start_step,
-                                   optimizer_state=opt_state, on_step=on_step, on_checkpoint=on_checkpoint)
+                                               int(seed), resolution, device,
+                                               guidance=float(guidance) if family.guidance else None)
+                    fixed = {k: v.to(device) for k, v in frozen.items()}
+                    result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
+                                   lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,
+                                   start_step=start_step, optimizer_state=opt_state, on_step=on_step,
+                                   on_checkpoint=on_checkpoint)
         except torch.OutOfMemoryError:
             # `finally` below drops the step and frees the memory before this propagates.
             raise mm.OOM_EXCEPTION(
@@ -185,10 +200,11 @@ class DTITrain(WritesEmbeddingFile):
             _release()
 
         meta = dti_metadata(**base_meta, step=int(steps))
-        saved = save_embedding(embeddings_root(), name, result.vectors, meta, overwrite=bool(overwrite))
-        emb = Embedding(vectors=result.vectors, metadata=meta, path=saved)
+        vectors = {**frozen, **result.vectors}
+        saved = save_embedding(embeddings_root(), name, vectors, meta, overwrite=bool(overwrite))
+        emb = Embedding(vectors=vectors, metadata=meta, path=saved)
         history = dict(result.history.as_dict(), m_star=m_star)
-        summary = (f"Saved embedding:{name} ({n_vec} vector(s) per encoder; "
+        summary = (f"Saved embedding:{name} ({', '.join(f'{k}: {n}' for k, n in counts.items())} vector(s); "
                    + ", ".join(f"{k} |v|={m:.4f}" for k, m in m_star.items())
                    + f"; final loss {result.history.loss[-1]:.5f})" if result.history.loss else f"Saved embedding:{name}")
         send_to_client("dti.done", {"node": unique_id, "name": name, "path": saved, "reused": False,
@@ -204,6 +220,7 @@ def _check_numbers(**values) -> None:
     ranges = {
         "steps": (1, 100000), "batch_size": (1, 64), "learning_rate": (1e-6, 1.0), "kappa": (0.0, 1.0),
         "magnitude_value": (1e-3, 100.0), "resolution": (0, 4096), "save_every": (0, 100000), "num_vectors": (0, 16),
+        "guidance": (0.0, 100.0),
     }
     for key, value in values.items():
         lo, hi = ranges[key]

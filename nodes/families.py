@@ -1,0 +1,69 @@
+"""The model families DTI Train supports: what ComfyUI cannot tell the trainer by itself.
+
+ComfyUI already knows, per model, how conditioning is built (``model.model.extra_conds``, used
+by its sampler) and what the model predicts (``model_sampling``); the training step reads both
+from the model. A family here only says which text encoders carry learned vectors, the default
+training resolution, and the conditioning inputs a user chooses (Flux's distilled guidance).
+Adding a family is one entry in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .comfy_training import UnsupportedModelError, text_encoders
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_classes: tuple[str, ...]  # comfy.model_base class names
+    encoders: tuple[str, ...]  # embedding keys that learn vectors (all must be in the CLIP)
+    resolution: int  # default training resolution, px
+    guidance: bool = False  # guidance-distilled: trains at the guidance the user renders with
+    notes: dict = field(default_factory=dict)
+
+
+FAMILIES = (
+    Family("SD1.x", ("BaseModel",), ("clip_l",), 512),
+    Family("SD2.x", ("BaseModel",), ("clip_h",), 768),
+    Family("SDXL", ("SDXL",), ("clip_l", "clip_g"), 768),  # the paper's SDXL setting
+    Family("Flux.1", ("Flux",), ("clip_l", "t5xxl"), 512, guidance=True),
+    Family("Chroma", ("Chroma",), ("t5xxl",), 512),
+    Family("SD3 / SD3.5", ("SD3",), ("clip_l", "clip_g", "t5xxl"), 768),
+)
+
+
+def supported_text() -> str:
+    return ", ".join(f.name for f in FAMILIES)
+
+
+def family_of(model, clip) -> Family:
+    """The family of this MODEL + CLIP pair, or a clear refusal naming what is supported."""
+    model_class = type(model.model).__name__
+    available = set(text_encoders(clip))
+    for fam in FAMILIES:
+        if model_class in fam.model_classes and set(fam.encoders) == available:
+            return fam
+    candidates = [f for f in FAMILIES if model_class in f.model_classes]
+    if candidates:
+        wanted = " or ".join("+".join(f.encoders) for f in candidates)
+        raise UnsupportedModelError(
+            f"this CLIP does not fit the {model_class} model: it needs the text encoders {wanted}, the CLIP has "
+            f"{', '.join(sorted(available)) or 'none'}. Load the text encoders that belong to this model.")
+    raise UnsupportedModelError(
+        f"DTI Train supports {supported_text()}; this MODEL is {model_class} "
+        f"({type(model.model.model_config).__name__})")
+
+
+def trained_encoders(family: Family, choice: str) -> tuple[str, ...]:
+    """The encoders that learn vectors: ``"all"`` (the family's), or a comma-separated subset."""
+    text = (choice or "all").strip().lower()
+    if text in ("", "all"):
+        return family.encoders
+    keys = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
+    unknown = [k for k in keys if k not in family.encoders]
+    if unknown or not keys:
+        raise ValueError(f"train_encoders {choice!r}: {family.name} has the text encoders "
+                         f"{', '.join(family.encoders)}; write 'all' or a comma-separated list of them")
+    return keys

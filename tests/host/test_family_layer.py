@@ -1,0 +1,82 @@
+"""The model-family layer: which family a MODEL + CLIP is, and conditioning built by the model itself.
+
+SD1.x / SDXL moved from a hand-built ``y`` onto ``model.model.extra_conds`` (what ComfyUI's sampler
+uses); the first test pins that the denoiser receives exactly (bit for bit) what the hand-built
+step gave it.
+"""
+
+import pytest
+import torch
+
+
+def _capture_step(dti_pack, loaded, res=64):
+    ct = dti_pack.nodes.comfy_training
+    model, clip, _ = loaded
+    with torch.inference_mode():
+        init, mu, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        counts = {k: v.shape[0] for k, v in init.items()}
+        prompts = ct.tokenize_templates(clip, ["a photo of a {}", "a {} in the snow"], counts)
+    latents = torch.randn(3, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(0))
+    seen = {}
+    inner = model.model
+    orig_apply, orig_extra = inner.apply_model, inner.extra_conds
+
+    def apply_model(x, t, **kw):
+        seen["apply"] = dict(kw)
+        return orig_apply(x, t, **kw)
+
+    def extra_conds(**kw):
+        if torch.is_tensor(kw.get("cross_attn")):
+            seen["extra"] = dict(kw)
+        return orig_extra(**kw)
+
+    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+        inner.apply_model, inner.extra_conds = apply_model, extra_conds
+        try:
+            step = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, res, torch.device("cpu"))
+            loss = step({k: m_star[k] * init[k] for k in init}, 4)
+        finally:
+            del inner.apply_model, inner.extra_conds
+    return model, seen, loss
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_sd_families_give_the_denoiser_exactly_what_the_hand_built_step_did(kind, request, dti_pack):
+    loaded = request.getfixturevalue(f"fresh_{kind}")
+    model, seen, loss = _capture_step(dti_pack, loaded)
+    kw, ex = seen["apply"], seen["extra"]
+    cond = ex["cross_attn"]
+    assert torch.equal(kw["c_crossattn"], cond)
+    if kind == "sd15":
+        # SD1.x: cross-attention only (no pooled text, no y), as before
+        assert set(kw) == {"c_crossattn", "transformer_options"}
+        assert ex["pooled_output"] is None
+    else:
+        pooled = ex["pooled_output"]
+        assert pooled is not None and pooled.shape == (2, 1280) and pooled.abs().max() > 0
+        y_old = model.model.encode_adm(pooled_output=pooled, width=64, height=64, crop_w=0, crop_h=0,
+                                       target_width=64, target_height=64, device=torch.device("cpu"))
+        assert set(kw) == {"c_crossattn", "y", "transformer_options"}
+        assert torch.equal(kw["y"], y_old)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("kind,family,encoders", [("sd15", "SD1.x", ("clip_l",)), ("sd2", "SD2.x", ("clip_h",)),
+                                                  ("sdxl", "SDXL", ("clip_l", "clip_g"))])
+def test_family_of_the_loaded_checkpoints(kind, family, encoders, request, dti_pack):
+    fams = dti_pack.nodes.families
+    model, clip, _ = request.getfixturevalue(f"fresh_{kind}")
+    fam = fams.family_of(model, clip)
+    assert fam.name == family and fam.encoders == encoders
+    assert fams.trained_encoders(fam, "all") == encoders
+    assert fams.trained_encoders(fam, f" {encoders[-1]} ,") == (encoders[-1],)
+    with pytest.raises(ValueError, match="write 'all' or a comma-separated list"):
+        fams.trained_encoders(fam, "t5xxl")
+
+
+def test_a_clip_from_another_family_is_refused_before_any_work(dti_pack, sd15_loaded, sdxl_loaded):
+    fams = dti_pack.nodes.families
+    with pytest.raises(dti_pack.nodes.comfy_training.UnsupportedModelError,
+                       match=r"does not fit the BaseModel model: it needs the text encoders clip_l or clip_h, "
+                             r"the CLIP has clip_g, clip_l"):
+        fams.family_of(sd15_loaded[0], sdxl_loaded[1])
