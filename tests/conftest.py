@@ -29,10 +29,36 @@ sys.modules.setdefault("dti_tests_support", sys.modules[__name__])
 _checkpoints = load_by_path("dti_host_checkpoints", Path(__file__).resolve().parent / "host" / "checkpoints.py")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def enclosing_comfyui(repo=REPO_ROOT, cwd=None) -> str | None:
+    """The ComfyUI this pack is installed in (``ComfyUI/custom_nodes/<pack>``: two levels up), or None.
+
+    Checked both through the repository's real path and through the logical working directory
+    (``$PWD``), so a pack symlinked into ``custom_nodes`` is found too when run from there."""
+    repo = Path(repo).resolve()
+    candidates = [repo.parent.parent]
+    logical = cwd if cwd is not None else os.environ.get("PWD", "")
+    if logical and Path(logical).resolve() == repo:
+        candidates.insert(0, Path(logical).parent.parent)
+    for cand in candidates:
+        if _checkpoints.is_comfyui_dir(cand):
+            return str(cand.resolve())
+    return None
+
+
 @pytest.fixture(scope="session")
 def comfy_path():
-    """Absolute path of the ComfyUI checkout from ``COMFYUI_PATH``; skips loudly if unusable."""
+    """Absolute path of the ComfyUI checkout: ``COMFYUI_PATH`` when set, else the ComfyUI this pack
+    sits in (``custom_nodes/<pack>``); skips loudly if neither is usable."""
     p = os.environ.get("COMFYUI_PATH", "")
+    if not p:
+        found = enclosing_comfyui()
+        if found:
+            return found
+        pytest.skip(SKIP + "set COMFYUI_PATH to a ComfyUI checkout, e.g. /opt/ComfyUI, or run from inside "
+                    "ComfyUI/custom_nodes/<pack> (COMFYUI_PATH is unset and the pack is not inside a ComfyUI)")
     if not _checkpoints.is_comfyui_dir(p):
         pytest.skip(SKIP + f"set COMFYUI_PATH to a ComfyUI checkout, e.g. /opt/ComfyUI (COMFYUI_PATH={p!r})")
     return str(Path(p).resolve())

@@ -1,0 +1,95 @@
+"""Which ComfyUI the suite tests: `.ci/run` and the ``comfy_path`` fixture find the ComfyUI the pack
+is installed in (``ComfyUI/custom_nodes/<pack>``) before COMFYUI_PATH and /opt/ComfyUI.
+
+Runs ``.ci/run --where`` (it only reports, installs nothing) on fake ComfyUI layouts."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dti_tests_support import REPO_ROOT, enclosing_comfyui  # tests/conftest.py
+
+RUN = REPO_ROOT / ".ci" / "run"
+
+
+def fake_comfyui(root: Path, version="9.9.9") -> Path:
+    """Enough of a ComfyUI for both checks: main.py + comfy/ (.ci/run) and comfy/sd.py, nodes.py,
+    folder_paths.py (the fixture)."""
+    (root / "comfy").mkdir(parents=True)
+    for f in ("main.py", "nodes.py", "folder_paths.py", "comfy/sd.py"):
+        (root / f).write_text("")
+    (root / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+    (root / "custom_nodes").mkdir()
+    return root
+
+
+def pack_in(custom_nodes: Path) -> Path:
+    """A copy of the pack's .ci/run at custom_nodes/ComfyUI-DTI."""
+    pack = custom_nodes / "ComfyUI-DTI"
+    (pack / ".ci").mkdir(parents=True)
+    shutil.copy(RUN, pack / ".ci" / "run")
+    return pack
+
+
+def where(run: Path, cwd: Path, **env) -> str:
+    e = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    e["PWD"] = str(cwd)  # what a shell that cd'ed there passes on (the logical path)
+    e.update(env)
+    out = subprocess.run(["bash", str(run), "--where"], cwd=cwd, env=e, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def other_comfy(tmp_path):
+    return fake_comfyui(tmp_path / "OtherComfyUI", version="1.0.0")
+
+
+def test_ci_run_picks_the_comfyui_the_pack_is_installed_in(tmp_path, other_comfy):
+    comfy = fake_comfyui(tmp_path / "ComfyUI")
+    pack = pack_in(comfy / "custom_nodes")
+    # the README's way: from custom_nodes/, with a COMFYUI_PATH elsewhere that must not win
+    line = where(Path("ComfyUI-DTI/.ci/run"), comfy / "custom_nodes", COMFYUI_PATH=str(other_comfy))
+    assert f"ComfyUI 9.9.9 at {comfy} (the ComfyUI this pack is installed in)" in line
+    assert f"{pack}/.venv-ci/bin/python" in line
+
+
+def test_ci_run_sees_a_pack_symlinked_into_custom_nodes(tmp_path):
+    comfy = fake_comfyui(tmp_path / "ComfyUI")
+    real = pack_in(tmp_path / "elsewhere")
+    (comfy / "custom_nodes" / "ComfyUI-DTI").symlink_to(real, target_is_directory=True)
+    line = where(Path(".ci/run"), comfy / "custom_nodes" / "ComfyUI-DTI", COMFYUI_PATH="")
+    assert f"at {comfy} (the ComfyUI this pack is installed in)" in line
+
+
+def test_ci_run_outside_comfyui_uses_comfyui_path(tmp_path, other_comfy):
+    pack = pack_in(tmp_path / "src")
+    line = where(pack / ".ci" / "run", tmp_path, COMFYUI_PATH=str(other_comfy))
+    assert f"ComfyUI 1.0.0 at {other_comfy} (COMFYUI_PATH)" in line
+
+
+def test_ci_run_refuses_a_comfyui_path_that_is_not_one(tmp_path):
+    pack = pack_in(tmp_path / "src")
+    e = dict(os.environ, COMFYUI_PATH=str(tmp_path))
+    out = subprocess.run(["bash", str(pack / ".ci" / "run"), "--where"], env=e, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "is not a ComfyUI" in out.stderr
+
+
+def test_fixture_finds_the_comfyui_two_levels_up(tmp_path):
+    comfy = fake_comfyui(tmp_path / "ComfyUI")
+    pack = comfy / "custom_nodes" / "ComfyUI-DTI"
+    pack.mkdir()
+    assert enclosing_comfyui(pack, cwd="") == str(comfy.resolve())
+    # symlinked pack: found through the logical working directory
+    real = tmp_path / "elsewhere" / "ComfyUI-DTI"
+    real.mkdir(parents=True)
+    link = comfy / "custom_nodes" / "linked"
+    link.symlink_to(real, target_is_directory=True)
+    assert enclosing_comfyui(real, cwd=str(link)) == str(comfy.resolve())
+    assert enclosing_comfyui(real, cwd="") is None
+    # not inside a ComfyUI at all
+    assert enclosing_comfyui(tmp_path / "src" / "pack", cwd="") is None
