@@ -1,8 +1,8 @@
 """Embedding files: our safetensors format, written atomically, and safe readers for the common ones.
 
 Our file is what ComfyUI's ``load_embed`` picks per encoder: one tensor per text
-encoder under ``clip_l`` (768 wide), ``clip_g`` (1280) or ``clip_h`` (1024), one
-row per token slot, plus string metadata under ``dti.*``. Reading goes through
+encoder under ``clip_l`` (768 wide), ``clip_g`` (1280), ``clip_h`` (1024) or
+``t5xxl`` (4096: Flux, SD3, Chroma), one row per token slot, plus string metadata under ``dti.*``. Reading goes through
 safetensors or ``torch.load(weights_only=True)`` only, never plain unpickling.
 """
 
@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save_bytes
 from .names import resolve_inside
 
 # Encoder key -> token width, as ComfyUI's sd1_clip.load_embed matches them.
-ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024}
+ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096}
 WIDTH_TO_ENCODER = {w: k for k, w in ENCODER_WIDTHS.items()}
 METHOD = "dti"
 META_PREFIX = "dti."
@@ -194,7 +194,7 @@ def _by_width(t: torch.Tensor, path: str, key: str) -> str:
     if width not in WIDTH_TO_ENCODER:
         raise EmbeddingFileError(
             f"{path}: key {key!r} is {width} wide, which matches no supported text encoder "
-            f"(768 CLIP-L, 1280 CLIP-G, 1024 CLIP-H)"
+            f"(768 CLIP-L, 1280 CLIP-G, 1024 CLIP-H, 4096 T5-XXL)"
         )
     return WIDTH_TO_ENCODER[width]
 
