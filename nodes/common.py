@@ -116,6 +116,8 @@ class WritesEmbeddingFile:
 
     @classmethod
     def VALIDATE_INPUTS(cls, name=None):
-        # Only `name` is named: with **kwargs ComfyUI would skip its own range checks
-        # of every other input.
+        # Only `name` is named: ComfyUI files the returned message under every argument named
+        # here (so a second one would be blamed for a bad name too), and with **kwargs it would
+        # skip its own range checks of every other input. Subclasses must not add arguments;
+        # other inputs are checked when the node runs.
         return cls.name_problem(name) or True
