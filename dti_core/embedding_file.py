@@ -113,6 +113,9 @@ def atomic_write_bytes(path: str, data: bytes, overwrite: bool = False) -> None:
         raise FileExistsError(f"{path} already exists; enable overwrite to replace it")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would, so that a shared
+        # or containerised ComfyUI (another user) can read it.
+        os.chmod(tmp, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             _write_all(f, data)
             f.flush()
@@ -125,6 +128,25 @@ def atomic_write_bytes(path: str, data: bytes, overwrite: bool = False) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _current_umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only be read by setting it)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode() -> int:
+    """What ``open(path, "w")`` would give a new file: 0666 minus the umask (0644 under umask 022).
+    Also for a replaced file: earlier versions wrote 0600 by mistake, and overwriting mends that."""
+    return 0o666 & ~_current_umask()
 
 
 def _write_all(f, data: bytes) -> None:

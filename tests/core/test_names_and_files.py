@@ -203,3 +203,21 @@ def test_magnitude_modes():
     for bad in (0, -1.0, float("nan"), "median"):
         with pytest.raises(ValueError):
             target_norm(vocab, bad)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_get_normal_permissions_from_the_umask(tmp_path, umask, mode):
+    """Not mkstemp's 0600: another user (a shared or containerised ComfyUI) must read the file."""
+    old = os.umask(umask)
+    try:
+        path = save_embedding(str(tmp_path), "sub/perm", {"clip_l": vec()}, dti_metadata(steps=1))
+        assert os.stat(path).st_mode & 0o777 == mode
+        # replacing an existing file (overwrite) gives the new file the same normal mode
+        os.chmod(path, 0o600)
+        save_embedding(str(tmp_path), "sub/perm", {"clip_l": vec(seed=1)}, overwrite=True)
+        assert os.stat(path).st_mode & 0o777 == mode
+        assert ef._current_umask() == umask
+    finally:
+        os.umask(old)
+    assert all_files(tmp_path) == ["sub/perm.safetensors"]
