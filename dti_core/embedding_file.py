@@ -286,19 +286,54 @@ def finite_float(text: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+# Which model family a set of text-encoder keys belongs to (the keys an embedding file carries,
+# or those of a CLIP). Several families share a layout; the name says so ("-style").
+_FAMILIES_BY_KEYS = (
+    (frozenset({"clip_l"}), "SD1.x"),
+    (frozenset({"clip_h"}), "SD2.x"),
+    (frozenset({"clip_l", "clip_g"}), "SDXL"),
+    (frozenset({"clip_l", "t5xxl"}), "Flux-style"),
+    (frozenset({"t5xxl"}), "Chroma-style"),
+    (frozenset({"clip_l", "clip_g", "t5xxl"}), "SD3-style"),
+)
+
+
+def family_of_keys(keys) -> str:
+    """The model family a set of encoder keys means: ``clip_l`` alone (768) is SD1.x, ``clip_h``
+    (1024) SD2.x, ``clip_l`` + ``clip_g`` (1280) SDXL; with ``t5xxl`` (4096): Flux (+ ``clip_l``),
+    Chroma (alone), SD3 (+ both CLIPs). Anything else is described by its keys."""
+    keys = frozenset(keys)
+    for family_keys, name in _FAMILIES_BY_KEYS:
+        if keys == family_keys:
+            return name
+    if "t5xxl" in keys:
+        return "Flux/SD3/Chroma-style"
+    return " + ".join(sorted(keys)) or "no text encoder"
+
+
+def _article(name: str) -> str:
+    return "an" if name.startswith(("SD", "no ")) else "a"
+
+
 def check_fits(emb: Embedding, expected: dict[str, int]) -> None:
-    """Refuse an embedding that lacks vectors for one of a CLIP's encoders ``{key: width}``.
+    """Refuse an embedding that lacks vectors for one of a CLIP's encoders ``{key: width}``,
+    saying which model family the file and the CLIP belong to.
 
     ComfyUI would only log a warning at encode time and silently drop the word.
     """
     where = emb.path or "embedding"
-    for key, width in expected.items():
-        if key in emb.vectors:
-            continue
-        found = ", ".join(
-            f"key {emb.source_keys.get(k, k)!r} is {t.shape[1]} wide" for k, t in sorted(emb.vectors.items())
-        )
-        raise EmbeddingFileError(
-            f"{where}: does not fit this CLIP: its {key} encoder expects {width}-wide vectors, but {found}. "
-            f"Use an embedding trained for this model family."
-        )
+    missing = [key for key in expected if key not in emb.vectors]
+    if not missing:
+        return
+    ours = family_of_keys(emb.vectors)
+    theirs = family_of_keys(expected)
+    found = ", ".join(
+        f"key {emb.source_keys.get(k, k)!r} is {t.shape[1]} wide" for k, t in sorted(emb.vectors.items())
+    )
+    wants = " + ".join(f"{k} {w}" for k, w in expected.items())
+    lacks = ", ".join(f"{k} ({expected[k]}-wide)" for k in missing)
+    raise EmbeddingFileError(
+        f"{where}: does not fit this CLIP: this is {_article(ours)} {ours} embedding ({found}) and the CLIP is "
+        f"{theirs} ({wants}), so it has no {lacks} vectors. Use an embedding trained for {theirs}; "
+        f"ComfyUI alone would silently drop the word."
+    )
