@@ -4,12 +4,15 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const CHART_H = 150;
+const STOPPED_COLOR = "#ff9040";
 const COLORS = { clip_l: "#e8643c", clip_g: "#3c8ce8", clip_h: "#3cb45a" };
-const runs = new Map(); // node id -> { steps, loss: [], norms: {key: []}, mStar: {}, done }
+// node id -> { steps, loss: [], norms: {key: []}, mStar: {}, done, running, stopped: {kind, step, checkpoint} }
+const runs = new Map();
 
 function stateFor(id) {
   const key = String(id);
-  if (!runs.has(key)) runs.set(key, { steps: 0, start: 0, loss: [], norms: {}, mStar: {}, done: null, updates: 0 });
+  if (!runs.has(key)) runs.set(key, { steps: 0, start: 0, loss: [], norms: {}, mStar: {}, done: null, updates: 0,
+                                      running: false, stopped: null, name: null, saveEvery: 0, note: null });
   return runs.get(key);
 }
 
@@ -23,8 +26,10 @@ function redraw(id) {
 // Listeners at module top level, so they exist before the first message arrives.
 api.addEventListener("dti.start", ({ detail }) => {
   const s = stateFor(detail.node);
+  const node = app.graph?.getNodeById?.(Number(detail.node)) ?? app.graph?.getNodeById?.(detail.node);
+  const saveEvery = Number(node?.widgets?.find((w) => w.name === "save_every")?.value ?? 0);
   Object.assign(s, { steps: detail.steps, start: detail.start || 0, loss: [], norms: {}, mStar: detail.m_star || {},
-                    done: null, updates: 0 });
+                    done: null, updates: 0, running: true, stopped: null, name: detail.name, saveEvery, note: null });
   redraw(detail.node);
 });
 
@@ -40,8 +45,61 @@ api.addEventListener("dti.progress", ({ detail }) => {
 api.addEventListener("dti.done", ({ detail }) => {
   const s = stateFor(detail.node);
   s.done = detail;
+  s.running = false;
   redraw(detail.node);
+  if (!detail.reused) refreshFileLists(); // the new file, in every resume_from / DTI Load Embedding list
 });
+
+// After a run wrote files (an embedding, NAME-stepK checkpoints), refresh the nodes' file lists as
+// the R key does, so they can be picked at once. Several writes in a row refresh once.
+let refreshTimer = null;
+export function refreshFileLists() {
+  clearTimeout(refreshTimer);
+  refreshTimer = setTimeout(async () => {
+    try {
+      await app.refreshComboInNodes();
+    } catch (e) {
+      for (const s of runs.values()) s.note = "press R to see new files in the lists";
+    }
+  }, 250);
+}
+
+// The newest NAME-stepK checkpoint of this run (as resume_from lists it), or null.
+async function lastCheckpoint(name, upTo) {
+  try {
+    const res = await api.fetchApi("/embeddings");
+    const names = await res.json();
+    const prefix = `${name}-step`;
+    let best = null;
+    for (const n of names) {
+      if (!n.startsWith(prefix)) continue;
+      const k = Number(n.slice(prefix.length));
+      if (Number.isInteger(k) && k > 0 && k <= upTo && (!best || k > best.step)) best = { step: k, file: `${n}.safetensors` };
+    }
+    return best;
+  } catch (e) {
+    return null;
+  }
+}
+
+// Cancel (or an error) stops a run between dti.progress messages: say so on the chart, name the
+// checkpoint to resume from, and list it in resume_from without a manual refresh.
+async function stopped(kind, detail) {
+  for (const [id, s] of runs) {
+    if (!s.running) continue;
+    s.running = false;
+    const last = s.loss.length ? s.loss[s.loss.length - 1][0] : s.start || 0;
+    s.stopped = { kind, step: last, message: detail?.exception_message || "", checkpoint: null };
+    redraw(id);
+    if (s.saveEvery > 0 && s.name) {
+      s.stopped.checkpoint = await lastCheckpoint(s.name, last + 1);
+      redraw(id);
+      if (s.stopped.checkpoint) refreshFileLists();
+    }
+  }
+}
+api.addEventListener("execution_interrupted", ({ detail }) => stopped("cancelled", detail));
+api.addEventListener("execution_error", ({ detail }) => stopped("failed", detail));
 
 // Steps xMin..xMax span the full width.
 function drawSeries(ctx, pts, x0, y0, w, h, xMin, xMax, yMin, yMax, color) {
@@ -79,7 +137,7 @@ function drawChart(node, ctx, top, width) {
   ctx.fillRect(pad, top, w, CHART_H);
   ctx.font = "11px sans-serif";
   ctx.textAlign = "left";
-  if (!s || (!s.loss.length && !s.done)) {
+  if (!s || (!s.loss.length && !s.done && !s.stopped)) {
     ctx.fillStyle = "#888";
     ctx.fillText("Live chart: loss, and each vector's length against m*, while it trains.", pad + 6, top + CHART_H / 2);
     ctx.restore();
@@ -115,6 +173,18 @@ function drawChart(node, ctx, top, width) {
     ctx.fillStyle = "#7f7";
     const text = s.done.reused ? `reused embedding:${s.done.name}` : `saved embedding:${s.done.name}`;
     ctx.fillText(text, pad + w - ctx.measureText(text).width - 4, top + 12);
+  } else if (s.stopped) {
+    ctx.fillStyle = STOPPED_COLOR;
+    const text = `${s.stopped.kind} at step ${s.stopped.step}/${s.steps}`;
+    ctx.fillText(text, pad + w - ctx.measureText(text).width - 4, top + 12);
+    const ck = s.stopped.checkpoint;
+    const hint = ck ? `resume: pick ${ck.file} in resume_from`
+      : s.saveEvery > 0 ? "no checkpoint saved yet" : "no checkpoint (save_every = 0)";
+    ctx.fillText(hint, pad + w - ctx.measureText(hint).width - 4, top + 26);
+  }
+  if (s.note) {
+    ctx.fillStyle = "#aaa";
+    ctx.fillText(s.note, pad + 4, top + 26);
   }
   ctx.restore();
 }

@@ -121,3 +121,28 @@ class WritesEmbeddingFile:
         # skip its own range checks of every other input. Subclasses must not add arguments;
         # other inputs are checked when the node runs.
         return cls.name_problem(name) or True
+
+
+def train_summary(name: str, counts: dict, m_star: dict, initializer: str, num_vectors: int = 0,
+                  final_loss: float | None = None, learned=None) -> str:
+    """DTI Train's result text: the file, then per encoder how many vectors it learned and why.
+
+    An initializer that one tokenizer splits into several pieces ('teddy bear', or a rare word)
+    trains one vector per piece; the text says so, since the user only typed one word."""
+    head = f"Saved embedding:{name}" + (f" (final loss {final_loss:.5f})" if final_loss is not None else "")
+    lines = [head]
+    learned = set(counts if learned is None else learned)
+    for key, n in counts.items():
+        plural = "vector" if n == 1 else "vectors"
+        if num_vectors:
+            why = f"num_vectors = {num_vectors}"
+        else:
+            why = f"{initializer.strip()!r} is {n} token{'' if n == 1 else 's'} for this encoder"
+        state = "learned" if key in learned else "kept at the initializer (not in train_encoders)"
+        m = m_star.get(key)
+        length = f", |v| = m* {m:.4f}" if m is not None else ""
+        lines.append(f"{key}: {n} {plural} ({why}), {state}{length}")
+    if not num_vectors and max(counts.values(), default=1) > 1:
+        lines.append("Every token of the initializer becomes one vector of the word; "
+                     "set num_vectors to choose the count instead.")
+    return "\n".join(lines)

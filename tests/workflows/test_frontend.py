@@ -141,6 +141,12 @@ def test_train_chart_draws_a_live_run(page, server):
     assert set(run["norms"]) == {"clip_l"} and run["mStar"]["clip_l"] > 0
     assert run["done"]["name"] == "chart-test" and not run["done"]["reused"]
     assert (server.embeddings / "chart-test.safetensors").is_file()
+    # DTI Train's summary shows on the node, above the chart (which stays at the bottom)
+    page.page.wait_for_function(
+        "(id) => document.querySelector(`textarea[data-dti-result=\"${id}\"]`)?.value.startsWith('Saved embedding:chart-test')",
+        arg=node_id, timeout=30000, polling=250)
+    order = page.evaluate("(id) => app.graph.getNodeById(id).widgets.map((w) => w.name).slice(-2)", node_id)
+    assert order == ["dti_result", "dti_chart"], order
 
     # Draw and photograph the node: the chart is the bottom CHART_H pixels of the node.
     box = page.evaluate("""(id) => {
@@ -173,3 +179,150 @@ def test_train_chart_draws_a_live_run(page, server):
         dst = h.REPO_ROOT / "docs" / "images" / "train_chart.png"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, dst)
+
+
+RESULT_TIMEOUT = 300.0
+
+
+def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, server):
+    """ui.text (Slerp Concepts' summary, DTI Inspect's report) appears in the page after a run
+    queued from the page, and stays out of the queued prompt and the saved workflow."""
+    ids = page.evaluate("""async ([ckpt, a, b]) => {
+        app.graph.clear();
+        const add = (type, pos, values = {}) => {
+            const n = LiteGraph.createNode(type);
+            n.pos = pos;
+            app.graph.add(n);
+            for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
+            return n;
+        };
+        const la = add("DTILoadEmbedding", [0, 0], { embedding: a });
+        const lb = add("DTILoadEmbedding", [0, 160], { embedding: b });
+        const ck = add("CheckpointLoaderSimple", [0, 320], { ckpt_name: ckpt });
+        const slerp = add("DTISlerpConcepts", [380, 0], { name: "ui-text-blend", t: 0.25 });
+        const insp = add("DTIInspect", [380, 300], { top_k: 3 });
+        la.connect(1, slerp, 0);
+        lb.connect(1, slerp, 1);
+        slerp.connect(1, insp, 0);
+        ck.connect(1, insp, 1);
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [40, 60];
+        app.canvas.setDirty(true, true);
+        await app.queuePrompt(0, 1);
+        return { slerp: slerp.id, inspect: insp.id };
+    }""", [h.SD15_CKPT, h.CONCEPT_A, h.CONCEPT_B])
+    try:
+        page.page.wait_for_function(
+            """(ids) => {
+                const t = [...document.querySelectorAll('textarea[data-dti-result]')].map((e) => e.value);
+                const shown = [...document.querySelectorAll('textarea[data-dti-result]')].filter((e) => {
+                    const r = e.getBoundingClientRect(); return r.width > 50 && r.height > 20; });
+                return shown.length === 2 && t.some((v) => v.startsWith('Saved embedding:ui-text-blend'))
+                    && t.some((v) => v.includes('vocabulary norms'));
+            }""", arg=ids, timeout=RESULT_TIMEOUT * 1000, polling=500)
+    except Exception as e:
+        raise AssertionError(f"the result text never appeared in the page: {e}\n{page.toasts()}\n"
+                             f"--- server log ---\n{server.log_tail()}") from None
+    got = page.evaluate("""async (ids) => {
+        const box = (id) => document.querySelector(`textarea[data-dti-result="${id}"]`);
+        const visible = (el) => { const r = el.getBoundingClientRect(); return r.width > 50 && r.height > 20; };
+        const rect = (el) => { const r = el.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; };
+        const p = await app.graphToPrompt();
+        return {
+            slerp: box(ids.slerp).value, inspect: box(ids.inspect).value,
+            shown: [visible(box(ids.slerp)), visible(box(ids.inspect))],
+            rects: [rect(box(ids.slerp)), rect(box(ids.inspect))],
+            sizes: [app.graph.getNodeById(ids.slerp).size, app.graph.getNodeById(ids.inspect).size],
+            readOnly: box(ids.slerp).readOnly,
+            queued: Object.values(p.output).map((n) => Object.keys(n.inputs)),
+            saved: JSON.stringify(app.graph.serialize()),
+        };
+    }""", ids)
+    assert got["slerp"] == "Saved embedding:ui-text-blend (t = 0.25)", got["slerp"]
+    assert "ui-text-blend.safetensors  [dti]" in got["inspect"].splitlines()[0] and "vector 0: norm" in got["inspect"], got["inspect"]
+    page.page.screenshot(path=str(h.REPO_ROOT / "test-artifacts" / "result_text.png"))
+    assert got["shown"] == [True, True] and got["readOnly"], (got["rects"], got["sizes"])
+    # the whole report fits its box (no scrolling needed for a one-vector embedding)
+    assert got["rects"][1][3] >= 13 * len(got["inspect"].splitlines()), got["rects"]
+    assert all("dti_result" not in inputs for inputs in got["queued"])
+    assert "Saved embedding:ui-text-blend" not in got["saved"] and "vocabulary norms" not in got["saved"]
+    # the new file is listed at once (no manual refresh): the DTI Load Embedding combos have it
+    page.page.wait_for_function(
+        """() => app.graph._nodes.filter((n) => n.type === 'DTILoadEmbedding').every((n) =>
+               n.widgets.find((w) => w.name === 'embedding').options.values.includes('ui-text-blend.safetensors'))""",
+        timeout=30000, polling=250)
+    assert page.dti_problems() == []
+
+
+STOPPED_RGB = (0xFF, 0x90, 0x40)  # js/dti_train.js STOPPED_COLOR
+
+
+def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, server):
+    """Cancel during training: the chart says 'cancelled at step K/N' and names the NAME-stepK
+    checkpoint to resume from, which resume_from lists without a manual refresh."""
+    steps, every = 60, 2
+    node_id = page.evaluate("""async ([ckpt, image, steps, every]) => {
+        app.graph.clear();
+        const add = (type, pos, values = {}) => {
+            const n = LiteGraph.createNode(type);
+            n.pos = pos;
+            app.graph.add(n);
+            for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
+            return n;
+        };
+        const ck = add("CheckpointLoaderSimple", [0, 0], { ckpt_name: ckpt });
+        const img = add("LoadImage", [0, 200], { image });
+        const train = add("DTITrain", [380, 0], { name: "cancel-test", steps, save_every: every, resolution: 64,
+                                                 batch_size: 1, overwrite: true });
+        ck.connect(0, train, 0);
+        ck.connect(1, train, 1);
+        ck.connect(2, train, 2);
+        img.connect(0, train, 3);
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [-train.pos[0] + 40, -train.pos[1] + 50];
+        app.canvas.setDirty(true, true);
+        await app.queuePrompt(0, 1);
+        return train.id;
+    }""", [h.SD15_CKPT, h.EXAMPLE_IMAGES[0], steps, every])
+    try:
+        page.page.wait_for_function(
+            "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.loss.length >= 5); }",
+            arg=node_id, timeout=TRAIN_TIMEOUT * 1000, polling=250)
+    except Exception as e:
+        raise AssertionError(f"training never got going: {e}\n--- server log ---\n{server.log_tail()}") from None
+    server.post_json("/interrupt", {})  # what the Cancel button sends
+    page.page.wait_for_function(
+        "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.stopped && s.stopped.checkpoint); }",
+        arg=node_id, timeout=120000, polling=250)
+    run = page.evaluate("""(id) => { const s = window.__dtiRuns.get(String(id));
+        return { stopped: s.stopped, done: s.done, running: s.running, steps: s.steps }; }""", node_id)
+    stop = run["stopped"]
+    assert stop["kind"] == "cancelled" and run["done"] is None and not run["running"]
+    assert 5 <= stop["step"] < steps
+    k = stop["checkpoint"]["step"]
+    assert k % every == 0 and 0 < k <= stop["step"] + 1, stop
+    assert stop["checkpoint"]["file"] == f"cancel-test-step{k}.safetensors"
+    assert (server.embeddings / f"cancel-test-step{k}.safetensors").is_file()
+    assert not (server.embeddings / "cancel-test.safetensors").exists()
+    # resume_from lists it without pressing R
+    page.page.wait_for_function(
+        """([id, file]) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'resume_from')
+               .options.values.includes(file)""", arg=[node_id, stop["checkpoint"]["file"]], timeout=30000,
+        polling=250)
+    # and the chart shows it (the orange 'cancelled' lines)
+    box = page.evaluate("""(id) => {
+        const node = app.graph.getNodeById(id);
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true);
+        const r = app.canvas.canvas.getBoundingClientRect();
+        const s = app.canvas.ds.scale, o = app.canvas.ds.offset;
+        return { x: r.left + (node.pos[0] + o[0]) * s, y: r.top + (node.pos[1] + o[1]) * s + (node.size[1] - 160) * s,
+                 w: node.size[0] * s, h: 160 * s };
+    }""", node_id)
+    time.sleep(0.5)
+    shot = h.REPO_ROOT / "test-artifacts" / "train_cancelled.png"
+    shot.parent.mkdir(exist_ok=True)
+    page.page.screenshot(path=str(shot), clip={"x": box["x"], "y": box["y"], "width": box["w"], "height": box["h"]})
+    from PIL import Image
+    assert _count_near(Image.open(shot), STOPPED_RGB, tol=30) >= 15, "no 'cancelled' text drawn on the chart"
+    assert page.dti_problems() == []

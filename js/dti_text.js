@@ -1,0 +1,68 @@
+// Shows each DTI node's result text (its `ui.text`: DTI Inspect's report, DTI Train's and Slerp
+// Concepts' summaries, the reuse explanation) on the node itself, in a read-only text box that
+// appears after the node ran. Display only: neither saved in the workflow nor queued.
+import { app } from "../../scripts/app.js";
+import { ComfyWidgets } from "../../scripts/widgets.js";
+import { refreshFileLists } from "./dti_train.js";
+
+const NODES = new Set(["DTITrain", "DTIInspect", "DTISlerpConcepts"]);
+const WIDGET = "dti_result";
+
+function textWidget(node) {
+  let w = node.widgets?.find((x) => x.name === WIDGET);
+  if (w) return w;
+  w = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
+  w.serialize = false; // not in widgets_values
+  if (w.options) w.options.serialize = false; // not in the queued prompt
+  else w.options = { serialize: false };
+  // Above DTI Train's live chart, which stays the node's last widget (its bottom edge).
+  const chart = node.widgets.findIndex((x) => x.name === "dti_chart");
+  if (chart >= 0) {
+    node.widgets.splice(node.widgets.indexOf(w), 1);
+    node.widgets.splice(chart, 0, w);
+  }
+  if (w.inputEl) {
+    w.inputEl.readOnly = true;
+    w.inputEl.style.opacity = 0.85;
+    w.inputEl.dataset.dtiResult = String(node.id); // for tests: document.querySelector('[data-dti-result]')
+  }
+  return w;
+}
+
+const LINE_PX = 13;
+const CHAR_PX = 6.5;
+const MAX_TEXT_PX = 320;
+const MIN_WIDTH = 460;
+
+export function showResultText(node, lines) {
+  if (!lines?.length) return;
+  const w = textWidget(node);
+  w.value = lines.join("\n");
+  if (w.inputEl) w.inputEl.value = w.value;
+  // Tall enough for the whole text (DTI Inspect's report runs to a dozen lines), up to a limit.
+  const width = Math.max(node.size[0], MIN_WIDTH);
+  const cols = Math.max(30, Math.floor((width - 40) / CHAR_PX));
+  const rows = w.value.split("\n").reduce((n, line) => n + Math.max(1, Math.ceil(line.length / cols)), 0);
+  const want = Math.min(MAX_TEXT_PX, Math.max(2, rows) * LINE_PX + 16);
+  if (w.options) w.options.getMinHeight = () => want;
+  requestAnimationFrame(() => {
+    const min = node.computeSize();
+    node.setSize([Math.max(node.size[0], min[0], MIN_WIDTH), Math.max(node.size[1], min[1])]);
+    node.setDirtyCanvas(true, true);
+  });
+}
+
+app.registerExtension({
+  name: "DTI.ResultText",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!NODES.has(nodeData.name)) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      showResultText(this, message?.text);
+      // Slerp Concepts wrote a file: list it in DTI Load Embedding / resume_from at once.
+      if (nodeData.name === "DTISlerpConcepts") refreshFileLists();
+      return r;
+    };
+  },
+});
