@@ -47,8 +47,10 @@ def text_encoders(clip) -> dict[str, tuple[str, object, torch.nn.Module]]:
         key = getattr(tok, "embedding_key", None)
         if key is None or not hasattr(tok, "_try_get_embedding") or attr not in (key, "clip_" + key):
             continue
-        encoder = getattr(clip.cond_stage_model, attr, None)
-        if encoder is None or not hasattr(encoder, "transformer"):
+        # (the tokenizer and the model may name it differently: PixArt/Chroma's T5 is clip_t5xxl vs t5xxl)
+        encoder = next((e for e in (getattr(clip.cond_stage_model, a, None) for a in (attr, key, "clip_" + key))
+                        if e is not None and hasattr(e, "transformer")), None)
+        if encoder is None:
             continue
         if attr == getattr(outer, "clip", None) and getattr(outer, "clip_name", None):
             tkey = outer.clip_name  # a one-encoder SD1Tokenizer wrapper: tokens under its clip_name
@@ -219,10 +221,15 @@ def prepare_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
 
 
 def encode_latents(vae, model, images: torch.Tensor, hflip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """VAE-encode every training image once (and its mirror image), in the model's latent space."""
-    latents = model.model.process_latent_in(vae.encode(images)).float()
-    flipped = model.model.process_latent_in(vae.encode(images.flip(2))).float() if hflip else None
-    return latents, flipped
+    """VAE-encode every training image once (and its mirror image), in the model's latent space.
+
+    One image per encode: the VAE's activations at training size dominate the run's peak
+    memory otherwise (ComfyUI batches by free memory, which is plenty on a CPU host)."""
+    def encode(batch):
+        return torch.cat([model.model.process_latent_in(vae.encode(batch[i:i + 1])).float()
+                          for i in range(batch.shape[0])])
+
+    return encode(images), (encode(images.flip(2)) if hflip else None)
 
 
 def encode_tokens(clip, tokens):

@@ -162,7 +162,13 @@ def clone_to_normal(module: torch.nn.Module) -> None:
 def _clone_input(module, args):
     # ComfyUI's CLIPLayer adds residuals in place (x += attn(ln1(x))); handing the
     # layer norms a copy keeps the tensor they save for backward unmodified.
+    if not args or not torch.is_tensor(args[0]):
+        return None
     return (args[0].clone(),) + tuple(args[1:])
+
+
+def _is_norm(m: torch.nn.Module) -> bool:
+    return isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
 def _checkpointed(forward, *args, **kwargs):
@@ -200,6 +206,13 @@ def differentiable(model, encoders, gradient_checkpointing: bool = False):
     try:
         clone_to_normal(model.model)
         lean += _lean_cast_layers(model.model)
+        net = model.model.diffusion_model
+        if not hasattr(net, "input_blocks"):
+            # ComfyUI's DiT blocks (Flux, Chroma, SD3, ...) add residuals in place into tensors their
+            # norms saved for backward (img += gate * attn(norm1(img))); the norms get a copy.
+            for m in net.modules():
+                if _is_norm(m):
+                    hooks.append(m.register_forward_pre_hook(_clone_input))
         for encoder in encoders:
             clone_to_normal(encoder)
             lean += _lean_cast_layers(encoder)

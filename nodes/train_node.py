@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -21,7 +23,7 @@ from ..dti_core.training import NonFiniteError, TrainConfig, train
 from . import comfy_training as ct
 from .families import family_of, supported_text, trained_encoders
 from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, existing_result,
-                     log, send_to_client, target_path)
+                     log, send_to_client, target_path, train_summary)
 
 NONE = "(none)"
 MAGNITUDES = ["mean", "max", "min", "number"]
@@ -84,16 +86,6 @@ class DTITrain(WritesEmbeddingFile):
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, name=None, initializer=None):
-        # Named inputs only (see WritesEmbeddingFile); None means linked, run() checks it.
-        problem = cls.name_problem(name)
-        if problem:
-            return problem
-        if initializer is not None and not str(initializer).strip():
-            return "initializer is empty: give a word close to your subject, e.g. 'dog'"
-        return True
 
     def run(self, model, clip, vae, images, name, initializer, steps, batch_size, learning_rate, kappa,
             magnitude, magnitude_value, templates, custom_templates, resolution, horizontal_flip, seed,
@@ -204,9 +196,8 @@ class DTITrain(WritesEmbeddingFile):
         saved = save_embedding(embeddings_root(), name, vectors, meta, overwrite=bool(overwrite))
         emb = Embedding(vectors=vectors, metadata=meta, path=saved)
         history = dict(result.history.as_dict(), m_star=m_star)
-        summary = (f"Saved embedding:{name} ({', '.join(f'{k}: {n}' for k, n in counts.items())} vector(s); "
-                   + ", ".join(f"{k} |v|={m:.4f}" for k, m in m_star.items())
-                   + f"; final loss {result.history.loss[-1]:.5f})" if result.history.loss else f"Saved embedding:{name}")
+        summary = train_summary(name, counts, m_star, initializer, num_vectors=int(num_vectors),
+                                final_loss=result.history.loss[-1] if result.history.loss else None, learned=learn)
         send_to_client("dti.done", {"node": unique_id, "name": name, "path": saved, "reused": False,
                                     "m_star": m_star, "final_loss": result.history.loss[-1] if result.history.loss else None})
         return _outputs(name, emb, history, summary)
@@ -292,3 +283,10 @@ def _save_checkpoint(name: str, step: int, vectors: dict, meta: dict) -> None:
 def _release() -> None:
     gc.collect()
     mm.soft_empty_cache()
+    if sys.platform.startswith("linux"):
+        # glibc keeps freed activations mapped; hand them back so a long-lived server's resident
+        # memory falls after a run (cheap, and a no-op where unsupported).
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

@@ -34,8 +34,6 @@ def test_summary_names_counts_per_encoder_and_why(dti_pack, sdxl_loaded):
     assert "clip_l: 3 vectors (num_vectors = 3)" in common.train_summary("d", counts3, m_star, "dog", num_vectors=3)
 
 
-@pytest.mark.xfail(strict=True, reason="nodes/train_node.py still builds its own summary; it should call "
-                                       "common.train_summary (see this pack's issue #13, point 2)")
 def test_train_node_reports_vectors_per_encoder_and_why(dti_pack, sd15_loaded, embeddings_dir):
     out = run_train(dti_pack, sd15_loaded, name="teddy-summary", steps=1, batch_size=1, resolution=64,
                     initializer="teddy bear", overwrite=True)

@@ -11,14 +11,6 @@ import dti_workflow_harness as h
 
 RUN_TIMEOUT = 300.0
 
-# DTITrain.VALIDATE_INPUTS (nodes/train_node.py) still names name *and* initializer. The fix is to
-# delete it: the inherited WritesEmbeddingFile.VALIDATE_INPUTS names only `name`, and an empty
-# initializer is refused when the node runs (comfy_training.initial_vectors). Strict: once that
-# lands these pass, and the marker must go.
-NEEDS_TRAIN_NODE_FIX = pytest.mark.xfail(
-    strict=True, reason="nodes/train_node.py: DTITrain.VALIDATE_INPUTS names both name and initializer")
-
-
 def upstream_of(prompt: dict, class_type: str) -> tuple[str, dict]:
     """(id, sub-prompt) of the one ``class_type`` node and everything it depends on: validation is
     then about that node alone (no other output can make the prompt valid)."""
@@ -71,7 +63,6 @@ def train_prompt(object_info, **inputs):
     return "3", prompt
 
 
-@NEEDS_TRAIN_NODE_FIX
 def test_train_bad_name_is_one_error_on_name(server, object_info):
     nid, prompt = train_prompt(object_info, name="my concept")
     errors = node_errors_of(server, prompt, nid)
@@ -79,7 +70,6 @@ def test_train_bad_name_is_one_error_on_name(server, object_info):
     assert errors[0][0] == "name" and "my concept" in errors[0][1], errors
 
 
-@NEEDS_TRAIN_NODE_FIX
 def test_train_empty_initializer_is_one_error_naming_the_initializer(server, object_info):
     """Never filed under `name`; reported once, at validation (filed under `initializer`) or when
     the node runs (its message names the initializer)."""
@@ -97,7 +87,6 @@ def test_train_empty_initializer_is_one_error_naming_the_initializer(server, obj
     assert not (server.embeddings / "init-check.safetensors").exists()
 
 
-@NEEDS_TRAIN_NODE_FIX
 def test_train_bad_name_and_empty_initializer_never_blame_each_other(server, object_info):
     nid, prompt = train_prompt(object_info, name="bad name", initializer="")
     errors = node_errors_of(server, prompt, nid)
