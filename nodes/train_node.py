@@ -135,7 +135,8 @@ class DTITrain(WritesEmbeddingFile):
         base_meta = dict(m_star=m_star, kappa=float(kappa), lr=rate, lr_per_image=float(learning_rate),
                          batch_size=int(batch_size), steps=int(steps), initializer=initializer, seed=int(seed),
                          model_family=family.name, resolution=resolution, version=__version__, fingerprint=fingerprint,
-                         templates=templates, magnitude=str(mag), name=name)
+                         templates=templates, magnitude=str(mag), name=name,
+                         guidance=float(guidance) if family.guidance else None, trained_encoders=",".join(learn))
 
         pbar = comfy.utils.ProgressBar(int(steps), node_id=unique_id)
         pbar.update_absolute(start_step, int(steps))

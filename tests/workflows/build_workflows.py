@@ -243,11 +243,84 @@ def strip_graph():
     return {"nodes": nodes, "links": links, "groups": groups}
 
 
+def flux_graph():
+    """Flux.1 dev from its three files: UNETLoader + DualCLIPLoader (flux) + VAELoader -> DTI Train ->
+    Replace -> CLIPTextEncode -> FluxGuidance -> KSampler (cfg 1) -> SaveImage."""
+    name = "my-concept-flux"
+    readme = (
+        "DTI Train (Flux.1 dev): teach the model a new word for your subject\n\n"
+        "1. Put 3-20 photos of your subject in ComfyUI/input and pick them in the Load Image nodes.\n"
+        "2. Load Flux.1 dev the usual way: flux1-dev in models/diffusion_models, clip_l and t5xxl in "
+        "models/text_encoders, ae in models/vae (fp8 files work: the weights are cast per layer, and "
+        "training never keeps a second copy).\n"
+        "3. On DTI Train set name and initializer. It learns a CLIP-L and a T5-XXL vector for the word, "
+        "each at its own vocabulary's length m*, at the guidance you render with (3.5).\n"
+        "4. Queue. The render uses FluxGuidance 3.5 and cfg 1, as Flux dev is meant to run.\n\n"
+        "Short of memory? Turn gradient_checkpointing on, lower resolution (512 by default) or batch_size."
+    )
+    nodes = [
+        note("readme", [0, -330], [560, 300], readme, "Read me"),
+        {"key": "img1", "type": "LoadImage", "pos": [20, 40], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[0]}},
+        {"key": "img2", "type": "LoadImage", "pos": [20, 400], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[1]}},
+        {"key": "img3", "type": "LoadImage", "pos": [20, 760], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[2]}},
+        {"key": "batch1", "type": "ImageBatch", "pos": [360, 400], "size": [200, 46]},
+        {"key": "batch2", "type": "ImageBatch", "pos": [360, 760], "size": [200, 46]},
+        {"key": "unet", "type": "UNETLoader", "pos": [620, 40], "size": [360, 82],
+         "widgets": {"unet_name": h.FLUX_DIT, "weight_dtype": "default"}},
+        {"key": "clip", "type": "DualCLIPLoader", "pos": [620, 170], "size": [360, 130],
+         "widgets": {"clip_name1": h.FLUX_CLIP_L, "clip_name2": h.FLUX_T5, "type": "flux", "device": "default"}},
+        {"key": "vae", "type": "VAELoader", "pos": [620, 340], "size": [360, 58], "widgets": {"vae_name": h.FLUX_VAE}},
+        {"key": "train", "type": "DTITrain", "pos": [1010, 40], "size": [420, 960],
+         "widgets": {"name": name, "initializer": "dog", "steps": 400, "batch_size": 4, "learning_rate": 0.01,
+                     "kappa": 0.0001, "magnitude": "mean", "templates": "object", "resolution": 0,
+                     "horizontal_flip": True, "seed": 0, "save_every": 0, "resume_from": "(none)",
+                     "overwrite": False, "num_vectors": 0, "gradient_checkpointing": False, "guidance": 3.5,
+                     "train_encoders": "all"}},
+        {"key": "prompt", "type": "StringReplace", "pos": [1490, 40], "size": [420, 220],
+         "title": "Prompt ({} = the new word)",
+         "widgets": {"string": "a photo of {} sitting on a wooden pier at a mountain lake, morning mist", "find": "{}",
+                     "replace": ""}},
+        {"key": "pos", "type": "CLIPTextEncode", "pos": [1490, 300], "size": [420, 100],
+         "title": "CLIP Text Encode (Positive)", "widgets": {"text": ""}},
+        {"key": "guid", "type": "FluxGuidance", "pos": [1490, 440], "size": [420, 58], "widgets": {"guidance": 3.5}},
+        {"key": "neg", "type": "CLIPTextEncode", "pos": [1490, 540], "size": [420, 100],
+         "title": "CLIP Text Encode (Negative, unused at cfg 1)", "widgets": {"text": ""}},
+        {"key": "latent", "type": "EmptySD3LatentImage", "pos": [1490, 680], "size": [420, 106],
+         "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
+        {"key": "ksampler", "type": "KSampler", "pos": [1960, 40], "size": [320, 262],
+         "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 1.0,
+                     "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        {"key": "decode", "type": "VAEDecode", "pos": [1960, 350], "size": [320, 46]},
+        {"key": "save", "type": "SaveImage", "pos": [2320, 40], "size": [520, 580],
+         "widgets": {"filename_prefix": f"DTI/{name}"}},
+    ]
+    links = [
+        ("img1", 0, "batch1", "image1"), ("img2", 0, "batch1", "image2"),
+        ("batch1", 0, "batch2", "image1"), ("img3", 0, "batch2", "image2"),
+        ("unet", 0, "train", "model"), ("clip", 0, "train", "clip"), ("vae", 0, "train", "vae"),
+        ("batch2", 0, "train", "images"),
+        ("train", 0, "prompt", "replace"),
+        ("prompt", 0, "pos", "text"), ("clip", 0, "pos", "clip"), ("clip", 0, "neg", "clip"),
+        ("pos", 0, "guid", "conditioning"),
+        ("unet", 0, "ksampler", "model"), ("guid", 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
+        ("latent", 0, "ksampler", "latent_image"),
+        ("ksampler", 0, "decode", "samples"), ("vae", 0, "decode", "vae"),
+        ("decode", 0, "save", "images"),
+    ]
+    groups = [
+        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 1130], "color": GROUP_INPUT},
+        {"title": "2. Train the new word (Flux.1 dev)", "bounding": [600, -30, 850, 1050], "color": GROUP_TRAIN},
+        {"title": "3. Render it", "bounding": [1470, -30, 1390, 840], "color": GROUP_RENDER},
+    ]
+    return {"nodes": nodes, "links": links, "groups": groups}
+
+
 GRAPHS = {
     "dti_train_sd15.json": lambda: train_graph("sd15"),
     "dti_train_sdxl.json": lambda: train_graph("sdxl"),
     "dti_slerp_concepts.json": slerp_graph,
     "dti_interpolation_strip.json": strip_graph,
+    "dti_train_flux_dev.json": flux_graph,
 }
 
 BUILD_JS = r"""
@@ -327,6 +400,9 @@ def main(argv=None):
         # Only the names matter while building (nothing runs): empty placeholder files.
         for name in (h.SD15_CKPT, h.SDXL_CKPT):
             (server.checkpoints / name).write_bytes(b"")
+        for folder, name in (("diffusion_models", h.FLUX_DIT), ("text_encoders", h.FLUX_CLIP_L),
+                             ("text_encoders", h.FLUX_T5), ("vae", h.FLUX_VAE)):
+            (server.folder("models", folder) / name).write_bytes(b"")
         h.write_example_images(server.input)
         h.write_concept_embeddings(server.embeddings)
         server.start()

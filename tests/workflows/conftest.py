@@ -55,13 +55,30 @@ def test_checkpoints(comfy_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def server(comfy_path, test_checkpoints, tmp_path_factory):
+def flux_files(comfy_path, test_checkpoints):
+    """Thin Flux.1 dev files as users load them: the DiT, CLIP-L, a full-depth T5-XXL in fp8 (the loader
+    nodes build T5 from a fixed 24-layer config; ~35 s to generate once, 4.8 GB) and the 16-channel VAE."""
+    import torch
+
+    folder = Path(test_checkpoints["sd15"]).parent
+    ck.setup_comfy(comfy_path, cpu=True)
+    files = ck.ensure_family_files("flux-dev", folder, t5_layers=24, t5_dtype=torch.float8_e4m3fn)
+    clip_l, t5 = files["text_encoders"]
+    return {"diffusion_model": files["diffusion_model"], "clip_l": clip_l, "t5xxl": t5, "vae": files["vae"]}
+
+
+@pytest.fixture(scope="session")
+def server(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
     """A running ComfyUI (``harness.ComfyServer``) with this pack, the models and the inputs."""
     base = tmp_path_factory.mktemp("comfyui_base")
     srv = h.ComfyServer(comfy_path, base)
     srv.prepare()
     srv.link_checkpoint(test_checkpoints["sd15"], h.SD15_CKPT)
     srv.link_checkpoint(test_checkpoints["sdxl"], h.SDXL_CKPT)
+    srv.link_model(flux_files["diffusion_model"], "diffusion_models", h.FLUX_DIT)
+    srv.link_model(flux_files["clip_l"], "text_encoders", h.FLUX_CLIP_L)
+    srv.link_model(flux_files["t5xxl"], "text_encoders", h.FLUX_T5)
+    srv.link_model(flux_files["vae"], "vae", h.FLUX_VAE)
     h.write_example_images(srv.input)
     h.write_concept_embeddings(srv.embeddings)
     # The shipped workflows run with sub-quadratic attention on its chunked path (what a busy

@@ -24,12 +24,18 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
-WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json")
+WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json",
+             "dti_train_flux_dev.json")
 PACK_DIR_NAME = "ComfyUI-DTI"
 
 # File names the shipped workflows use (the common public names of the base checkpoints).
 SD15_CKPT = "v1-5-pruned-emaonly.safetensors"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+# Flux.1 dev as users load it: UNETLoader + DualCLIPLoader(type flux) + VAELoader, public names.
+FLUX_DIT = "flux1-dev.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_T5 = "t5xxl_fp8_e4m3fn.safetensors"
+FLUX_VAE = "ae.safetensors"
 EXAMPLE_IMAGES = ("dti_example_1.png", "dti_example_2.png", "dti_example_3.png")
 CONCEPT_A = "concept_a.safetensors"
 CONCEPT_B = "concept_b.safetensors"
@@ -124,6 +130,14 @@ class ComfyServer:
     def force_low_attention_memory(self) -> None:
         """Install the test-only node that forces chunked sub-quadratic attention (before start)."""
         (self.folder("custom_nodes", LOW_MEMORY_NODE_DIR) / "__init__.py").write_text(LOW_MEMORY_NODE)
+
+    def link_model(self, source, folder, name) -> Path:
+        """Symlink ``source`` as ``models/<folder>/<name>`` (diffusion_models, text_encoders, vae, ...)."""
+        dst = self.folder("models", folder) / name
+        if dst.is_symlink() or dst.exists():
+            dst.unlink()
+        dst.symlink_to(Path(source).resolve())
+        return dst
 
     def link_checkpoint(self, source, name) -> Path:
         dst = self.checkpoints / name

@@ -58,6 +58,28 @@ def test_train_workflow_trains_and_renders(kind, server, object_info):
     check_images(server, entry, 1, f"DTI/{concept}")
 
 
+def test_flux_dev_workflow_trains_and_renders(server, object_info):
+    """Flux.1 dev from UNETLoader + DualCLIPLoader (full-depth fp8 T5) + VAELoader on the real server:
+    CLIP-L and T5-XXL vectors at their m*, and the render's stock CLIPTextEncode reads the file silently."""
+    prompt = h.ui_to_api(h.load_workflow("dti_train_flux_dev.json"), object_info)
+    h.set_inputs(prompt, "EmptySD3LatentImage", width=64, height=64)
+    h.set_inputs(prompt, "KSampler", steps=1)
+    # one training prompt and batch 1: each full-depth T5 encode costs most of a minute on this CPU
+    h.set_inputs(prompt, "DTITrain", steps=2, resolution=64, batch_size=1, templates="custom",
+                 custom_templates="a photo of a {}")
+    assert h.validate_prompt(prompt, object_info) == []
+    started = len(server.log_tail(10**9))
+    entry = server.run(prompt, timeout=RUN_TIMEOUT * 2)
+    emb = load_embedding(str(server.embeddings / "my-concept-flux.safetensors"))
+    assert set(emb.vectors) == {"clip_l", "t5xxl"} and emb.metadata["dti.model_family"] == "Flux.1"
+    assert emb.metadata["dti.guidance"] == "3.5"
+    for key, v in emb.vectors.items():
+        assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(key)), atol=1e-5)
+    check_images(server, entry, 1, "DTI/my-concept-flux")
+    log = server.log_tail(10**9)[started:]
+    assert "Traceback" not in log and "shape mismatch" not in log and "embedding" not in log.lower(), log[-4000:]
+
+
 def test_slerp_workflow(server, object_info):
     prompt = prompt_for("dti_slerp_concepts.json", object_info)
     entry = server.run(prompt, timeout=RUN_TIMEOUT)

@@ -59,8 +59,16 @@ def test_workflows_use_the_public_file_names(object_info):
         prompt = h.ui_to_api(h.load_workflow(name), object_info)
         uses[name] = prompt
         ckpts = {n["inputs"]["ckpt_name"] for n in h.find_nodes(prompt, "CheckpointLoaderSimple")}
+        if "flux" in name:
+            assert ckpts == set()
+            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [h.FLUX_DIT]
+            (clip,) = h.find_nodes(prompt, "DualCLIPLoader")
+            assert (clip["inputs"]["clip_name1"], clip["inputs"]["clip_name2"], clip["inputs"]["type"]) == \
+                (h.FLUX_CLIP_L, h.FLUX_T5, "flux")
+            assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX_VAE]
+            continue
         assert ckpts == {h.SDXL_CKPT if "sdxl" in name else h.SD15_CKPT}
-    for name in ("dti_train_sd15.json", "dti_train_sdxl.json"):
+    for name in ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_train_flux_dev.json"):
         images = sorted(n["inputs"]["image"] for n in h.find_nodes(uses[name], "LoadImage"))
         assert images == list(h.EXAMPLE_IMAGES)
         (train,) = h.find_nodes(uses[name], "DTITrain")
