@@ -31,6 +31,8 @@ FAMILIES = (
     Family("Flux.1", ("Flux",), ("clip_l", "t5xxl"), 512, guidance=True),
     Family("Chroma", ("Chroma",), ("t5xxl",), 512),
     Family("SD3 / SD3.5", ("SD3",), ("clip_l", "clip_g", "t5xxl"), 768),
+    # SD3.5 single files "incl. clips" carry no T5; the word then lives in CLIP-L/G only.
+    Family("SD3 / SD3.5 (no T5)", ("SD3",), ("clip_l", "clip_g"), 768),
 )
 
 

@@ -141,3 +141,35 @@ def test_teacher_student_recovers_a_word_through_clip_and_t5(kind, request, dti_
         # (1/sqrt(width)). Seen: CLIP-L/G 0.02 -> 0.35..0.44, T5 (one random layer) 0.013 -> 0.09..0.10.
         assert after[k] > before[k] + 4 / init[k].shape[-1] ** 0.5, (k, before[k], after[k])
         assert torch.allclose(result.vectors[k].norm(dim=-1), torch.tensor(m_star[k]), atol=1e-5)
+
+
+def test_load_slerp_strip_and_inspect_work_on_flux_files(dti_pack, flux_dev_loaded, embeddings_dir, comfy_nodes):
+    """Files with clip_l and t5xxl rows (T5's own m*) through DTI Load, Slerp Concepts, the strip and Inspect."""
+    from dti_core.embedding_file import dti_metadata, save_embedding
+    from dti_core.sphere import normalize
+
+    ct = dti_pack.nodes.comfy_training
+    en = dti_pack.nodes.embedding_nodes
+    _, clip, _ = flux_dev_loaded
+    with torch.inference_mode():
+        _, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+    for i, name in enumerate(("fx-a", "fx-b")):
+        g = torch.Generator().manual_seed(50 + i)
+        vectors = {k: m_star[k] * normalize(torch.randn(2, w, generator=g)) for k, w in (("clip_l", 768), ("t5xxl", 4096))}
+        save_embedding(str(embeddings_dir), name, vectors, dti_metadata(m_star=m_star, initializer="cat"))
+    with torch.inference_mode():
+        _, a = en.DTILoadEmbedding().load("fx-a.safetensors", clip)
+        _, b = en.DTILoadEmbedding().load("fx-b.safetensors", clip)
+        blend = en.DTISlerpConcepts().slerp(a, b, 0.5, "fx-mid", False)["result"][1]
+    for k in ("clip_l", "t5xxl"):
+        assert torch.allclose(blend.vectors[k].norm(dim=-1), torch.tensor(m_star[k]), atol=1e-5)
+    with torch.inference_mode():
+        (cond,), ts = en.DTIInterpolationStrip().encode(clip, "a photo of {}, on a beach", a, b, 3)
+        (ref,) = comfy_nodes.CLIPTextEncode().encode(clip, "a photo of embedding:fx-mid, on a beach")
+    batch, extra = cond
+    assert ts == "0, 0.5, 1" and batch.shape[0] == 3
+    assert torch.allclose(batch[1:2], ref[0][0], atol=1e-6, rtol=0)
+    assert torch.allclose(extra["pooled_output"][1:2], ref[0][1]["pooled_output"], atol=1e-6, rtol=0)
+    with torch.inference_mode():
+        report = dti_pack.nodes.inspect_node.DTIInspect().inspect(blend, clip, 3)["result"][0]
+    assert "t5xxl" in report and "clip_l" in report and "nearest:" in report

@@ -2,11 +2,13 @@
 /history), on the small generated checkpoints, with steps and sizes cut down for the CPU."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import dti_workflow_harness as h
+import dti_host_checkpoints as ck
 from dti_core.embedding_file import load_embedding
 
 RUN_TIMEOUT = 480.0
@@ -78,6 +80,61 @@ def test_flux_dev_workflow_trains_and_renders(server, object_info):
     check_images(server, entry, 1, "DTI/my-concept-flux")
     log = server.log_tail(10**9)[started:]
     assert "Traceback" not in log and "shape mismatch" not in log and "embedding" not in log.lower(), log[-4000:]
+
+
+def train_only_prompt(object_info, loaders: dict, wire: dict, **train) -> dict:
+    """Loader nodes -> DTI Train (defaults from /object_info) -> PreviewAny, as an API prompt."""
+    defaults = {k: v[1].get("default") for k, v in object_info["DTITrain"]["input"]["required"].items()
+                if isinstance(v, list) and len(v) > 1 and isinstance(v[1], dict)}
+    prompt = {k: {"class_type": c, "inputs": i} for k, (c, i) in loaders.items()}
+    prompt["img"] = {"class_type": "LoadImage", "inputs": {"image": h.EXAMPLE_IMAGES[0]}}
+    prompt["train"] = {"class_type": "DTITrain", "inputs": {**defaults, **wire, "images": ["img", 0],
+                                                            "resume_from": "(none)", **train}}
+    prompt["out"] = {"class_type": "PreviewAny", "inputs": {"source": ["train", 0]}}
+    assert h.validate_prompt(prompt, object_info) == []
+    return prompt
+
+
+def test_sd35_single_file_trains_on_the_server(server, object_info):
+    prompt = train_only_prompt(object_info, {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": h.SD35_CKPT})},
+                               {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2]},
+                               name="sd35-concept", initializer="dog", steps=2, batch_size=2, resolution=64)
+    server.run(prompt, timeout=RUN_TIMEOUT)
+    emb = load_embedding(str(server.embeddings / "sd35-concept.safetensors"))
+    assert set(emb.vectors) == {"clip_l", "clip_g"} and emb.metadata["dti.model_family"] == "SD3 / SD3.5 (no T5)"
+    for key, v in emb.vectors.items():
+        assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(key)), atol=1e-5)
+
+
+def test_chroma_trains_on_a_server_with_fp8_text_encoder(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
+    """Chroma from UNETLoader + CLIPLoader(type chroma, full-depth fp8 T5) + VAELoader, on a server started
+    with --fp8_e4m3fn-text-enc (without it ComfyUI builds Chroma's T5 in fp16: 9 GiB on the CPU)."""
+    folder = Path(test_checkpoints["sd15"]).parent
+    dit = ck.ensure_family_files("chroma", folder)["diffusion_model"]
+    srv = h.ComfyServer(comfy_path, tmp_path_factory.mktemp("comfyui_chroma"), extra_args=["--fp8_e4m3fn-text-enc"])
+    srv.prepare()
+    srv.link_model(dit, "diffusion_models", h.CHROMA_DIT)
+    srv.link_model(flux_files["t5xxl"], "text_encoders", h.FLUX_T5)
+    srv.link_model(flux_files["vae"], "vae", h.FLUX_VAE)
+    h.write_example_images(srv.input)
+    srv.start(timeout=240)
+    try:
+        info = srv.object_info()
+        prompt = train_only_prompt(
+            info, {"unet": ("UNETLoader", {"unet_name": h.CHROMA_DIT, "weight_dtype": "default"}),
+                   "clip": ("CLIPLoader", {"clip_name": h.FLUX_T5, "type": "chroma"}),
+                   "vae": ("VAELoader", {"vae_name": h.FLUX_VAE})},
+            {"model": ["unet", 0], "clip": ["clip", 0], "vae": ["vae", 0]},
+            name="chroma-concept", initializer="dog", steps=2, batch_size=1, resolution=64, templates="custom",
+            custom_templates="a photo of a {}")
+        srv.run(prompt, timeout=RUN_TIMEOUT * 2)
+        emb = load_embedding(str(srv.embeddings / "chroma-concept.safetensors"))
+        assert set(emb.vectors) == {"t5xxl"} and emb.metadata["dti.model_family"] == "Chroma"
+        v = emb.vectors["t5xxl"]
+        assert v.dtype == torch.float32
+        assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star("t5xxl")), atol=1e-5)
+    finally:
+        srv.stop()
 
 
 def test_slerp_workflow(server, object_info):
