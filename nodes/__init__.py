@@ -1,6 +1,6 @@
 """The pack's ComfyUI nodes (classic node API). Imported only inside ComfyUI."""
 
-from .embedding_nodes import DTIInterpolationStrip, DTILoadEmbedding, DTISlerpConcepts
+from .embedding_nodes import DTIEnableEmbeddings, DTIInterpolationStrip, DTILoadEmbedding, DTISlerpConcepts
 from .inspect_node import DTIInspect
 from .train_node import DTITrain
 
@@ -10,6 +10,7 @@ NODE_CLASS_MAPPINGS = {
     "DTISlerpConcepts": DTISlerpConcepts,
     "DTIInterpolationStrip": DTIInterpolationStrip,
     "DTIInspect": DTIInspect,
+    "DTIEnableEmbeddings": DTIEnableEmbeddings,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -18,4 +19,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DTISlerpConcepts": "Slerp Concepts (DTI)",
     "DTIInterpolationStrip": "DTI Interpolation Strip",
     "DTIInspect": "DTI Inspect",
+    "DTIEnableEmbeddings": "DTI Enable Embeddings",
 }

@@ -174,7 +174,8 @@ def tokenize_templates(clip, templates: list[str], num_vectors) -> list[PromptTo
             # ComfyUI's tokenizer then ignores every "embedding:" word, in training and in prompts.
             raise ValueError(
                 f"this CLIP's {key} tokenizer has no embeddings folder, so embedding:NAME cannot work with it. "
-                f"Load the model with CheckpointLoaderSimple or CLIPLoader, which set the embeddings folders."
+                f"Load the model with CheckpointLoaderSimple or CLIPLoader, which set the embeddings folders, "
+                f"or pass the CLIP through DTI Enable Embeddings."
             )
     result = []
     with placeholder_tokenizers(clip, num_vectors):

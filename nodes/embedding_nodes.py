@@ -153,3 +153,53 @@ def _vectors_fingerprint(a: Embedding, b: Embedding, t: float) -> str:
         for key in sorted(emb.vectors):
             h.update(emb.vectors[key].float().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+class DTIEnableEmbeddings:
+    DESCRIPTION = ("Make embedding:NAME work for text encoders whose ComfyUI tokenizer ignores it (Gemma-2 of "
+                   "Lumina 2 / Neta Lumina, UMT5 of Wan, Pile-T5 of AuraFlow): returns a CLIP whose tokenizers "
+                   "read models/embeddings. The input CLIP is left as it was.")
+    CATEGORY = CATEGORY
+    FUNCTION = "enable"
+    OUTPUT_NODE = True  # only so its note shows on the node; it writes nothing
+    RETURN_TYPES = ("CLIP",)
+    RETURN_NAMES = ("clip",)
+    OUTPUT_TOOLTIPS = ("The same text encoders; embedding:NAME in CLIPTextEncode now reads models/embeddings.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip": ("CLIP", {"tooltip": "Any CLIP. For ones that already read embeddings this is a no-op."})}}
+
+    def enable(self, clip):
+        out, enabled = with_embeddings_folder(clip, folder_paths.get_folder_paths("embeddings"))
+        if enabled:
+            note = ("embedding:NAME enabled for " + ", ".join(enabled)
+                    + " (this CLIP's ComfyUI tokenizer ignored it).")
+        else:
+            note = "Nothing to do: every text encoder of this CLIP already reads embedding:NAME."
+        log.info("DTI Enable Embeddings: %s", note)
+        return {"ui": {"text": [note]}, "result": (out,)}
+
+
+def with_embeddings_folder(clip, folders: list[str]):
+    """``(clip', enabled keys)``: a clone whose tokenizers without an embeddings folder get ``folders``.
+
+    ``CLIP.clone()`` shares its tokenizer object, so the outer tokenizer and each changed inner one
+    are copied; the input CLIP keeps its own (unchanged) tokenizers.
+    """
+    import copy
+
+    enabled, changes = [], {}
+    for attr, inner in vars(clip.tokenizer).items():
+        if hasattr(inner, "_try_get_embedding") and getattr(inner, "embedding_directory", "") is None:
+            new = copy.copy(inner)
+            new.embedding_directory = list(folders)
+            changes[attr] = new
+            enabled.append(getattr(inner, "embedding_key", attr))
+    if not changes:
+        return clip, []
+    out = clip.clone()
+    out.tokenizer = copy.copy(clip.tokenizer)
+    for attr, new in changes.items():
+        setattr(out.tokenizer, attr, new)
+    return out, enabled
