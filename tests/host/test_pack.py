@@ -12,7 +12,7 @@ from dti_core.embedding_file import dti_metadata, save_embedding
 from dti_core.sphere import normalize
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-NODES = {"DTITrain", "DTILoadEmbedding", "DTISlerpConcepts", "DTIInterpolationStrip", "DTIInspect"}
+NODES = {"DTITrain", "DTILoadEmbedding", "DTISlerpConcepts", "DTIInterpolationStrip", "DTIInspect", "DTIEnableEmbeddings"}
 
 
 def test_pack_loads_through_comfyui_load_custom_node(comfy_nodes, caplog):
