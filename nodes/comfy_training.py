@@ -371,6 +371,12 @@ class DiffusionStep:
         self.ms = ms
         self.t_min = float(ms.timestep(ms.sigma_min))
         self.t_max = float(ms.timestep(ms.sigma_max))
+        # Discrete-time models (SD1.x/SD2.x/SDXL, eps or v) train at integer DDPM timesteps drawn
+        # uniformly from the table, as the paper's code does: the noise level and the timestep the
+        # UNet sees are the same table entry. Flow models keep their continuous schedule.
+        import comfy.model_sampling
+
+        self.table = ms.sigmas.detach().float().clone() if isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) else None
         # Differentiable attention for these calls only, whatever backend the launch flags chose.
         self.transformer_options = _differentiable.training_transformer_options(model)
         # Models that condition on the pooled text (SDXL's y, Flux's vector) get it; others don't
@@ -405,8 +411,12 @@ class DiffusionStep:
                 raise
             raise ValueError("all training prompts must fit in one 75-token chunk; shorten the custom templates") from None
 
-        timestep = (self.t_min + u * (self.t_max - self.t_min)).float()
-        sigma = self.ms.sigma(timestep).to(self.device)
+        if self.table is not None:
+            index = (u * len(self.table)).floor().long().clamp(max=len(self.table) - 1)
+            sigma = self.table[index].to(self.device)
+        else:
+            timestep = (self.t_min + u * (self.t_max - self.t_min)).float()
+            sigma = self.ms.sigma(timestep).to(self.device)
         x_t = self.ms.noise_scaling(sigma, noise, x0)
         h, w = self.resolution, self.resolution
         if torch.is_tensor(cond):

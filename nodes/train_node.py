@@ -72,7 +72,7 @@ class DTITrain(WritesEmbeddingFile):
                 "templates": (TEMPLATES, {"default": "object", "tooltip": "Training prompts: 'object' ('a photo of a {}', ...), 'style' ('a painting in the style of {}', ...) or your own lines below."}),
                 "custom_templates": ("STRING", {"default": "a photo of {}\na close-up photo of {}", "multiline": True, "tooltip": "Used when templates is 'custom': one prompt per line, each with {} where the learned word goes."}),
                 "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, Flux.1 and Chroma, 768 for SD2.x, SDXL (the paper's SDXL setting) and SD3."}),
-                "horizontal_flip": ("BOOLEAN", {"default": True, "tooltip": "Also train on mirrored images (each drawn with probability 0.5). Turn off for text or asymmetric subjects."}),
+                "horizontal_flip": ("BOOLEAN", {"default": False, "tooltip": "Also train on mirrored images (each drawn with probability 0.5). Off by default, as in the paper's recipe; leave off for text or asymmetric subjects."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Same seed and inputs give the same embedding."}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Also save NAME-stepK every this many steps (0 = only the final file). A cancelled run can resume from them."}),
                 "resume_from": (_resume_choices(), {"default": NONE, "tooltip": "Continue from an embedding: a NAME-stepK checkpoint resumes at step K with the same settings; any other file only sets the starting directions."}),

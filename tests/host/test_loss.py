@@ -18,12 +18,9 @@ RES = 64
 
 
 def sigma_from_table(ms, u):
-    """sigma at t = u * (N - 1) over the table's full range, log-linear between entries."""
-    log_sigmas = ms.sigmas.double().log()
-    t = u.double() * (len(log_sigmas) - 1)
-    lo, hi = t.floor().long(), t.ceil().long()
-    w = t - lo
-    return ((1 - w) * log_sigmas[lo] + w * log_sigmas[hi]).exp()
+    """The paper's integer DDPM timesteps: index floor(u * N) of the model's own sigma table."""
+    table = ms.sigmas.double()
+    return table[(u.double() * len(table)).floor().long().clamp(max=len(table) - 1)]
 
 
 def draws(training, seed, step, n, prompts, b, shape):
@@ -133,6 +130,9 @@ def test_timesteps_cover_the_whole_sigma_table(dti_pack, fresh_sd15, monkeypatch
     sigmas = torch.cat(seen).double()
     table = model.get_model_object("model_sampling").sigmas.double()
     assert sigmas.min() >= table[0] * (1 - 1e-6) and sigmas.max() <= table[-1] * (1 + 1e-6)
+    # integer timesteps: every noise level is a table entry, and the UNet's timestep is that entry's index
+    dist = (sigmas.view(-1, 1).float() - table.view(1, -1).float()).abs().min(dim=1).values
+    assert float(dist.max()) == 0.0
     # 512 uniform draws over 1000 steps: both ends of the table are reached within 2 %
     # (a miss has probability 2 * 0.98^512, about 6e-5, and the draws are seeded).
     assert sigmas.min() < sigma_from_table_at(table, 0.02) and sigmas.max() > sigma_from_table_at(table, 0.98)
