@@ -47,6 +47,18 @@ NOTE = {"color": "#432", "bgcolor": "#653"}
 NEGATIVE = "blurry, low quality, watermark, text"
 
 
+# Three LoadImage -> two Batch Images: the training photos of both train workflows.
+PHOTO_NODES = [
+    {"key": "img1", "type": "LoadImage", "pos": [20, 40], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[0]}},
+    {"key": "img2", "type": "LoadImage", "pos": [20, 400], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[1]}},
+    {"key": "img3", "type": "LoadImage", "pos": [20, 760], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[2]}},
+    {"key": "batch1", "type": "ImageBatch", "pos": [360, 400], "size": [200, 46]},
+    {"key": "batch2", "type": "ImageBatch", "pos": [360, 760], "size": [200, 46]},
+]
+PHOTO_LINKS = [("img1", 0, "batch1", "image1"), ("img2", 0, "batch1", "image2"),
+               ("batch1", 0, "batch2", "image1"), ("img3", 0, "batch2", "image2")]
+
+
 def note(key, pos, size, text, title="Note"):
     return {"key": key, "type": "Note", "pos": pos, "size": size, "title": title, "widgets": {"text": text}, **NOTE}
 
@@ -85,11 +97,7 @@ def train_graph(kind):
     )
     nodes = [
         note("readme", [0, -330], [560, 300], readme, "Read me"),
-        {"key": "img1", "type": "LoadImage", "pos": [20, 40], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[0]}},
-        {"key": "img2", "type": "LoadImage", "pos": [20, 400], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[1]}},
-        {"key": "img3", "type": "LoadImage", "pos": [20, 760], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[2]}},
-        {"key": "batch1", "type": "ImageBatch", "pos": [360, 400], "size": [200, 46]},
-        {"key": "batch2", "type": "ImageBatch", "pos": [360, 760], "size": [200, 46]},
+        *PHOTO_NODES,
         {"key": "ckpt", "type": "CheckpointLoaderSimple", "pos": [620, 40], "size": [360, 98],
          "widgets": {"ckpt_name": ckpt}},
         note("recipe", [620, 180], [360, 300], recipe, "Training settings"),
@@ -115,8 +123,7 @@ def train_graph(kind):
          "widgets": {"filename_prefix": f"DTI/{name}"}},
     ]
     links = [
-        ("img1", 0, "batch1", "image1"), ("img2", 0, "batch1", "image2"),
-        ("batch1", 0, "batch2", "image1"), ("img3", 0, "batch2", "image2"),
+        *PHOTO_LINKS,
         ("ckpt", 0, "train", "model"), ("ckpt", 1, "train", "clip"), ("ckpt", 2, "train", "vae"),
         ("batch2", 0, "train", "images"),
         ("train", 0, "prompt", "replace"),
@@ -260,11 +267,7 @@ def flux_graph():
     )
     nodes = [
         note("readme", [0, -330], [560, 300], readme, "Read me"),
-        {"key": "img1", "type": "LoadImage", "pos": [20, 40], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[0]}},
-        {"key": "img2", "type": "LoadImage", "pos": [20, 400], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[1]}},
-        {"key": "img3", "type": "LoadImage", "pos": [20, 760], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[2]}},
-        {"key": "batch1", "type": "ImageBatch", "pos": [360, 400], "size": [200, 46]},
-        {"key": "batch2", "type": "ImageBatch", "pos": [360, 760], "size": [200, 46]},
+        *PHOTO_NODES,
         {"key": "unet", "type": "UNETLoader", "pos": [620, 40], "size": [360, 82],
          "widgets": {"unet_name": h.FLUX_DIT, "weight_dtype": "default"}},
         {"key": "clip", "type": "DualCLIPLoader", "pos": [620, 170], "size": [360, 130],
@@ -295,8 +298,7 @@ def flux_graph():
          "widgets": {"filename_prefix": f"DTI/{name}"}},
     ]
     links = [
-        ("img1", 0, "batch1", "image1"), ("img2", 0, "batch1", "image2"),
-        ("batch1", 0, "batch2", "image1"), ("img3", 0, "batch2", "image2"),
+        *PHOTO_LINKS,
         ("unet", 0, "train", "model"), ("clip", 0, "train", "clip"), ("vae", 0, "train", "vae"),
         ("batch2", 0, "train", "images"),
         ("train", 0, "prompt", "replace"),

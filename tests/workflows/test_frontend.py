@@ -14,6 +14,19 @@ CLIP_L_RGB = (0xE8, 0x64, 0x3C)
 TRAIN_TIMEOUT = 420.0
 
 
+
+# Start of a page script that builds a graph: an empty canvas and add(type, pos, widget values).
+CLEAR_AND_ADD_JS = """
+        app.graph.clear();
+        const add = (type, pos, values = {}) => {
+            const n = LiteGraph.createNode(type);
+            n.pos = pos;
+            app.graph.add(n);
+            for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
+            return n;
+        };
+"""
+
 def test_extension_registers_without_errors(page):
     got = page.evaluate("""() => ({
         names: app.extensions.map((e) => e.name),
@@ -188,15 +201,7 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, server):
     """ui.text (Slerp Concepts' summary, DTI Inspect's report) appears in the page after a run
     queued from the page, and stays out of the queued prompt and the saved workflow."""
     ids = page.evaluate("""async ([ckpt, a, b]) => {
-        app.graph.clear();
-        const add = (type, pos, values = {}) => {
-            const n = LiteGraph.createNode(type);
-            n.pos = pos;
-            app.graph.add(n);
-            for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
-            return n;
-        };
-        const la = add("DTILoadEmbedding", [0, 0], { embedding: a });
+""" + CLEAR_AND_ADD_JS + """        const la = add("DTILoadEmbedding", [0, 0], { embedding: a });
         const lb = add("DTILoadEmbedding", [0, 160], { embedding: b });
         const ck = add("CheckpointLoaderSimple", [0, 320], { ckpt_name: ckpt });
         const slerp = add("DTISlerpConcepts", [380, 0], { name: "ui-text-blend", t: 0.25 });
@@ -262,15 +267,7 @@ def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, server):
     checkpoint to resume from, which resume_from lists without a manual refresh."""
     steps, every = 60, 2
     node_id = page.evaluate("""async ([ckpt, image, steps, every]) => {
-        app.graph.clear();
-        const add = (type, pos, values = {}) => {
-            const n = LiteGraph.createNode(type);
-            n.pos = pos;
-            app.graph.add(n);
-            for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
-            return n;
-        };
-        const ck = add("CheckpointLoaderSimple", [0, 0], { ckpt_name: ckpt });
+""" + CLEAR_AND_ADD_JS + """        const ck = add("CheckpointLoaderSimple", [0, 0], { ckpt_name: ckpt });
         const img = add("LoadImage", [0, 200], { image });
         const train = add("DTITrain", [380, 0], { name: "cancel-test", steps, save_every: every, resolution: 64,
                                                  batch_size: 1, overwrite: true });
