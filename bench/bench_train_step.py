@@ -88,7 +88,7 @@ def main() -> None:
     with torch.inference_mode():
         t0 = time.perf_counter()
         mm.load_models_gpu([model, clip.patcher], force_full_load=True)
-        latents, flipped = ct.encode_latents(vae, model, images, True)
+        latents = ct.encode_latents(vae, model, images, True)
         sync()
         report["latent_cache_s"] = time.perf_counter() - t0
         init, mu, m_star = ct.initial_vectors(clip, "dog", 0, "mean")
@@ -100,9 +100,10 @@ def main() -> None:
         stamps.append(time.perf_counter())
 
     with torch.inference_mode(False), torch.enable_grad():
-        latents, flipped = latents.clone(), flipped.clone()
+        latents = ct.TrainingLatents(latents.mean.clone(), latents.std.clone(), latents.flipped_mean.clone(),
+                                     latents.flipped_std.clone(), (a.res, a.res))
         with ct.differentiable(model, clip, a.grad_ckpt):
-            step_fn = ct.DiffusionStep(model, clip, prompts, latents, flipped, a.bs, 0, a.res, dev)
+            step_fn = ct.DiffusionStep(model, clip, prompts, latents, None, a.bs, 0, a.res, dev)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             sync()

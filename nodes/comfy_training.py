@@ -201,7 +201,12 @@ def differentiable(model, clip, gradient_checkpointing: bool = False):
 
 
 def prepare_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """IMAGE (B, H, W, C in [0, 1]) -> RGB at ``resolution``², centre-cropped; bad pixels refused."""
+    """IMAGE (B, H, W, C in [0, 1]) -> RGB whose shorter side is ``resolution``, bad pixels refused.
+
+    As the paper's data pipeline: an antialiased bicubic resize of the shorter side (no aliasing
+    on large photos); the longer side keeps the aspect ratio (rounded down to 8 px) so each step
+    can take a fresh random crop of it in latent space. Nothing is cut away here.
+    """
     if not torch.is_tensor(images) or images.dim() != 4:
         raise ValueError(f"images must be an IMAGE batch (B, H, W, C); got {getattr(images, 'shape', type(images))}")
     if images.shape[0] == 0:
@@ -217,20 +222,62 @@ def prepare_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
         raise ValueError("the image batch contains NaN or infinite pixel values")
     images = images.float().clamp(0.0, 1.0)  # out-of-range values are clipped, as SaveImage does
     samples = images.movedim(-1, 1)
-    samples = comfy.utils.common_upscale(samples, resolution, resolution, "bicubic", "center").clamp(0.0, 1.0)
-    return samples.movedim(1, -1)
+    h, w = samples.shape[-2:]
+    scale = resolution / min(h, w)
+    size = (max(resolution, int(h * scale) // 8 * 8), max(resolution, int(w * scale) // 8 * 8))
+    if (h, w) != size:
+        samples = torch.nn.functional.interpolate(samples, size=size, mode="bicubic", antialias=True,
+                                                  align_corners=False)
+    return samples.clamp(0.0, 1.0).movedim(1, -1)
 
 
-def encode_latents(vae, model, images: torch.Tensor, hflip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """VAE-encode every training image once (and its mirror image), in the model's latent space.
+class TrainingLatents:
+    """The training images in the model's latent space: posterior mean and std (and the mirrored
+    images'), cached once; each step samples ``mean + std * eps`` in a random crop, as the paper's
+    code draws a fresh VAE posterior sample of a fresh random crop."""
 
-    One image per encode: the VAE's activations at training size dominate the run's peak
-    memory otherwise (ComfyUI batches by free memory, which is plenty on a CPU host)."""
-    def encode(batch):
-        return torch.cat([model.model.process_latent_in(vae.encode(batch[i:i + 1])).float()
-                          for i in range(batch.shape[0])])
+    def __init__(self, mean, std, flipped_mean=None, flipped_std=None, original_size=None):
+        self.mean, self.std = mean, std
+        self.flipped_mean, self.flipped_std = flipped_mean, flipped_std
+        self.original_size = original_size  # (height, width) of the images before the resize
 
-    return encode(images), (encode(images.flip(2)) if hflip else None)
+
+def _posterior_moments(vae, model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(mean, std)`` of the VAE posterior of each image, mapped into the model's latent space.
+
+    The VAE's own encode runs (one image at a time: its activations dominate the run's peak memory
+    otherwise); its posterior's moments are read where ComfyUI takes the mode. ``std`` is None for
+    VAEs without a Gaussian posterior (or a tiled fallback encode): then the mode is used.
+    """
+    reg = getattr(getattr(vae, "first_stage_model", None), "regularization", None)
+    means, stds = [], []
+    for i in range(pixels.shape[0]):
+        seen = []
+        hook = reg.register_forward_pre_hook(lambda m, args: seen.append(args[0])) if reg is not None else None
+        try:
+            mode = vae.encode(pixels[i:i + 1]).float()
+        finally:
+            if hook is not None:
+                hook.remove()
+        std = None
+        if type(reg).__name__ == "DiagonalGaussianRegularizer" and len(seen) == 1:
+            m, logvar = seen[0].float().to(mode.device).chunk(2, dim=1)
+            if m.shape == mode.shape:
+                std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        # process_latent_in is affine per channel (scale, shift): map the std with its slope.
+        zero = model.model.process_latent_in(torch.zeros_like(mode)).float()
+        slope = model.model.process_latent_in(torch.ones_like(mode)).float() - zero
+        means.append(model.model.process_latent_in(mode).float())
+        stds.append(None if std is None else (slope.abs() * std))
+    std = None if any(x is None for x in stds) else torch.cat(stds)
+    return torch.cat(means), std
+
+
+def encode_latents(vae, model, images: torch.Tensor, hflip: bool, original_size=None) -> TrainingLatents:
+    """VAE-encode every training image once (and its mirror image): posterior mean and std."""
+    mean, std = _posterior_moments(vae, model, images)
+    fmean, fstd = _posterior_moments(vae, model, images.flip(2)) if hflip else (None, None)
+    return TrainingLatents(mean, std, fmean, fstd, original_size)
 
 
 def encode_tokens(clip, tokens):
@@ -331,18 +378,29 @@ class TextPath:
         return encode_each(self.clip, token_dicts, self.want_pooled)
 
 
-def model_conds(model, cond, pooled, noise, resolution: tuple[int, int], device, guidance=None) -> dict:
+def model_conds(model, cond, pooled, noise, resolution: tuple[int, int], device, guidance=None,
+                original=None, crop=(0, 0)) -> dict:
     """The keyword arguments ``apply_model`` gets for this conditioning, built by the model itself
     (``extra_conds``, as ComfyUI's sampler does in ``encode_model_conds``): SDXL's pooled ``y`` with
-    size micro-conditioning, Flux's guidance, attention masks."""
+    size micro-conditioning (``original`` (h, w) of the photo, ``crop`` (top, left) in px, target =
+    ``resolution``), Flux's guidance, attention masks."""
     height, width = resolution
-    params = dict(cross_attn=cond, pooled_output=pooled, device=device, noise=noise, width=width, height=height,
-                  crop_w=0, crop_h=0, target_width=width, target_height=height)
+    oh, ow = original if original is not None else (height, width)
+    params = dict(cross_attn=cond, pooled_output=pooled, device=device, noise=noise, width=ow, height=oh,
+                  crop_w=crop[1], crop_h=crop[0], target_width=width, target_height=height)
     if guidance is not None:
         params["guidance"] = guidance
     out = model.model.extra_conds(**params)
     b = noise.shape[0]
     return {k: c.process_cond(batch_size=b, device=device, area=None).cond for k, c in out.items()}
+
+
+def _cat_conds(parts: list[dict]) -> dict:
+    """Per-sample ``model_conds`` joined into one batch (tensors concatenated, constants shared)."""
+    out = {}
+    for k, v in parts[0].items():
+        out[k] = torch.cat([p[k] for p in parts]) if torch.is_tensor(v) else v
+    return out
 
 
 class DiffusionStep:
@@ -361,8 +419,17 @@ class DiffusionStep:
                  seed: int, resolution: int, device, *, guidance: float | None = None):
         self.model, self.clip, self.prompts = model, clip, prompts
         self.device = device
-        self.latents = latents.to(device)
-        self.flipped = flipped.to(device) if flipped is not None else None
+        # A TrainingLatents (posterior mean/std, original size) from encode_latents, or plain
+        # latents (the mode; no posterior sampling, no micro-conditioning from the photo's size).
+        tl = latents if isinstance(latents, TrainingLatents) else TrainingLatents(latents, None, flipped, None)
+        self.latents = tl.mean.to(device)
+        self.std = tl.std.to(device) if tl.std is not None else None
+        self.flipped = tl.flipped_mean.to(device) if tl.flipped_mean is not None else None
+        self.flipped_std = tl.flipped_std.to(device) if tl.flipped_std is not None else None
+        self.original_size = tl.original_size
+        # A fresh random crop each step along the side longer than the training size (latent units).
+        lh, lw = self.latents.shape[-2:]
+        self.crop_size = (min(lh, max(1, resolution // 8)), min(lw, max(1, resolution // 8)))
         self.batch_size, self.seed, self.resolution = batch_size, seed, resolution
         self.guidance = guidance
         self.encoders = text_encoders(clip)
@@ -381,7 +448,7 @@ class DiffusionStep:
         self.transformer_options = _differentiable.training_transformer_options(model)
         # Models that condition on the pooled text (SDXL's y, Flux's vector) get it; others don't
         # need the encoder to compute it.
-        self.uses_pooled = _needs_pooled(model, tuple(latents.shape[1:]))
+        self.uses_pooled = _needs_pooled(model, tuple(self.latents.shape[1:]))
         self._text = None
 
     def _text_path(self, by_token_key):
@@ -396,11 +463,24 @@ class DiffusionStep:
         flip = torch.rand(b, generator=g) < 0.5
         which = torch.randint(len(self.prompts), (b,), generator=g)
         u = torch.rand(b, generator=g, dtype=torch.float64)
-        noise = torch.randn((b,) + tuple(self.latents.shape[1:]), generator=g).to(self.device)
+        ch, cw = self.crop_size
+        noise = torch.randn((b, self.latents.shape[1], ch, cw), generator=g).to(self.device)
+        lh, lw = self.latents.shape[-2:]
+        top = torch.randint(lh - ch + 1, (b,), generator=g) if lh > ch else torch.zeros(b, dtype=torch.long)
+        left = torch.randint(lw - cw + 1, (b,), generator=g) if lw > cw else torch.zeros(b, dtype=torch.long)
+        eps = torch.randn(noise.shape, generator=g).to(self.device) if self.std is not None else None
 
-        x0 = self.latents[idx.to(self.device)]
-        if self.flipped is not None and bool(flip.any()):
-            x0 = torch.where(flip.to(self.device).view(-1, 1, 1, 1), self.flipped[idx.to(self.device)], x0)
+        x0 = []
+        for i in range(b):
+            mirrored = self.flipped is not None and bool(flip[i])
+            mean, std = (self.flipped, self.flipped_std) if mirrored else (self.latents, self.std)
+            window = (int(idx[i]), slice(None), slice(int(top[i]), int(top[i]) + ch), slice(int(left[i]), int(left[i]) + cw))
+            sample = mean[window]
+            if eps is not None and std is not None:
+                sample = sample + std[window] * eps[i]  # a fresh posterior sample, as the paper's code draws
+            x0.append(sample)
+        x0 = torch.stack(x0)
+        crops = [(8 * int(top[i]), 8 * int(left[i])) for i in range(b)]
 
         by_token_key = {tkey: embeds[key] for key, (tkey, _, _) in self.encoders.items()}
         text = self._text_path({k: v.detach() for k, v in by_token_key.items()})
@@ -432,7 +512,15 @@ class DiffusionStep:
         for rows, c in groups:
             r = torch.tensor(rows, device=self.device)
             p = pooled[rows].to(self.device) if pooled is not None else None
-            kwargs = model_conds(self.model, c.to(self.device), p, noise[r], (h, w), self.device, self.guidance)
+            c = c.to(self.device)
+            if self.original_size is None and all(crops[i] == (0, 0) for i in rows):
+                kwargs = model_conds(self.model, c, p, noise[r], (h, w), self.device, self.guidance)
+            else:
+                # SDXL's micro-conditioning: the photo's real size and this sample's crop corner.
+                kwargs = _cat_conds([model_conds(self.model, c[j:j + 1], None if p is None else p[j:j + 1],
+                                                 noise[i:i + 1], (h, w), self.device, self.guidance,
+                                                 original=self.original_size, crop=crops[i])
+                                     for j, i in enumerate(rows)])
             x0_pred = self.model.model.apply_model(x_t[r], sigma[r], transformer_options=self.transformer_options,
                                                    **kwargs).float()
             # d(x0_pred)/d(model output) per sample; (b, 1, 1, 1) broadcasts, no latent-sized tensors.

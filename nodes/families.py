@@ -37,7 +37,7 @@ FAMILIES = (
 
 
 def supported_text() -> str:
-    return ", ".join(f.name for f in FAMILIES)
+    return ", ".join(dict.fromkeys(f.name.replace(" (no T5)", "") for f in FAMILIES))
 
 
 def family_of(model, clip) -> Family:

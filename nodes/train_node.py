@@ -161,7 +161,8 @@ class DTITrain(WritesEmbeddingFile):
         try:
             # Latents first: the VAE's own load may evict other models, and the UNet and
             # text encoders must then stay fully loaded for the whole run.
-            latents, flipped = ct.encode_latents(vae, model, pixels, bool(horizontal_flip))
+            latents = ct.encode_latents(vae, model, pixels, bool(horizontal_flip),
+                                        original_size=tuple(int(x) for x in images.shape[1:3]))
             # Fully loaded unless the user launched with --lowvram/--novram: then ComfyUI keeps part
             # of the weights off the GPU and casts them per layer, which training follows (the
             # cast layers recast in backward, see differentiable.py).
@@ -169,10 +170,11 @@ class DTITrain(WritesEmbeddingFile):
                                force_full_load=mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
             prompts = ct.tokenize_templates(clip, prompts_text, counts)
             with torch.inference_mode(False), torch.enable_grad():
-                latents = latents.clone()
-                flipped = flipped.clone() if flipped is not None else None
+                # normal tensors (the VAE ran under ComfyUI's inference mode)
+                latents = ct.TrainingLatents(*(t.clone() if t is not None else None for t in (
+                    latents.mean, latents.std, latents.flipped_mean, latents.flipped_std)), latents.original_size)
                 with ct.differentiable(model, clip, bool(gradient_checkpointing)):
-                    step_fn = ct.DiffusionStep(model, clip, prompts, latents, flipped, int(batch_size),
+                    step_fn = ct.DiffusionStep(model, clip, prompts, latents, None, int(batch_size),
                                                int(seed), resolution, device,
                                                guidance=float(guidance) if family.guidance else None)
                     fixed = {k: v.to(device) for k, v in frozen.items()}

@@ -45,7 +45,7 @@ def test_hostile_names_write_nothing_outside_through_every_writing_node(name, dt
     assert all_files(root) == before
     assert list(outside.iterdir()) == []
     # the node's front-door validation refuses the same names before anything is queued
-    assert dti_pack.nodes.train_node.DTITrain.VALIDATE_INPUTS(name=name, initializer="cat") is not True
+    assert dti_pack.nodes.train_node.DTITrain.VALIDATE_INPUTS(name=name) is not True
 
 
 def test_checkpoint_names_go_through_the_same_check(dti_pack, fresh_sd15, embeddings_dir):
@@ -175,10 +175,10 @@ def test_unsupported_models_are_refused_naming_what_is_supported(dti_pack, fresh
     ct = dti_pack.nodes.comfy_training
     model, clip, vae = fresh_sd15
     flux_like = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object()))
-    with pytest.raises(ValueError, match="supports SD1.x, SD2.x and SDXL.*this MODEL is SimpleNamespace"):
+    with pytest.raises(ValueError, match=r"supports SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 / SD3.5; this MODEL is SimpleNamespace"):
         run_train(dti_pack, (flux_like, clip, vae))
     no_text = types.SimpleNamespace(tokenizer=types.SimpleNamespace(), cond_stage_model=types.SimpleNamespace())
-    with pytest.raises(ValueError, match="supports SD1.x, SD2.x and SDXL.*text encoders are: none"):
+    with pytest.raises(ValueError, match=r"supports SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 / SD3.5; this CLIP \(SimpleNamespace\) has no text encoder"):
         ct.text_encoders(no_text)
 
 

@@ -87,7 +87,9 @@ def test_horizontal_flip_hands_the_step_the_mirrored_latents(hflip, dti_pack, fr
 
     class Spy(ct.DiffusionStep):
         def __init__(self, model, clip, prompts, latents, flipped, *args, **kwargs):
-            seen["latents"], seen["flipped"] = latents.clone(), None if flipped is None else flipped.clone()
+            # the node hands a TrainingLatents: posterior means (and stds) of the images and their mirrors
+            mean, fmean = latents.mean, latents.flipped_mean
+            seen["latents"], seen["flipped"] = mean.clone(), None if fmean is None else fmean.clone()
             super().__init__(model, clip, prompts, latents, flipped, *args, **kwargs)
 
     monkeypatch.setattr(ct, "DiffusionStep", Spy)
