@@ -60,7 +60,7 @@ class DTITrain(WritesEmbeddingFile):
                 "model": ("MODEL", {"tooltip": f"The diffusion model from your checkpoint or UNet loader ({supported_text()})."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder(s) from the same checkpoint. Training goes through the exact path CLIPTextEncode uses."}),
                 "vae": ("VAE", {"tooltip": "The VAE from the same checkpoint; images are encoded once and cached."}),
-                "images": ("IMAGE", {"tooltip": "3-20 images of your subject. Any size: each is centre-cropped and resized to the training resolution. Alpha is dropped, grayscale is expanded to RGB."}),
+                "images": ("IMAGE", {"tooltip": "3-20 images of your subject. Any size: the shorter side is resized to the training resolution (antialiased) and each step trains a fresh random crop, as in the paper. Alpha is dropped, grayscale is expanded to RGB."}),
                 "name": ("STRING", {"default": "my-concept", "tooltip": "File name in models/embeddings (subfolders with '/'). Letters, digits, '_', '-', '.'. Use it as embedding:NAME."}),
                 "initializer": ("STRING", {"default": "object", "tooltip": "A word close to your subject (e.g. 'dog', 'mug'). Its tokens set the number of vectors, their start and the prior direction that kappa pulls toward."}),
                 "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimisation steps. The paper uses 400 for SDXL."}),
