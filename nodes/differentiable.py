@@ -172,7 +172,14 @@ def _is_norm(m: torch.nn.Module) -> bool:
 
 
 def _checkpointed(forward, *args, **kwargs):
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    def run(*a, **k):
+        # DiT blocks add into their inputs in place (img += ...); the checkpoint keeps the inputs
+        # for the recomputation, so the block works on copies of them.
+        a = tuple(t.clone() if torch.is_tensor(t) and t.is_floating_point() else t for t in a)
+        k = {n: (v.clone() if torch.is_tensor(v) and v.is_floating_point() else v) for n, v in k.items()}
+        return forward(*a, **k)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 RESIDUAL_NORMS = ("layer_norm1", "layer_norm2", "layer_norm")

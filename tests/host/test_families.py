@@ -173,3 +173,29 @@ def test_load_slerp_strip_and_inspect_work_on_flux_files(dti_pack, flux_dev_load
     with torch.inference_mode():
         report = dti_pack.nodes.inspect_node.DTIInspect().inspect(blend, clip, 3)["result"][0]
     assert "t5xxl" in report and "clip_l" in report and "nearest:" in report
+
+
+def test_gradient_checkpointing_wraps_each_dit_block_and_keeps_the_gradient(dti_pack, fresh_flux_dev):
+    """Flux: gradient_checkpointing recomputes each double/single block (the DiT's own block lists);
+    the gradient reaching the vectors is the same, and the wrappers are gone afterwards."""
+    ct = dti_pack.nodes.comfy_training
+    model, clip, _ = fresh_flux_dev
+    net = model.model.diffusion_model
+    with torch.inference_mode():
+        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        counts = {k: v.shape[0] for k, v in init.items()}
+        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], counts)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    grads, wrapped = {}, {}
+    for gc in (False, True):
+        with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip, gc):
+            blocks = list(net.double_blocks) + list(net.single_blocks)
+            wrapped[gc] = sum("forward" in vars(b) for b in blocks)
+            step = ct.DiffusionStep(model, clip, prompts, latents, None, 1, 0, 64, torch.device("cpu"), guidance=3.5)
+            embeds = {k: (m_star[k] * init[k]).requires_grad_(True) for k in init}
+            step(embeds, 0).backward()
+            grads[gc] = {k: e.grad.clone() for k, e in embeds.items()}
+    assert wrapped == {False: 0, True: len(blocks)}
+    assert all("forward" not in vars(b) for b in blocks)
+    for k in grads[False]:
+        assert torch.allclose(grads[True][k], grads[False][k], rtol=1e-4, atol=1e-6 * float(grads[False][k].abs().max()))
