@@ -71,7 +71,7 @@ class _CastLinear(torch.autograd.Function):
 
         weight, bias = comfy.ops.cast_bias_weight(module, x)
         ctx.module, ctx.dtype, ctx.device = module, x.dtype, x.device
-        return F.linear(x, weight, bias)
+        return F.linear(x, weight, bias)  # x is 2-D (see _lean_forward): a fresh tensor, not a view
 
     @staticmethod
     def backward(ctx, grad):
@@ -88,7 +88,8 @@ class _CastConv2d(torch.autograd.Function):
 
         weight, bias = comfy.ops.cast_bias_weight(module, x)
         ctx.module, ctx.dtype, ctx.device, ctx.shape = module, x.dtype, x.device, x.shape
-        return module._conv_forward(x, weight, bias)
+        out = module._conv_forward(x, weight, bias)
+        return out.clone() if out._is_view() else out
 
     @staticmethod
     def backward(ctx, grad):
@@ -104,6 +105,10 @@ class _CastConv2d(torch.autograd.Function):
 def _lean_forward(fn, module, x, *args, **kwargs):
     if args or kwargs or not torch.is_grad_enabled() or not x.requires_grad:
         return module.__class__.forward_comfy_cast_weights(module, x, *args, **kwargs)
+    if fn is _CastLinear and x.dim() != 2:
+        # A custom Function's output must not be a view (callers modify it in place: Flux does), and
+        # linear on an N-D input returns one; run it on the flattened rows and reshape outside.
+        return fn.apply(x.reshape(-1, x.shape[-1]), module).view(*x.shape[:-1], -1)
     return fn.apply(x, module)
 
 

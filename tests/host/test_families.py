@@ -199,3 +199,20 @@ def test_gradient_checkpointing_wraps_each_dit_block_and_keeps_the_gradient(dti_
     assert all("forward" not in vars(b) for b in blocks)
     for k in grads[False]:
         assert torch.allclose(grads[True][k], grads[False][k], rtol=1e-4, atol=1e-6 * float(grads[False][k].abs().max()))
+
+
+def test_flux_with_fp8_stored_weights_trains_with_fp32_vectors_at_m_star(dti_pack, flux_dev_load, checkpoints,
+                                                                         embeddings_dir):
+    """UNETLoader weight_dtype fp8_e4m3fn (how most people run Flux): the transformer's weights stay fp8
+    and are cast per layer; the learned vectors are fp32 and at m*."""
+    model, log = checkpoints.load_diffusion_model(flux_dev_load.paths["diffusion_model"],
+                                                  {"dtype": torch.float8_e4m3fn})
+    assert model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    _, clip, vae = flux_dev_load.out
+    run_train(dti_pack, (model, clip.clone(), vae), name="flux-fp8", initializer="cat", steps=2, batch_size=1,
+              resolution=64, kappa=0.0)
+    emb = load_embedding(str(embeddings_dir / "flux-fp8.safetensors"))
+    assert model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    for k, v in emb.vectors.items():
+        assert v.dtype == torch.float32
+        assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(k)), rtol=0, atol=1e-5)
