@@ -15,7 +15,6 @@ import logging
 import torch
 
 import comfy.model_management
-import comfy.utils
 
 from ..dti_core.magnitude import target_norm
 from ..dti_core.sphere import normalize

@@ -9,7 +9,7 @@ Adding a family is one entry in ``FAMILIES``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .comfy_training import UnsupportedModelError, text_encoders
 
@@ -21,7 +21,6 @@ class Family:
     encoders: tuple[str, ...]  # embedding keys that learn vectors (all must be in the CLIP)
     resolution: int  # default training resolution, px
     guidance: bool = False  # guidance-distilled: trains at the guidance the user renders with
-    notes: dict = field(default_factory=dict)
 
 
 FAMILIES = (

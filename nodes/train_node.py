@@ -141,7 +141,6 @@ class DTITrain(WritesEmbeddingFile):
         pbar = comfy.utils.ProgressBar(int(steps), node_id=unique_id)
         pbar.update_absolute(start_step, int(steps))
         counts = {k: v.shape[0] for k, v in init.items()}
-        n_vec = max(counts.values())
         send_to_client("dti.start", {"node": unique_id, "name": name, "steps": int(steps), "start": start_step,
                                      "m_star": m_star})
 
