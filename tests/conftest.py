@@ -66,6 +66,18 @@ def comfy_path():
 HOST_DIRS = (os.sep + "host" + os.sep, os.sep + "workflows" + os.sep)
 
 
+@pytest.fixture(scope="session")
+def checkpoint_cache_dir(tmp_path_factory):
+    """The one folder every layer generates its checkpoints into: ``$DTI_TEST_CACHE`` if set, else a
+    session temp folder. One folder, not one per layer: the generated files take ~12 GB."""
+    env = os.environ.get("DTI_TEST_CACHE")
+    if env:
+        p = Path(env).expanduser().resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+    return tmp_path_factory.mktemp("dti_checkpoints")
+
+
 def pytest_terminal_summary(terminalreporter):
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     no_host = 0

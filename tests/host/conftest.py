@@ -99,17 +99,6 @@ def comfy_nodes(comfy):
 
 
 @pytest.fixture(scope="session")
-def checkpoint_cache_dir(tmp_path_factory):
-    """Where checkpoints are generated: ``$DTI_TEST_CACHE`` if set, else a session temp folder."""
-    env = os.environ.get("DTI_TEST_CACHE")
-    if env:
-        p = Path(env).expanduser().resolve()
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-    return tmp_path_factory.mktemp("dti_checkpoints")
-
-
-@pytest.fixture(scope="session")
 def embeddings_dir(comfy, tmp_path_factory):
     """A session temp folder registered first among ComfyUI's ``embeddings`` folders,
     so ``clip.tokenize("embedding:NAME")`` finds ``NAME.safetensors`` written here

@@ -437,6 +437,30 @@ def test_streaming_writer_roundtrip(tmp_path):
     assert not (tmp_path / "y.safetensors").exists()
 
 
+def test_streaming_writer_leaves_zeros_as_holes(tmp_path):
+    """All-zero tensors are skipped over, not written (the 24-layer T5 relies on it for its disk use), and
+    still read back as zeros, a trailing one included: the file keeps its full length."""
+    from safetensors import safe_open
+    big = 1 << 16  # float32 elements: 256 KiB
+    tensors = {"z1": torch.zeros(big), "x": torch.arange(5, dtype=torch.float32), "z2": torch.zeros(big)}
+    entries = [(k, tuple(v.shape), v.dtype, (lambda v=v: v.clone())) for k, v in tensors.items()]
+    size = ck.write_safetensors_streaming(tmp_path / "h.safetensors", entries)
+    assert size == os.path.getsize(tmp_path / "h.safetensors")
+    with safe_open(str(tmp_path / "h.safetensors"), framework="pt") as f:
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    assert os.stat(tmp_path / "h.safetensors").st_blocks * 512 < 2 * big * 4, "zeros were written, not skipped"
+
+
+def test_deep_t5_plan_keeps_only_the_first_blocks_live(comfy):
+    plan = ck._text_encoder_plan("t5xxl", t5_layers=4)
+    zeroed = {name for name, _shape, fill in plan if fill is ck._zero_fill}
+    assert "encoder.block.3.layer.1.DenseReluDense.wo.weight" in zeroed
+    assert "encoder.block.2.layer.0.SelfAttention.q.weight" in zeroed
+    assert not any(".block.0." in n or ".block.1." in n or "layer_norm" in n or n == "shared.weight" for n in zeroed)
+    assert len(zeroed) == 7 * (4 - ck.T5XXL_LIVE_LAYERS)  # q, k, v, o, wi_0, wi_1, wo per idle block
+
+
 @pytest.mark.skipif(os.environ.get("DTI_TEST_FULL_T5", "") != "1",
                     reason="full-depth T5-XXL (4.8 GB fp8 file, ~5 GB RAM, ~1 min a prompt): set DTI_TEST_FULL_T5=1")
 def test_full_depth_t5_through_loader_call(comfy, embeddings_dir, checkpoint_cache_dir):

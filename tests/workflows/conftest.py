@@ -42,11 +42,9 @@ def harness():
 
 
 @pytest.fixture(scope="session")
-def test_checkpoints(comfy_path, tmp_path_factory):
+def test_checkpoints(comfy_path, checkpoint_cache_dir):
     """{'sd15': path, 'sdxl': path} of the small generated checkpoints."""
-    env = os.environ.get("DTI_TEST_CACHE")
-    folder = Path(env).expanduser().resolve() if env else tmp_path_factory.mktemp("dti_checkpoints")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = checkpoint_cache_dir
     paths = {kind: folder / ck.checkpoint_filename(kind) for kind in ("sd15", "sdxl")}
     if not all(p.exists() for p in paths.values()):
         ck.setup_comfy(comfy_path, cpu=True)  # generating needs ComfyUI's classes in this process
