@@ -87,12 +87,15 @@ def train(
     optimizer_state: dict[str, list[float]] | None = None,
     on_step: Callable[[int, float, dict[str, list[float]]], None] | None = None,
     on_checkpoint: Callable[[int, "TrainResult"], None] | None = None,
+    on_vectors: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> TrainResult:
     """Learn the directions of ``init`` (``{encoder: (n, width)}``) and return ``m* . v``.
 
     ``mu`` holds the prior directions per encoder, ``m_star`` the fixed norms.
     ``on_step(step, loss, norms)`` runs after every step (it may raise to cancel);
     ``on_checkpoint(step, result)`` every ``config.checkpoint_every`` steps before the last.
+    ``on_vectors(step, vectors)`` runs after ``on_step`` with detached copies of the current ``m* . v``
+    (for previews; it must not touch the run's random streams).
     """
     config.validate()
     if set(init) != set(mu) or set(init) != set(m_star):
@@ -154,6 +157,8 @@ def train(
             history.norms[k].append(norms[k])
         if on_step is not None:
             on_step(done, loss_value, norms)
+        if on_vectors is not None:
+            on_vectors(done, {k: (scales[k] * params[k].detach()).clone() for k in keys})
         if on_checkpoint is not None and config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
             on_checkpoint(done, snapshot(done))
     return snapshot(config.steps)

@@ -76,8 +76,18 @@ def existing_result(path: str, name: str, fingerprint: str) -> Embedding | None:
     )
 
 
+# In-process listeners ``fn(event, data)`` of everything send_to_client sends (the command line's
+# terminal progress bar uses them; a browser gets the same events through the server).
+LISTENERS: list = []
+
+
 def send_to_client(event: str, data: dict) -> None:
     """Push a message to the browser tab that queued the prompt; silent when no server runs."""
+    for listener in list(LISTENERS):
+        try:
+            listener(event, data)
+        except Exception as e:  # a progress display must never fail a training run
+            log.debug("DTI: listener failed on %s: %s", event, e)
     try:
         from server import PromptServer
     except Exception:  # no server: tests, scripts

@@ -21,6 +21,7 @@ from ..dti_core.names import check_name
 from ..dti_core.templates import resolve_templates
 from ..dti_core.training import NonFiniteError, TrainConfig, train
 from . import comfy_training as ct
+from . import previews
 from .families import family_of, supported_text, trained_encoders
 from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, existing_result,
                      log, send_to_client, target_path, train_summary)
@@ -45,12 +46,13 @@ class DTITrain(WritesEmbeddingFile):
     CATEGORY = CATEGORY
     FUNCTION = "run"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", EMBEDDING_TYPE, HISTORY_TYPE)
-    RETURN_NAMES = ("prompt_text", "embedding", "history")
+    RETURN_TYPES = ("STRING", EMBEDDING_TYPE, HISTORY_TYPE, "IMAGE")
+    RETURN_NAMES = ("prompt_text", "embedding", "history", "preview")
     OUTPUT_TOOLTIPS = (
         "'embedding:NAME': paste or connect it into a CLIPTextEncode prompt.",
         "The trained embedding, for DTI Slerp Concepts / DTI Inspect.",
         "Loss and vector norms per step, for plotting.",
+        "The last preview (preview_every > 0): preview_prompt rendered with the final vectors. A black 64x64 image when previews are off.",
     )
 
     @classmethod
@@ -83,6 +85,10 @@ class DTITrain(WritesEmbeddingFile):
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the diffusion model's activations block by block in the backward pass: much less memory, about 30-60% slower per step."}),
                 "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance-distilled models (Flux.1 dev): train at the guidance you render with (FluxGuidance; 3.5 by default). Ignored by other models."}),
                 "train_encoders": ("STRING", {"default": "all", "tooltip": "Which text encoders learn vectors: 'all' (the model's: clip_l, clip_g, t5xxl as it has them) or a comma-separated list, e.g. 't5xxl'. The others keep the initializer's vectors in the file."}),
+                "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Every this many steps (and at the end) render preview_prompt with the current vectors through ComfyUI's sampler and show it on this node; the last one is the preview output. 0 = off. Does not change what is learned; each preview costs a few sampler steps."}),
+                "preview_prompt": ("STRING", {"default": "a photo of {}", "tooltip": "The preview's prompt; {} is the word being trained."}),
+                "preview_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Noise seed of every preview (fixed, so successive previews show only what the vectors changed)."}),
+                "preview_steps": ("INT", {"default": 12, "min": 1, "max": 100, "tooltip": "Sampler steps per preview (euler). Previews are at most 512 px (the training resolution if smaller)."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -90,11 +96,15 @@ class DTITrain(WritesEmbeddingFile):
     def run(self, model, clip, vae, images, name, initializer, steps, batch_size, learning_rate, kappa,
             magnitude, magnitude_value, templates, custom_templates, resolution, horizontal_flip, seed,
             save_every, resume_from, overwrite, num_vectors=0, gradient_checkpointing=False, guidance=3.5,
-            train_encoders="all", unique_id=None):
+            train_encoders="all", preview_every=0, preview_prompt="a photo of {}", preview_seed=0, preview_steps=12,
+            unique_id=None):
         name = check_name(name)
         _check_numbers(steps=steps, batch_size=batch_size, learning_rate=learning_rate, kappa=kappa,
                        magnitude_value=magnitude_value, resolution=resolution, save_every=save_every,
                        num_vectors=num_vectors, guidance=guidance)
+        _check_numbers(preview_every=preview_every, preview_seed=preview_seed, preview_steps=preview_steps)
+        if preview_every:
+            previews.check_prompt(preview_prompt)
         family = family_of(model, clip)  # refuses unsupported models and mismatched CLIPs early
         learn = trained_encoders(family, train_encoders)
         prompts_text = resolve_templates(templates, custom_templates)
@@ -113,12 +123,21 @@ class DTITrain(WritesEmbeddingFile):
         fingerprint = _fingerprint(settings, pixels, model, clip)
         path = target_path(name)
 
+        def preview(vectors):
+            # Previews never touch training's random streams (see previews.py); every encoder's
+            # vectors go in, the frozen ones included, as the saved file will hold them.
+            return previews.render(model, clip, vae, vectors, preview_prompt, int(preview_seed),
+                                   previews.preview_size(resolution), int(preview_steps),
+                                   cfg=1.0 if family.guidance else 4.0,
+                                   guidance=float(guidance) if family.guidance else None)
+
         existing = None if overwrite else existing_result(path, name, fingerprint)
         if existing is not None:
             log.info("DTI Train: %s already holds the result of these exact inputs; reusing it", path)
             send_to_client("dti.done", {"node": unique_id, "name": name, "reused": True, "path": path})
+            image = preview(existing.vectors) if preview_every else previews.blank()
             return _outputs(name, existing, None, f"Reused {name}: it was trained from these exact inputs. "
-                            "Delete the file or enable overwrite to train again.")
+                            "Delete the file or enable overwrite to train again.", image)
 
         rate = float(learning_rate) * int(batch_size)  # the reference's scale_lr
         config = TrainConfig(steps=int(steps), lr=rate, kappa=float(kappa), seed=int(seed), checkpoint_every=int(save_every))
@@ -150,6 +169,18 @@ class DTITrain(WritesEmbeddingFile):
                                             "norms": {k: sum(v) / len(v) for k, v in norms.items()}})
             mm.throw_exception_if_processing_interrupted()
 
+        last_preview = [previews.blank()]
+        full_load = mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
+
+        def on_vectors(step, vectors):
+            if not preview_every or (step % int(preview_every) and step != int(steps)):
+                return
+            image = preview({**fixed, **vectors})
+            last_preview[0] = image
+            pbar.update_absolute(step, int(steps), preview=("JPEG", previews.to_pil(image), previews.MAX_SIZE))
+            # Sampling and decoding may have moved models; training needs the UNet and encoders loaded.
+            mm.load_models_gpu([model, clip.patcher], force_full_load=full_load)
+
         def on_checkpoint(step, result):
             meta = dti_metadata(**base_meta, step=step, checkpoint_of=name,
                                 ema_sq_norm={k: json.dumps(v) for k, v in result.optimizer_state.items()})
@@ -165,8 +196,7 @@ class DTITrain(WritesEmbeddingFile):
             # Fully loaded unless the user launched with --lowvram/--novram: then ComfyUI keeps part
             # of the weights off the GPU and casts them per layer, which training follows (the
             # cast layers recast in backward, see differentiable.py).
-            mm.load_models_gpu([model, clip.patcher],
-                               force_full_load=mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
+            mm.load_models_gpu([model, clip.patcher], force_full_load=full_load)
             prompts = ct.tokenize_templates(clip, prompts_text, counts)
             with torch.inference_mode(False), torch.enable_grad():
                 # normal tensors (the VAE ran under ComfyUI's inference mode)
@@ -180,7 +210,7 @@ class DTITrain(WritesEmbeddingFile):
                     result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
                                    lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,
                                    start_step=start_step, optimizer_state=opt_state, on_step=on_step,
-                                   on_checkpoint=on_checkpoint)
+                                   on_checkpoint=on_checkpoint, on_vectors=on_vectors)
         except torch.OutOfMemoryError:
             # `finally` below drops the step and frees the memory before this propagates.
             raise mm.OOM_EXCEPTION(
@@ -202,24 +232,25 @@ class DTITrain(WritesEmbeddingFile):
                                 final_loss=result.history.loss[-1] if result.history.loss else None, learned=learn)
         send_to_client("dti.done", {"node": unique_id, "name": name, "path": saved, "reused": False,
                                     "m_star": m_star, "final_loss": result.history.loss[-1] if result.history.loss else None})
-        return _outputs(name, emb, history, summary)
+        return _outputs(name, emb, history, summary, last_preview[0])
 
 
-def _outputs(name: str, emb: Embedding, history, summary: str):
-    return {"ui": {"text": [summary]}, "result": (f"embedding:{name}", emb, history or {})}
+def _outputs(name: str, emb: Embedding, history, summary: str, preview_image: torch.Tensor):
+    return {"ui": {"text": [summary]}, "result": (f"embedding:{name}", emb, history or {}, preview_image)}
 
 
 def _check_numbers(**values) -> None:
     ranges = {
         "steps": (1, 100000), "batch_size": (1, 64), "learning_rate": (1e-6, 1.0), "kappa": (0.0, 1.0),
         "magnitude_value": (1e-3, 100.0), "resolution": (0, 4096), "save_every": (0, 100000), "num_vectors": (0, 16),
-        "guidance": (0.0, 100.0),
+        "guidance": (0.0, 100.0), "preview_every": (0, 100000), "preview_seed": (0, 0xFFFFFFFFFFFFFFFF),
+        "preview_steps": (1, 100),
     }
     for key, value in values.items():
         lo, hi = ranges[key]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not lo <= value <= hi:
             raise ValueError(f"{key} must be between {lo} and {hi}; got {value!r}")
-    if values["resolution"] and (values["resolution"] < 64 or values["resolution"] % 8):
+    if values.get("resolution") and (values["resolution"] < 64 or values["resolution"] % 8):
         raise ValueError(f"resolution must be 0 (auto) or a multiple of 8 from 64 to 4096; got {values['resolution']}")
 
 

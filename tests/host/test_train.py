@@ -23,7 +23,7 @@ def test_train_writes_a_file_that_clip_text_encode_uses(kind, request, dti_pack,
     name = f"train-{kind}"
     out = run_train(dti_pack, loaded, name=name, steps=2 if kind == "sdxl" else 3,
                     batch_size=1 if kind == "sdxl" else 2)
-    prompt, handle, history = out["result"]
+    prompt, handle, history, preview = out["result"]
     assert prompt == f"embedding:{name}"
     path = embeddings_dir / f"{name}.safetensors"
     emb = load_embedding(str(path))
