@@ -1,0 +1,189 @@
+"""The command line (``python -m dti_cli``) on the thin SD1.5 checkpoint, and previews while training."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dti_core.embedding_file import load_embedding
+from tests_host_helpers import run_train
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = dict(initializer="cat", steps=2, batch_size=2, resolution=64, seed=1, horizontal_flip=True)
+
+
+def write_images(folder: Path, n=3, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    arrays = [(rng.rand(64, 64, 3) * 255).astype("uint8") for _ in range(n)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"{i:02d}.png")
+    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)
+
+
+def cli(comfy, *args, cwd=REPO, env_extra=None):
+    env = dict(os.environ, COMFYUI_PATH=comfy.path)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "dti_cli", "--cpu", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def flags(**values):
+    out = []
+    for k, v in values.items():
+        out += ["--" + k.replace("_", "-"), str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
+
+
+def test_cli_trains_from_a_folder_as_the_node_does(comfy, dti_pack, fresh_sd15, sd15_checkpoint, embeddings_dir, tmp_path):
+    batch = write_images(tmp_path / "imgs")
+    out_dir = tmp_path / "out"
+    r = cli(comfy, "--checkpoint", sd15_checkpoint, "--images", tmp_path / "imgs", "--name", "cli-cat",
+            "--output", out_dir, *flags(**TRAIN))
+    assert r.returncode == 0, r.stderr
+    assert "step 2/2 loss " in r.stderr and "ETA" in r.stderr
+    assert "Saved embedding:cli-cat" in r.stdout
+    got = load_embedding(str(out_dir / "cli-cat.safetensors"))
+    m_star = got.m_star("clip_l")
+    assert torch.allclose(got.vectors["clip_l"].norm(dim=-1), torch.tensor(m_star), atol=1e-5)
+    # written readable by others, as the node writes
+    assert (out_dir / "cli-cat.safetensors").stat().st_mode & 0o044 == 0o044
+
+    # The node, in this process, on the same pixels and settings: the same file.
+    run_train(dti_pack, fresh_sd15, images=batch, name="cli-cat-node", **TRAIN)
+    node = load_embedding(str(embeddings_dir / "cli-cat-node.safetensors"))
+    assert torch.allclose(got.vectors["clip_l"], node.vectors["clip_l"], atol=1e-6, rtol=0)
+    strip = lambda meta: {k: v for k, v in meta.items() if k != "dti.name"}
+    assert strip(got.metadata) == strip(node.metadata)  # the fingerprint covers pixels, model, settings
+    assert got.metadata["dti.name"] == "cli-cat"
+
+
+def test_jobs_file_trains_two_concepts_with_one_model_load(comfy, sd15_checkpoint, tmp_path):
+    write_images(tmp_path / "a", n=2, seed=1)
+    write_images(tmp_path / "b", n=2, seed=2)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f'checkpoint = "{sd15_checkpoint}"\n'
+                    "[defaults]\nsteps = 1\nbatch_size = 1\nresolution = 64\n"
+                    '[[job]]\nname = "job-a"\nimages = "a"\ninitializer = "dog"\n'
+                    '[[job]]\nname = "sub/job-b"\nimages = "b"\ninitializer = "teddy bear"\nkappa = 0.0\n')
+    r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("loading model") == 1 and "2 job(s)" in r.stderr
+    a = load_embedding(str(tmp_path / "out" / "job-a.safetensors"))
+    b = load_embedding(str(tmp_path / "out" / "sub" / "job-b.safetensors"))
+    assert a.metadata["dti.initializer"] == "dog" and b.metadata["dti.initializer"] == "teddy bear"
+    assert a.metadata["dti.steps"] == "1" and a.metadata["dti.kappa"] != b.metadata["dti.kappa"]
+    assert b.vectors["clip_l"].shape[0] == 2  # 'teddy bear' is two tokens
+
+
+def test_bad_inputs_are_refused_before_the_model_loads(comfy, tmp_path):
+    write_images(tmp_path / "good", n=1)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"not a png at all")
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"checkpoint": "nowhere.safetensors", "job": [
+        {"name": "ok", "images": "missing"},
+        {"name": "ok2", "images": "empty"},
+        {"name": "../escape", "images": "good"},
+        {"name": "ok3", "images": "broken"},
+    ]}))
+    r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "out")
+    assert r.returncode == 2, r.stderr
+    err = r.stderr
+    assert "job 1: image folder" in err and "does not exist" in err
+    assert "job 2: no images in" in err
+    assert "job 3:" in err and "escape" in err
+    assert "job 4: cannot read image" in err and "x.png" in err
+    assert "checkpoint" in err and "nowhere.safetensors does not exist" in err
+    assert "loading model" not in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "ok.safetensors").exists()
+
+    jobs.write_text(json.dumps({"job": [{"name": "x", "images": "good", "stepz": 3}]}))
+    r = cli(comfy, "--jobs", jobs)
+    assert r.returncode == 2 and "unknown key(s) stepz" in r.stderr
+
+
+def test_cli_finds_the_comfyui_it_sits_in(tmp_path):
+    # ComfyUI/custom_nodes/ComfyUI-DTI (a symlink here), no COMFYUI_PATH: ../.. is used.
+    root = tmp_path / "ComfyUI"
+    (root / "comfy").mkdir(parents=True)
+    (root / "comfy" / "sd.py").write_text("")
+    (root / "folder_paths.py").write_text("")
+    (root / "custom_nodes").mkdir()
+    link = root / "custom_nodes" / "ComfyUI-DTI"
+    link.symlink_to(REPO)
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_PATH"}
+    code = "import os, dti_cli.main as m; print(m.find_comfyui(None))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=link, env=dict(env, PWD=str(link)), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(root.resolve())
+
+
+def test_images_are_read_as_load_image_reads_them(tmp_path):
+    sys.path.insert(0, str(REPO))
+    try:
+        from dti_cli.main import load_folder
+    finally:
+        sys.path.remove(str(REPO))
+    # EXIF orientation 6 (rotate 90 degrees): a 40x20 stored image shows as 20 wide, 40 high.
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "a.jpg", exif=exif.tobytes())
+    Image.new("RGBA", (20, 40), (0, 255, 0, 10)).save(tmp_path / "b.png")
+    (tmp_path / "notes.txt").write_text("ignored")
+    batch, note = load_folder(tmp_path)
+    assert batch.shape == (2, 40, 20, 3) and note is None
+    assert batch[1, 0, 0].tolist() == [0.0, 1.0, 0.0]  # alpha dropped, as LoadImage's RGB convert does
+
+
+# ---------------------------------------------------------------------------------------------
+# previews
+# ---------------------------------------------------------------------------------------------
+
+def test_previews_do_not_change_the_result(dti_pack, fresh_sd15, embeddings_dir, comfy):
+    seen = []
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, preview)))
+    try:
+        plain = run_train(dti_pack, fresh_sd15, name="pv-off", steps=3, batch_size=1)
+        shown = run_train(dti_pack, fresh_sd15, name="pv-on", steps=3, batch_size=1, preview_every=2,
+                          preview_steps=1, preview_prompt="a {} on a table", preview_seed=5)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    a = load_embedding(str(embeddings_dir / "pv-off.safetensors"))
+    b = load_embedding(str(embeddings_dir / "pv-on.safetensors"))
+    assert torch.equal(a.vectors["clip_l"], b.vectors["clip_l"])
+    assert plain["result"][2]["loss"] == shown["result"][2]["loss"]
+    # off: a black placeholder; on: a real image of the preview size
+    assert plain["result"][3].shape == (1, 64, 64, 3) and float(plain["result"][3].abs().sum()) == 0
+    image = shown["result"][3]
+    assert image.shape == (1, 64, 64, 3) and image.dtype == torch.float32 and float(image.std()) > 0
+    # shown on the node at step 2 and at the end (step 3), in ComfyUI's preview format
+    previews = [(v, p) for v, p in seen if p is not None]
+    assert [v for v, _ in previews] == [2, 3]
+    assert all(p[0] == "JPEG" and p[1].size == (64, 64) for _, p in previews)
+
+
+def test_preview_follows_the_vectors(dti_pack, fresh_sd15):
+    model, clip, vae = fresh_sd15
+    pv = dti_pack.nodes.previews
+    with torch.inference_mode():
+        init, _, m_star = dti_pack.nodes.comfy_training.initial_vectors(clip, "cat", 0, "mean")
+        v = {"clip_l": m_star["clip_l"] * init["clip_l"]}
+        w = {"clip_l": m_star["clip_l"] * dti_pack.nodes.comfy_training.initial_vectors(clip, "car", 0, "mean")[0]["clip_l"]}
+        one = pv.render(model, clip, vae, v, "a photo of {}", 3, 64, 1)
+        again = pv.render(model, clip, vae, v, "a photo of {}", 3, 64, 1)
+        other = pv.render(model, clip, vae, w, "a photo of {}", 3, 64, 1)
+    assert torch.equal(one, again)  # fixed seed
+    assert not torch.allclose(one, other, atol=1e-4)  # the vectors reach the image
+    with pytest.raises(ValueError, match=r"must contain \{\}"):
+        pv.check_prompt("a photo of a cat")
