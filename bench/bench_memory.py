@@ -84,7 +84,7 @@ def one(kind: str, res: int, bs: int, grad_ckpt: bool, full: bool, steps: int) -
             return out
         return wrapped
 
-    ct.encode_latents = phase("latents", ct.encode_latents)
+    ct.encode_buckets = phase("latents", ct.encode_buckets)
     ct.DiffusionStep.__call__ = phase("step", ct.DiffusionStep.__call__)
     images = torch.rand(4, res, res, 3)
     t0 = time.perf_counter()

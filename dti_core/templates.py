@@ -77,3 +77,17 @@ def resolve_templates(preset: str, custom: str = "") -> list[str]:
         if line.count(PLACEHOLDER) != 1:
             raise ValueError(f"custom template {line!r} must contain the placeholder {{}} exactly once")
     return lines
+
+
+def parse_captions(text: str, count: int) -> list[str]:
+    """Per-image captions: one non-empty line per training image, in image order, each holding
+    ``{}`` exactly once where the learned word goes."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) != count:
+        raise ValueError(f"captions: {len(lines)} line(s) for {count} image(s); write one line per image, in the "
+                         f"order of the images (the images batch first, then the folder's files by name)")
+    for k, line in enumerate(lines, 1):
+        if line.count(PLACEHOLDER) != 1:
+            raise ValueError(f"caption {k} {line!r} must contain the placeholder {{}} exactly once "
+                             f"(where the learned word goes)")
+    return lines

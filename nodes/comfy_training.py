@@ -230,15 +230,211 @@ def prepare_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
     return samples.clamp(0.0, 1.0).movedim(1, -1)
 
 
+# SDXL's training buckets (height, width) at 1024 x 1024 px area (SDXL report, appendix I).
+SDXL_BUCKETS = [
+    (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),
+    (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280), (832, 1216), (832, 1152),
+    (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024), (1024, 960), (1088, 960), (1088, 896),
+    (1152, 896), (1152, 832), (1216, 832), (1280, 768), (1344, 768), (1344, 704), (1408, 704), (1472, 704),
+    (1536, 640), (1600, 640), (1664, 576), (1728, 576), (1792, 576), (1856, 512), (1920, 512), (1984, 512),
+    (2048, 512),
+]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def buckets_for(resolution: int) -> list[tuple[int, int]]:
+    """SDXL's bucket list scaled to ``resolution``'s area: sides in multiples of 64 px (8 px below
+    512, where 64 px steps would be too coarse), duplicates after rounding dropped."""
+    q = 64 if resolution >= 512 else 8
+    scale = resolution / 1024
+    return sorted({(max(q, round(h * scale / q) * q), max(q, round(w * scale / q) * q)) for h, w in SDXL_BUCKETS})
+
+
+def choose_bucket(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log ratio), then the one whose
+    area is closest to ``resolution`` squared."""
+    import math
+
+    ratio = math.log(height / width)
+    return min(buckets_for(resolution),
+               key=lambda b: (round(abs(math.log(b[0] / b[1]) - ratio), 9), abs(b[0] * b[1] - resolution ** 2)))
+
+
+class TrainingImage:
+    """One training photo at its own size: RGB (H, W, 3) in [0, 1], an optional subject mask
+    (H, W) (1 = subject: the loss counts there), and where it came from (for error messages)."""
+
+    def __init__(self, pixels: torch.Tensor, mask: torch.Tensor | None, source: str):
+        self.pixels, self.mask, self.source = pixels, mask, source
+
+
+def _rgb(images: torch.Tensor, what: str) -> torch.Tensor:
+    channels = images.shape[-1]
+    if channels == 1:
+        images = images.expand(-1, -1, -1, 3)
+    elif channels == 4:
+        images = images[..., :3]
+    elif channels != 3:
+        raise ValueError(f"{what} must have 1, 3 or 4 channels, got {channels}")
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{what} contains NaN or infinite pixel values")
+    return images.float().clamp(0.0, 1.0)
+
+
+def _check_mask(mask: torch.Tensor, source: str) -> torch.Tensor:
+    if not bool(torch.isfinite(mask).all()):
+        raise ValueError(f"the mask of {source} contains NaN or infinite values")
+    mask = mask.float().clamp(0.0, 1.0)
+    if float(mask.max()) <= 0.0:
+        raise ValueError(f"the mask of {source} is empty (all 0): the mask marks the subject with 1 (white). "
+                         "LoadImage's MASK is 1 where the PNG is transparent, so for a cut-out subject on a "
+                         "transparent background put an InvertMask node between them")
+    return mask
+
+
+def load_training_images(images: torch.Tensor | None, mask: torch.Tensor | None = None,
+                         folder: str = "") -> list[TrainingImage]:
+    """The IMAGE batch (with the optional MASK: one for all images or one per image, resized to the
+    images if its size differs) and every image of ``folder`` (a folder under ComfyUI's input
+    directory, files by name, each at its own size; PNG alpha is its subject mask)."""
+    items = []
+    if images is not None:
+        if not torch.is_tensor(images) or images.dim() != 4:
+            raise ValueError(f"images must be an IMAGE batch (B, H, W, C); got {getattr(images, 'shape', type(images))}")
+        if images.shape[0] > 0:
+            px = _rgb(images, "the image batch")
+            masks = None
+            if mask is not None:
+                m = mask if mask.dim() == 3 else mask.view(1, *mask.shape[-2:])
+                if m.shape[0] not in (1, px.shape[0]):
+                    raise ValueError(f"mask: {m.shape[0]} masks for {px.shape[0]} images; give one mask for all "
+                                     "images or one per image")
+                m = m.float()
+                if tuple(m.shape[-2:]) != tuple(px.shape[1:3]):
+                    m = torch.nn.functional.interpolate(m[:, None], size=tuple(px.shape[1:3]), mode="bilinear",
+                                                        align_corners=False)[:, 0]
+                masks = m.expand(px.shape[0], -1, -1)
+            for i in range(px.shape[0]):
+                src = f"image {i + 1} of the batch"
+                items.append(TrainingImage(px[i], None if masks is None else _check_mask(masks[i], src), src))
+    if folder and folder.strip():
+        items.extend(_folder_images(folder.strip()))
+    if not items:
+        raise ValueError("the image batch is empty: connect at least one image of the concept")
+    return items
+
+
+def _folder_images(folder: str) -> list[TrainingImage]:
+    import os
+
+    import folder_paths
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    root = os.path.realpath(folder_paths.get_input_directory())
+    path = os.path.realpath(os.path.join(root, folder))
+    if os.path.isabs(folder) or "\0" in folder or os.path.commonpath([root, path]) != root:
+        raise ValueError(f"image_folder {folder!r} must be a folder inside ComfyUI's input directory")
+    if not os.path.isdir(path):
+        raise ValueError(f"image_folder {folder!r}: no such folder in ComfyUI's input directory ({root})")
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(path, n)))
+    if not names:
+        raise ValueError(f"image_folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    items = []
+    for name in names:
+        src = f"{folder}/{name}"
+        try:
+            with Image.open(os.path.join(path, name)) as im:
+                im = ImageOps.exif_transpose(im)
+                alpha = None
+                if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+                    alpha = np.array(im.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
+                rgb = np.array(im.convert("RGB"), dtype=np.float32) / 255.0
+        except (OSError, ValueError) as e:
+            raise ValueError(f"image_folder: cannot read {src}: {e}") from None
+        # alpha is the subject mask as it stands (opaque = subject), unlike LoadImage's 1 - alpha
+        mask = _check_mask(torch.from_numpy(alpha), src) if alpha is not None else None
+        items.append(TrainingImage(torch.from_numpy(rgb), mask, src))
+    return items
+
+
+def bucket_resize(item: TrainingImage, resolution: int):
+    """``(bucket, pixels (1, h, w, 3), mask (h, w) or None)``: the image resized (antialiased
+    bicubic, as the paper's pipeline) to the smallest size that covers its bucket, sides rounded down
+    to 8 px; each step crops a bucket-sized window of it in latent space."""
+    h, w = item.pixels.shape[:2]
+    bh, bw = choose_bucket(h, w, resolution)
+    scale = max(bh / h, bw / w)
+    size = (max(bh, int(h * scale) // 8 * 8), max(bw, int(w * scale) // 8 * 8))
+    samples = item.pixels.movedim(-1, 0)[None]
+    if (h, w) != size:
+        samples = torch.nn.functional.interpolate(samples, size=size, mode="bicubic", antialias=True,
+                                                  align_corners=False).clamp(0.0, 1.0)
+    mask = item.mask
+    if mask is not None and tuple(mask.shape) != size:
+        mask = torch.nn.functional.interpolate(mask[None, None], size=size, mode="bilinear", antialias=True,
+                                               align_corners=False)[0, 0].clamp(0.0, 1.0)
+    return (bh, bw), samples.movedim(1, -1), mask
+
+
+def encode_buckets(vae, model, items: list[TrainingImage], resolution: int, hflip: bool) -> list["TrainingLatents"]:
+    """Every image resized to its bucket and VAE-encoded once (posterior mean and std, mirrored too
+    if ``hflip``), its mask averaged down to latent resolution; one ``TrainingLatents`` per bucket
+    holding per-image tensors (images of one bucket may differ in size by the crop margin)."""
+    any_mask = any(it.mask is not None for it in items)
+    groups: dict[tuple[int, int], dict] = {}
+    for k, it in enumerate(items):
+        bucket, px, mask = bucket_resize(it, resolution)
+        mean, std = _posterior_moments(vae, model, px)
+        fmean, fstd = _posterior_moments(vae, model, px.flip(2)) if hflip else (None, None)
+        lmask = None
+        if any_mask:
+            m = mask if mask is not None else torch.ones(px.shape[1:3])
+            # the share of subject in each latent cell: the loss weight of that cell
+            lmask = torch.nn.functional.adaptive_avg_pool2d(m[None, None].float(), tuple(mean.shape[-2:]))
+            lmask = lmask.to(mean.device)
+        g = groups.setdefault(bucket, dict(mean=[], std=[], fmean=[], fstd=[], mask=[], orig=[], index=[]))
+        for key, v in (("mean", mean), ("std", std), ("fmean", fmean), ("fstd", fstd), ("mask", lmask)):
+            g[key].append(v)
+        g["orig"].append(tuple(int(x) for x in it.pixels.shape[:2]))
+        g["index"].append(k)
+    out = []
+    for (bh, bw), g in groups.items():
+        def lst(key):
+            return None if any(v is None for v in g[key]) else g[key]
+        out.append(TrainingLatents(g["mean"], lst("std"), lst("fmean"), lst("fstd"), original_size=g["orig"],
+                                   mask=lst("mask"), crop=(bh // 8, bw // 8), index=g["index"]))
+    return out
+
+
 class TrainingLatents:
     """The training images in the model's latent space: posterior mean and std (and the mirrored
     images'), cached once; each step samples ``mean + std * eps`` in a random crop, as the paper's
     code draws a fresh VAE posterior sample of a fresh random crop."""
 
-    def __init__(self, mean, std, flipped_mean=None, flipped_std=None, original_size=None):
+    def __init__(self, mean, std, flipped_mean=None, flipped_std=None, original_size=None, *, mask=None,
+                 crop=None, index=None):
+        # One (B, C, h, w) tensor, or per image a list of (1, C, h_i, w_i) tensors (bucketed images).
         self.mean, self.std = mean, std
         self.flipped_mean, self.flipped_std = flipped_mean, flipped_std
-        self.original_size = original_size  # (height, width) of the images before the resize
+        # (height, width) of the images before the resize: one for all, or a list, one per image
+        self.original_size = original_size
+        self.mask = mask  # subject weight per latent cell, (B or 1, 1, h, w) per image; None = all
+        self.crop = crop  # the crop (latent units) each step trains; None = the training resolution
+        self.index = index  # each image's position among all training images (binds its caption)
+
+    def cloned(self) -> "TrainingLatents":
+        """A copy made of normal tensors (the VAE ran under ComfyUI's inference mode)."""
+        def c(v):
+            if v is None:
+                return None
+            return [t.clone() for t in v] if isinstance(v, list) else v.clone()
+        return TrainingLatents(c(self.mean), c(self.std), c(self.flipped_mean), c(self.flipped_std),
+                               self.original_size, mask=c(self.mask), crop=self.crop, index=self.index)
+
+    def count(self) -> int:
+        return len(self.mean) if isinstance(self.mean, list) else int(self.mean.shape[0])
 
 
 def _posterior_moments(vae, model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -415,20 +611,22 @@ class DiffusionStep:
     """
 
     def __init__(self, model, clip, prompts: list[PromptTokens], latents, flipped, batch_size: int,
-                 seed: int, resolution: int, device, *, guidance: float | None = None):
+                 seed: int, resolution: int, device, *, guidance: float | None = None,
+                 per_image_prompts: bool = False):
         self.model, self.clip, self.prompts = model, clip, prompts
         self.device = device
-        # A TrainingLatents (posterior mean/std, original size) from encode_latents, or plain
-        # latents (the mode; no posterior sampling, no micro-conditioning from the photo's size).
-        tl = latents if isinstance(latents, TrainingLatents) else TrainingLatents(latents, None, flipped, None)
-        self.latents = tl.mean.to(device)
-        self.std = tl.std.to(device) if tl.std is not None else None
-        self.flipped = tl.flipped_mean.to(device) if tl.flipped_mean is not None else None
-        self.flipped_std = tl.flipped_std.to(device) if tl.flipped_std is not None else None
-        self.original_size = tl.original_size
-        # A fresh random crop each step along the side longer than the training size (latent units).
-        lh, lw = self.latents.shape[-2:]
-        self.crop_size = (min(lh, max(1, resolution // 8)), min(lw, max(1, resolution // 8)))
+        # A TrainingLatents (posterior mean/std, original size) from encode_latents, a list of them
+        # (one per bucket) from encode_buckets, or plain latents (the mode; no posterior sampling, no
+        # micro-conditioning from the photo's size).
+        if isinstance(latents, (list, tuple)):
+            groups = list(latents)
+        else:
+            groups = [latents if isinstance(latents, TrainingLatents) else TrainingLatents(latents, None, flipped, None)]
+        self.buckets = [_Bucket(tl, resolution, device) for tl in groups]
+        self.bucket_weights = torch.tensor([float(len(bk.mean)) for bk in self.buckets])
+        self.masked = any(bk.mask is not None for bk in self.buckets)
+        # captions: prompt k belongs to image k
+        self.per_image_prompts = per_image_prompts
         self.batch_size, self.seed, self.resolution = batch_size, seed, resolution
         self.guidance = guidance
         self.encoders = text_encoders(clip)
@@ -447,7 +645,8 @@ class DiffusionStep:
         self.transformer_options = _differentiable.training_transformer_options(model)
         # Models that condition on the pooled text (SDXL's y, Flux's vector) get it; others don't
         # need the encoder to compute it.
-        self.uses_pooled = _needs_pooled(model, tuple(self.latents.shape[1:]))
+        first = self.buckets[0]
+        self.uses_pooled = _needs_pooled(model, (first.mean[0].shape[0],) + tuple(first.crop))
         self._text = None
 
     def _text_path(self, by_token_key):
@@ -457,29 +656,42 @@ class DiffusionStep:
 
     def __call__(self, embeds: dict[str, torch.Tensor], step: int) -> torch.Tensor:
         g = step_generator(self.seed, step)
-        n, b = self.latents.shape[0], self.batch_size
+        # One bucket per step, chosen in proportion to its images: every image is drawn equally often.
+        k = int(torch.multinomial(self.bucket_weights, 1, generator=g)) if len(self.buckets) > 1 else 0
+        bk = self.buckets[k]
+        n, b = len(bk.mean), self.batch_size
         idx = torch.randint(n, (b,), generator=g)
         flip = torch.rand(b, generator=g) < 0.5
         which = torch.randint(len(self.prompts), (b,), generator=g)
         u = torch.rand(b, generator=g, dtype=torch.float64)
-        ch, cw = self.crop_size
-        noise = torch.randn((b, self.latents.shape[1], ch, cw), generator=g).to(self.device)
-        lh, lw = self.latents.shape[-2:]
-        top = torch.randint(lh - ch + 1, (b,), generator=g) if lh > ch else torch.zeros(b, dtype=torch.long)
-        left = torch.randint(lw - cw + 1, (b,), generator=g) if lw > cw else torch.zeros(b, dtype=torch.long)
-        eps = torch.randn(noise.shape, generator=g).to(self.device) if self.std is not None else None
+        ch, cw = bk.crop
+        noise = torch.randn((b, bk.mean[0].shape[0], ch, cw), generator=g).to(self.device)
+        # A fresh random crop corner per sample, within that image's margin (latent units).
+        ru = torch.rand(b, generator=g, dtype=torch.float64)
+        rv = torch.rand(b, generator=g, dtype=torch.float64)
+        eps = torch.randn(noise.shape, generator=g).to(self.device) if bk.std is not None else None
+        if self.per_image_prompts:
+            which = torch.tensor([bk.index[int(i)] for i in idx])
 
-        x0 = []
+        x0, weights, crops, originals = [], [], [], []
         for i in range(b):
-            mirrored = self.flipped is not None and bool(flip[i])
-            mean, std = (self.flipped, self.flipped_std) if mirrored else (self.latents, self.std)
-            window = (int(idx[i]), slice(None), slice(int(top[i]), int(top[i]) + ch), slice(int(left[i]), int(left[i]) + cw))
+            j = int(idx[i])
+            mirrored = bk.flipped is not None and bool(flip[i])
+            mean, std = (bk.flipped[j], bk.flipped_std) if mirrored else (bk.mean[j], bk.std)
+            lh, lw = mean.shape[-2:]
+            top, left = int(ru[i] * (lh - ch + 1)), int(rv[i] * (lw - cw + 1))
+            window = (slice(None), slice(top, top + ch), slice(left, left + cw))
             sample = mean[window]
             if eps is not None and std is not None:
-                sample = sample + std[window] * eps[i]  # a fresh posterior sample, as the paper's code draws
+                sample = sample + std[j][window] * eps[i]  # a fresh posterior sample, as the paper's code draws
             x0.append(sample)
+            if self.masked:
+                m = bk.flipped_mask[j] if mirrored else bk.mask[j]
+                weights.append(m[window])
+            crops.append((8 * top, 8 * left))
+            originals.append(bk.original_size[j])
         x0 = torch.stack(x0)
-        crops = [(8 * int(top[i]), 8 * int(left[i])) for i in range(b)]
+        weight = torch.stack(weights) if self.masked else None
 
         by_token_key = {tkey: embeds[key] for key, (tkey, _, _) in self.encoders.items()}
         text = self._text_path({k: v.detach() for k, v in by_token_key.items()})
@@ -497,7 +709,7 @@ class DiffusionStep:
             timestep = (self.t_min + u * (self.t_max - self.t_min)).float()
             sigma = self.ms.sigma(timestep).to(self.device)
         x_t = self.ms.noise_scaling(sigma, noise, x0)
-        h, w = self.resolution, self.resolution
+        h, w = 8 * ch, 8 * cw  # SDXL's target size: the bucket
         if torch.is_tensor(cond):
             groups = [(list(range(b)), cond)]
         else:
@@ -507,28 +719,55 @@ class DiffusionStep:
             for i, c in enumerate(cond):
                 by_len.setdefault(c.shape[1], []).append(i)
             groups = [(rows, torch.cat([cond[i] for i in rows])) for rows in by_len.values()]
-        losses = []
+        total = None
         for rows, c in groups:
             r = torch.tensor(rows, device=self.device)
             p = pooled[rows].to(self.device) if pooled is not None else None
             c = c.to(self.device)
-            if self.original_size is None and all(crops[i] == (0, 0) for i in rows):
+            if all(originals[i] is None and crops[i] == (0, 0) for i in rows):
                 kwargs = model_conds(self.model, c, p, noise[r], (h, w), self.device, self.guidance)
             else:
                 # SDXL's micro-conditioning: the photo's real size and this sample's crop corner.
                 kwargs = _cat_conds([model_conds(self.model, c[j:j + 1], None if p is None else p[j:j + 1],
                                                  noise[i:i + 1], (h, w), self.device, self.guidance,
-                                                 original=self.original_size, crop=crops[i])
+                                                 original=originals[i], crop=crops[i])
                                      for j, i in enumerate(rows)])
             x0_pred = self.model.model.apply_model(x_t[r], sigma[r], transformer_options=self.transformer_options,
                                                    **kwargs).float()
             # d(x0_pred)/d(model output) per sample; (b, 1, 1, 1) broadcasts, no latent-sized tensors.
             unit = torch.ones((len(rows),) + (1,) * (x0_pred.dim() - 1), device=x0_pred.device)
             slope = self.ms.calculate_denoised(sigma[r], unit, torch.zeros_like(unit))
-            losses.append(((x0_pred - x0[r]) / slope) ** 2)
-        if len(losses) == 1:
-            return losses[0].mean()
-        return sum(l.sum() for l in losses) / x0.numel()  # the same element-wise mean over the batch
+            err = ((x0_pred - x0[r]) / slope) ** 2
+            part = (err * weight[r]).sum() if weight is not None else err.sum()
+            total = part if total is None else total + part
+        if weight is None:
+            return total / x0.numel()  # element-wise mean over the batch, as the reference
+        # Masked: the weighted mean over the subject's latent cells (and all channels) of the batch.
+        return total / (weight.sum() * x0.shape[1]).clamp(min=1e-8)
+
+
+class _Bucket:
+    """One bucket's cached latents as per-image tensors on the device, and its crop size."""
+
+    def __init__(self, tl: TrainingLatents, resolution: int, device):
+        def per_image(v):
+            if v is None:
+                return None
+            return [t[0].to(device) for t in v] if isinstance(v, list) else list(v.to(device))
+        self.mean, self.std = per_image(tl.mean), per_image(tl.std)
+        self.flipped, self.flipped_std = per_image(tl.flipped_mean), per_image(tl.flipped_std)
+        self.mask = per_image(tl.mask)
+        self.flipped_mask = [m.flip(-1) for m in self.mask] if self.mask is not None and self.flipped is not None else None
+        n = len(self.mean)
+        orig = tl.original_size
+        self.original_size = list(orig) if isinstance(orig, list) else [orig] * n
+        self.index = list(tl.index) if tl.index is not None else list(range(n))
+        if tl.crop is not None:
+            self.crop = tuple(tl.crop)
+        else:
+            lh = min(t.shape[-2] for t in self.mean)
+            lw = min(t.shape[-1] for t in self.mean)
+            self.crop = (min(lh, max(1, resolution // 8)), min(lw, max(1, resolution // 8)))
 
 
 def _needs_pooled(model, latent_shape: tuple) -> bool:

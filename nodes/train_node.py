@@ -18,7 +18,7 @@ import comfy.utils
 from ..dti_core import __version__
 from ..dti_core.embedding_file import Embedding, EmbeddingFileError, dti_metadata, load_embedding, save_embedding
 from ..dti_core.names import check_name
-from ..dti_core.templates import resolve_templates
+from ..dti_core.templates import parse_captions, resolve_templates
 from ..dti_core.training import NonFiniteError, TrainConfig, train
 from . import comfy_training as ct
 from . import previews
@@ -62,7 +62,7 @@ class DTITrain(WritesEmbeddingFile):
                 "model": ("MODEL", {"tooltip": f"The diffusion model from your checkpoint or UNet loader ({supported_text()})."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder(s) from the same checkpoint. Training goes through the exact path CLIPTextEncode uses."}),
                 "vae": ("VAE", {"tooltip": "The VAE from the same checkpoint; images are encoded once and cached."}),
-                "images": ("IMAGE", {"tooltip": "3-20 images of your subject. Any size: the shorter side is resized to the training resolution (antialiased) and each step trains a fresh random crop, as in the paper. Alpha is dropped, grayscale is expanded to RGB."}),
+                "images": ("IMAGE", {"tooltip": "3-20 images of your subject (one IMAGE batch is one size; for photos of different sizes use image_folder too). Each image trains at its own aspect ratio: it is resized (antialiased) to cover the nearest of SDXL's bucket sizes scaled to the training resolution, and each step trains a fresh random crop of that size. Alpha is dropped (use the mask input), grayscale is expanded to RGB."}),
                 "name": ("STRING", {"default": "my-concept", "tooltip": "File name in models/embeddings (subfolders with '/'). Letters, digits, '_', '-', '.'. Use it as embedding:NAME."}),
                 "initializer": ("STRING", {"default": "object", "tooltip": "A word close to your subject (e.g. 'dog', 'mug'). Its tokens set the number of vectors, their start and the prior direction that kappa pulls toward."}),
                 "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimisation steps. The paper uses 400 for SDXL."}),
@@ -85,6 +85,9 @@ class DTITrain(WritesEmbeddingFile):
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the diffusion model's activations block by block in the backward pass: much less memory, about 30-60% slower per step."}),
                 "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance-distilled models (Flux.1 dev): train at the guidance you render with (FluxGuidance; 3.5 by default). Ignored by other models."}),
                 "train_encoders": ("STRING", {"default": "all", "tooltip": "Which text encoders learn vectors: 'all' (the model's: clip_l, clip_g, t5xxl as it has them) or a comma-separated list, e.g. 't5xxl'. The others keep the initializer's vectors in the file."}),
+                "mask": ("MASK", {"tooltip": "Optional: where the subject is. 1 (white) = subject, the loss counts there; 0 (black) = ignored (background, other objects). One mask for every image or one per image; resized to the images. Careful: LoadImage's MASK is 1 where the PNG is TRANSPARENT, so for a cut-out subject on a transparent background put InvertMask in between (a mask painted over the subject in the mask editor is right as it is)."}),
+                "image_folder": ("STRING", {"default": "", "tooltip": "Optional: a folder inside ComfyUI's input directory (e.g. 'my-dog'). All its images (png, jpg, webp, ...) train too, each at its own size and aspect ratio, after the images batch, in file-name order. A PNG's transparency is its mask: opaque = subject."}),
+                "captions": ("STRING", {"default": "", "multiline": True, "tooltip": "Optional, instead of the templates: one caption per image, in order (the images batch first, then the folder's files by name), each with {} where the learned word goes, e.g. 'a photo of {} on a beach'. Empty = use the templates."}),
                 "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Every this many steps (and at the end) render preview_prompt with the current vectors through ComfyUI's sampler and show it on this node; the last one is the preview output. 0 = off. Does not change what is learned; each preview costs a few sampler steps."}),
                 "preview_prompt": ("STRING", {"default": "a photo of {}", "tooltip": "The preview's prompt; {} is the word being trained."}),
                 "preview_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Noise seed of every preview (fixed, so successive previews show only what the vectors changed)."}),
@@ -96,8 +99,8 @@ class DTITrain(WritesEmbeddingFile):
     def run(self, model, clip, vae, images, name, initializer, steps, batch_size, learning_rate, kappa,
             magnitude, magnitude_value, templates, custom_templates, resolution, horizontal_flip, seed,
             save_every, resume_from, overwrite, num_vectors=0, gradient_checkpointing=False, guidance=3.5,
-            train_encoders="all", preview_every=0, preview_prompt="a photo of {}", preview_seed=0, preview_steps=12,
-            unique_id=None):
+            train_encoders="all", mask=None, image_folder="", captions="", preview_every=0,
+            preview_prompt="a photo of {}", preview_seed=0, preview_steps=12, unique_id=None):
         name = check_name(name)
         _check_numbers(steps=steps, batch_size=batch_size, learning_rate=learning_rate, kappa=kappa,
                        magnitude_value=magnitude_value, resolution=resolution, save_every=save_every,
@@ -107,15 +110,22 @@ class DTITrain(WritesEmbeddingFile):
             previews.check_prompt(preview_prompt)
         family = family_of(model, clip)  # refuses unsupported models and mismatched CLIPs early
         learn = trained_encoders(family, train_encoders)
-        prompts_text = resolve_templates(templates, custom_templates)
+        items = ct.load_training_images(images, mask, image_folder or "")
+        per_image = bool(captions and captions.strip())
+        prompts_text = (parse_captions(captions, len(items)) if per_image
+                        else resolve_templates(templates, custom_templates))
         if resolution == 0:
             resolution = family.resolution
-        pixels = ct.prepare_images(images, resolution)
+        pixels = [t for it in items for t in ((it.pixels,) if it.mask is None else (it.pixels, it.mask))]
         mag = float(magnitude_value) if magnitude == "number" else magnitude
         settings = dict(initializer=initializer, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                         kappa=kappa, magnitude=mag, templates=prompts_text, resolution=resolution,
                         horizontal_flip=bool(horizontal_flip), seed=seed, num_vectors=num_vectors,
                         resume_from=resume_from)
+        if per_image:
+            settings["captions"] = True
+        if any(it.mask is not None for it in items):
+            settings["masked"] = [it.mask is not None for it in items]
         if family.guidance:
             settings["guidance"] = float(guidance)
         if learn != family.encoders:
@@ -191,8 +201,7 @@ class DTITrain(WritesEmbeddingFile):
         try:
             # Latents first: the VAE's own load may evict other models, and the UNet and
             # text encoders must then stay fully loaded for the whole run.
-            latents = ct.encode_latents(vae, model, pixels, bool(horizontal_flip),
-                                        original_size=tuple(int(x) for x in images.shape[1:3]))
+            latents = ct.encode_buckets(vae, model, items, resolution, bool(horizontal_flip))
             # Fully loaded unless the user launched with --lowvram/--novram: then ComfyUI keeps part
             # of the weights off the GPU and casts them per layer, which training follows (the
             # cast layers recast in backward, see differentiable.py).
@@ -200,12 +209,12 @@ class DTITrain(WritesEmbeddingFile):
             prompts = ct.tokenize_templates(clip, prompts_text, counts)
             with torch.inference_mode(False), torch.enable_grad():
                 # normal tensors (the VAE ran under ComfyUI's inference mode)
-                latents = ct.TrainingLatents(*(t.clone() if t is not None else None for t in (
-                    latents.mean, latents.std, latents.flipped_mean, latents.flipped_std)), latents.original_size)
+                latents = [tl.cloned() for tl in latents]
                 with ct.differentiable(model, clip, bool(gradient_checkpointing)):
                     step_fn = ct.DiffusionStep(model, clip, prompts, latents, None, int(batch_size),
                                                int(seed), resolution, device,
-                                               guidance=float(guidance) if family.guidance else None)
+                                               guidance=float(guidance) if family.guidance else None,
+                                               per_image_prompts=per_image)
                     fixed = {k: v.to(device) for k, v in frozen.items()}
                     result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
                                    lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,
@@ -254,10 +263,13 @@ def _check_numbers(**values) -> None:
         raise ValueError(f"resolution must be 0 (auto) or a multiple of 8 from 64 to 4096; got {values['resolution']}")
 
 
-def _fingerprint(settings: dict, pixels: torch.Tensor, model, clip) -> str:
-    """Identifies a training run's inputs, to recognise a file this exact run already wrote."""
+def _fingerprint(settings: dict, pixels, model, clip) -> str:
+    """Identifies a training run's inputs, to recognise a file this exact run already wrote.
+    ``pixels``: a tensor or a list of them (each image and its mask, as given)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    h.update(pixels.detach().float().cpu().contiguous().numpy().tobytes())
+    for t in (pixels if isinstance(pixels, (list, tuple)) else [pixels]):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     h.update(type(model.model.model_config).__name__.encode())
     for patcher in (model, clip.patcher):
         for key in sorted(patcher.patches):

@@ -78,7 +78,8 @@ def test_step_samples_a_random_crop_of_the_posterior_and_conditions_on_its_corne
     torch.randint(1, (b,), generator=g)
     u = torch.rand(b, generator=g, dtype=torch.float64)
     noise = torch.randn(b, 4, 8, 8, generator=g)
-    left = torch.randint(13 - 8 + 1, (b,), generator=g)  # only the long side varies
+    torch.rand(b, generator=g, dtype=torch.float64)  # the crop's top: no margin on the short side
+    left = (torch.rand(b, generator=g, dtype=torch.float64) * (13 - 8 + 1)).floor().long()
     eps = torch.randn(b, 4, 8, 8, generator=g)
     assert len(set(left.tolist())) > 1, "pick a step whose crops differ"
     table = model.get_model_object("model_sampling").sigmas
@@ -107,7 +108,10 @@ def test_wide_photos_train_at_their_aspect_ratio_through_the_node(dti_pack, fres
     monkeypatch.setattr(ct, "DiffusionStep", Spy)
     run_train(dti_pack, fresh_sdxl, images=torch.rand(2, 48, 96, 3), name="wide", steps=1, batch_size=1,
               resolution=64, horizontal_flip=False)
-    tl = seen["latents"]
-    assert tl.mean.shape == (2, 4, 8, 16) and tl.std.shape == tl.mean.shape  # nothing cut away
-    assert tl.original_size == (48, 96) and tl.flipped_mean is None
+    (tl,) = seen["latents"]  # one bucket: both photos have the same shape
+    # 2:1 photo at 64 px: SDXL's 704 x 1472 bucket scaled by 64/1024 is 44 x 92 -> 48 x 96 (8 px steps),
+    # aspect 0.5 exactly; the photo already covers it, so nothing is cut away and nothing resized.
+    assert tl.crop == (6, 12) and [m.shape for m in tl.mean] == [(1, 4, 6, 12)] * 2
+    assert [s.shape for s in tl.std] == [(1, 4, 6, 12)] * 2
+    assert tl.original_size == [(48, 96), (48, 96)] and tl.flipped_mean is None and tl.mask is None
     assert (embeddings_dir / "wide.safetensors").exists()

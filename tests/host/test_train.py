@@ -87,8 +87,11 @@ def test_horizontal_flip_hands_the_step_the_mirrored_latents(hflip, dti_pack, fr
 
     class Spy(ct.DiffusionStep):
         def __init__(self, model, clip, prompts, latents, flipped, *args, **kwargs):
-            # the node hands a TrainingLatents: posterior means (and stds) of the images and their mirrors
-            mean, fmean = latents.mean, latents.flipped_mean
+            # the node hands one TrainingLatents per aspect-ratio bucket (here one: both images square),
+            # with per-image posterior means (and stds) of the images and their mirrors
+            (tl,) = latents
+            mean = torch.cat(tl.mean)
+            fmean = None if tl.flipped_mean is None else torch.cat(tl.flipped_mean)
             seen["latents"], seen["flipped"] = mean.clone(), None if fmean is None else fmean.clone()
             super().__init__(model, clip, prompts, latents, flipped, *args, **kwargs)
 

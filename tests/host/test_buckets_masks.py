@@ -1,0 +1,316 @@
+"""Photos as users have them: aspect-ratio buckets, a subject mask on the loss, per-image captions.
+Each checked against an independent computation (the SDXL report's bucket table, SDXL's own
+encode_adm, a hand-weighted MSE, the step's own random draws replayed)."""
+
+import math
+
+import pytest
+import torch
+
+# SDXL report, appendix I: the (height, width) buckets at 1024 px, typed out again here.
+SDXL_TABLE = """512 2048, 512 1984, 512 1920, 512 1856, 576 1792, 576 1728, 576 1664, 640 1600, 640 1536,
+704 1472, 704 1408, 704 1344, 768 1344, 768 1280, 832 1216, 832 1152, 896 1152, 896 1088, 960 1088,
+960 1024, 1024 1024"""
+
+
+def sdxl_table():
+    landscape = [tuple(int(x) for x in pair.split()) for pair in SDXL_TABLE.replace("\n", " ").split(",")]
+    return sorted(set(landscape) | {(w, h) for h, w in landscape})
+
+
+@pytest.fixture
+def generator(dti_pack):
+    return dti_pack.dti_core.training.step_generator
+
+
+def draws(step_generator, seed, step, b, n, n_prompts, sizes, crop, weights=None, channels=4, eps=True):
+    g = step_generator(seed, step)
+    k = int(torch.multinomial(weights, 1, generator=g)) if weights is not None else 0
+    idx = torch.randint(n, (b,), generator=g)
+    torch.rand(b, generator=g)  # flip
+    which = torch.randint(n_prompts, (b,), generator=g)
+    u = torch.rand(b, generator=g, dtype=torch.float64)
+    noise = torch.randn(b, channels, *crop, generator=g)
+    ru = torch.rand(b, generator=g, dtype=torch.float64)
+    rv = torch.rand(b, generator=g, dtype=torch.float64)
+    e = torch.randn(b, channels, *crop, generator=g) if eps else None
+    corners = []
+    for i in range(b):
+        lh, lw = sizes[int(idx[i])]
+        corners.append((math.floor(float(ru[i]) * (lh - crop[0] + 1)), math.floor(float(rv[i]) * (lw - crop[1] + 1))))
+    return dict(k=k, idx=idx, which=which, u=u, noise=noise, corners=corners, eps=e)
+
+
+def test_buckets_are_sdxl_s_table_scaled_to_the_training_area(dti_pack):
+    ct = dti_pack.nodes.comfy_training
+    assert ct.buckets_for(1024) == sdxl_table()
+    for res in (512, 768):
+        got = ct.buckets_for(res)
+        assert all(h % 64 == 0 and w % 64 == 0 for h, w in got)
+        # every scaled entry, rounded to 64 px, is there; the areas stay near res^2
+        s = res / 1024
+        assert got == sorted({(round(h * s / 64) * 64, round(w * s / 64) * 64) for h, w in sdxl_table()})
+        assert all(0.8 < h * w / res ** 2 < 1.2 for h, w in got)
+    assert all(h % 8 == 0 and w % 8 == 0 for h, w in ct.buckets_for(64))
+    # a 3:4 photo: 896/1152 = 0.778 vs 832/1152 = 0.722 around 0.75: |ln .778/.75| = .036 < .038
+    assert ct.choose_bucket(3000, 4000, 1024) == (896, 1152)
+    assert ct.choose_bucket(4000, 3000, 1024) == (1152, 896)
+    assert ct.choose_bucket(500, 500, 1024) == (1024, 1024)
+    assert ct.choose_bucket(100, 1000, 1024) == (512, 2048)  # beyond the table: its widest entry
+    for h, w in [(37, 91), (300, 299), (1000, 1500), (91, 37)]:
+        best = min(abs(math.log(bh / bw) - math.log(h / w)) for bh, bw in sdxl_table())
+        bh, bw = ct.choose_bucket(h, w, 1024)
+        assert abs(abs(math.log(bh / bw) - math.log(h / w)) - best) < 1e-9
+
+
+def test_each_photo_is_resized_to_cover_its_bucket(dti_pack):
+    ct = dti_pack.nodes.comfy_training
+    item = ct.TrainingImage(torch.rand(30, 40, 3), None, "t")
+    bucket, px, mask = ct.bucket_resize(item, 1024)
+    # (896, 1152): scale max(896/30, 1152/40) = 29.87 -> 896 x 1194.7, 8 px steps -> 896 x 1192
+    assert bucket == (896, 1152) and px.shape == (1, 896, 1192, 3) and mask is None
+    item = ct.TrainingImage(torch.rand(40, 200, 3), torch.ones(40, 200), "t")
+    bucket, px, mask = ct.bucket_resize(item, 64)
+    # 1:5 at 64 px: SDXL's 512 x 2048 / 16 = 32 x 128 is the widest; scale 0.8 -> 32 x 160
+    assert bucket == (32, 128) and px.shape == (1, 32, 160, 3) and mask.shape == (32, 160)
+
+
+def test_masks_loaded_from_comfy_s_convention_and_checked(dti_pack):
+    ct = dti_pack.nodes.comfy_training
+    imgs = torch.rand(2, 16, 24, 3)
+    subject = torch.zeros(1, 8, 12)
+    subject[:, :, :6] = 1.0  # resized to the images' 16 x 24
+    items = ct.load_training_images(imgs, subject)
+    assert [tuple(it.mask.shape) for it in items] == [(16, 24)] * 2
+    assert float(items[0].mask[:, :11].min()) == 1.0 and float(items[0].mask[:, 13:].max()) == 0.0
+    # LoadImage on a photo without alpha gives a 64 x 64 MASK of zeros: no subject, a clear error
+    with pytest.raises(ValueError, match="InvertMask"):
+        ct.load_training_images(imgs, torch.zeros(1, 64, 64))
+    with pytest.raises(ValueError, match="one mask for all images or one per image"):
+        ct.load_training_images(imgs, torch.ones(3, 16, 24))
+
+
+def test_folder_images_keep_their_sizes_and_alpha_is_the_subject(dti_pack, comfy, tmp_path, monkeypatch):
+    import folder_paths
+    from PIL import Image
+
+    ct = dti_pack.nodes.comfy_training
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    (tmp_path / "dog").mkdir()
+    rgba = Image.new("RGBA", (30, 20), (255, 0, 0, 0))
+    rgba.paste((0, 255, 0, 255), (0, 0, 10, 20))  # opaque left third: the subject
+    rgba.save(tmp_path / "dog" / "b.png")
+    Image.new("RGB", (16, 48), (0, 0, 255)).save(tmp_path / "dog" / "a.jpg")
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    items = ct.load_training_images(torch.rand(1, 8, 8, 3), None, "dog")
+    assert [tuple(it.pixels.shape) for it in items] == [(8, 8, 3), (48, 16, 3), (20, 30, 3)]
+    assert items[1].mask is None and items[2].mask.shape == (20, 30)
+    assert float(items[2].mask[:, :10].min()) == 1.0 and float(items[2].mask[:, 10:].max()) == 0.0
+    assert torch.allclose(items[2].pixels[0, 0], torch.tensor([0.0, 1.0, 0.0]))
+    for bad in ("../", "/etc", "dog/../../x", "nothere"):
+        with pytest.raises(ValueError, match="image_folder"):
+            ct.load_training_images(None, None, bad)
+
+
+def test_captions_are_validated(dti_pack):
+    parse = dti_pack.dti_core.templates.parse_captions
+    assert parse("a photo of {}\n\n  {} on a beach \n", 2) == ["a photo of {}", "{} on a beach"]
+    with pytest.raises(ValueError, match="1 line.*for 2 image"):
+        parse("a photo of {}", 2)
+    with pytest.raises(ValueError, match="caption 2"):
+        parse("a photo of {}\na photo", 2)
+    with pytest.raises(ValueError, match="caption 1"):
+        parse("{} and {}\na photo of {}", 2)
+
+
+def test_latent_mask_is_the_subject_share_of_each_cell(dti_pack, sd15_loaded):
+    ct = dti_pack.nodes.comfy_training
+    model, _, vae = sd15_loaded
+    mask = torch.zeros(64, 64)
+    mask[:, :20] = 1.0  # 20 px = 2.5 latent cells
+    items = [ct.TrainingImage(torch.rand(64, 64, 3), mask, "a"), ct.TrainingImage(torch.rand(64, 64, 3), None, "b")]
+    with torch.inference_mode():
+        (tl,) = ct.encode_buckets(vae, model, items, 64, True)
+    ref = torch.zeros(1, 1, 8, 8)
+    ref[..., :2], ref[..., 2] = 1.0, 0.5
+    assert tl.crop == (8, 8) and tl.index == [0, 1] and tl.original_size == [(64, 64), (64, 64)]
+    assert torch.allclose(tl.mask[0], ref, atol=1e-6)
+    assert torch.equal(tl.mask[1], torch.ones(1, 1, 8, 8))  # an image without a mask counts whole
+    assert tl.flipped_mean is not None and len(tl.flipped_mean) == 2
+
+
+def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, sd15_loaded, generator, monkeypatch):
+    ct = dti_pack.nodes.comfy_training
+    model, clip, _ = sd15_loaded
+    with torch.inference_mode():
+        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+    g0 = torch.Generator().manual_seed(3)
+    mean = torch.randn(2, 4, 8, 8, generator=g0)
+    mask = (torch.rand(2, 1, 8, 8, generator=g0) > 0.6).float() * torch.rand(2, 1, 8, 8, generator=g0)
+    seen = []
+    real = model.model.apply_model
+
+    def spy(x, t, **kw):
+        out = real(x, t, **kw)
+        seen.append((x.detach().clone(), t.detach().clone(), out.detach().float().clone()))
+        return out
+
+    monkeypatch.setattr(model.model, "apply_model", spy)
+    b, seed, step = 3, 5, 1
+    with torch.inference_mode(False), torch.no_grad(), ct.differentiable(model, clip):
+        embeds = {k: m_star[k] * init[k] for k in init}
+        masked = ct.TrainingLatents(mean, None, mask=mask)
+        loss = ct.DiffusionStep(model, clip, prompts, masked, None, b, seed, 64, torch.device("cpu"))(embeds, step)
+        plain = ct.DiffusionStep(model, clip, prompts, ct.TrainingLatents(mean, None), None, b, seed, 64,
+                                 torch.device("cpu"))(embeds, step)
+        ones = ct.DiffusionStep(model, clip, prompts, ct.TrainingLatents(mean, None, mask=torch.ones_like(mask)),
+                                None, b, seed, 64, torch.device("cpu"))(embeds, step)
+    d = draws(generator, seed, step, b, 2, 1, [(8, 8)] * 2, (8, 8), eps=False)
+    x_t, sigma, x0_pred = seen[0]
+    x0 = mean[d["idx"]]
+    assert torch.allclose(x_t, x0 + sigma.view(-1, 1, 1, 1) * d["noise"], atol=1e-5)
+    eps_pred = (x_t - x0_pred) / sigma.view(-1, 1, 1, 1)  # an eps model: x0 = x_t - sigma * eps
+    err = (eps_pred - d["noise"]) ** 2
+    w = mask[d["idx"]]
+    hand = float((err * w).sum() / (w.sum() * 4))
+    assert math.isclose(float(loss), hand, rel_tol=1e-4)
+    assert math.isclose(float(plain), float(err.mean()), rel_tol=1e-4)
+    assert math.isclose(float(ones), float(plain), rel_tol=1e-6)  # a full mask changes nothing
+    assert not math.isclose(float(loss), float(plain), rel_tol=1e-3)
+
+
+def test_non_square_photo_reaches_sdxl_y_with_its_size_bucket_and_crop(dti_pack, sdxl_loaded, generator, monkeypatch):
+    """A 40 x 200 photo at 64 px trains in the 32 x 128 bucket (resized to 32 x 160): SDXL's y carries
+    (40, 200) as original size, the crop's corner in the resized photo, and 32 x 128 as target."""
+    ct = dti_pack.nodes.comfy_training
+    model, clip, vae = sdxl_loaded
+    with torch.inference_mode():
+        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+        items = [ct.TrainingImage(torch.rand(40, 200, 3, generator=torch.Generator().manual_seed(0)), None, "w")]
+        latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, False)]
+    (tl,) = latents
+    assert tl.crop == (4, 16) and tl.mean[0].shape == (1, 4, 4, 20) and tl.original_size == [(40, 200)]
+    seen = []
+    real = model.model.apply_model
+
+    def spy(x, t, **kw):
+        seen.append((x.detach().clone(), kw["y"].detach().clone()))
+        return real(x, t, **kw)
+
+    monkeypatch.setattr(model.model, "apply_model", spy)
+    b, seed = 3, 2
+    with torch.inference_mode(False), torch.no_grad(), ct.differentiable(model, clip):
+        embeds = {k: m_star[k] * init[k] for k in init}
+        ds = ct.DiffusionStep(model, clip, prompts, latents, None, b, seed, 64, torch.device("cpu"))
+        pooled = clip.encode_from_tokens(prompts[0].with_vectors({"l": embeds["clip_l"], "g": embeds["clip_g"]}),
+                                         return_pooled=True)[1]
+        lefts = set()
+        for step in range(3):
+            seen.clear()
+            ds(embeds, step)
+            d = draws(generator, seed, step, b, 1, 1, [(4, 20)], (4, 16))
+            ((x_t, y),) = seen
+            assert x_t.shape == (b, 4, 4, 16)
+            table = model.get_model_object("model_sampling").sigmas
+            sigma = table[(d["u"] * len(table)).floor().long()]
+            for i, (top, left) in enumerate(d["corners"]):
+                x0 = tl.mean[0][0, :, top:top + 4, left:left + 16] + tl.std[0][0, :, top:top + 4, left:left + 16] * d["eps"][i]
+                assert torch.allclose(x_t[i], x0 + sigma[i] * d["noise"][i], atol=1e-4)
+                y_ref = model.model.encode_adm(pooled_output=pooled.float(), width=200, height=40, crop_w=8 * left,
+                                               crop_h=8 * top, target_width=128, target_height=32)
+                assert torch.allclose(y[i:i + 1].float(), y_ref.float(), atol=1e-3, rtol=0), (step, i)
+                lefts.add(left)
+    assert len(lefts) > 1, "the crop corner never moved"
+
+
+def test_batches_come_from_one_bucket_and_captions_follow_their_image(dti_pack, sd15_loaded, generator, monkeypatch):
+    ct = dti_pack.nodes.comfy_training
+    model, clip, vae = sd15_loaded
+    captions = ["a photo of {} on grass", "{} in the snow", "a drawing of {}"]
+    g0 = torch.Generator().manual_seed(1)
+    # image 0 and 2 are square, image 1 is 1:2: two buckets, image 1 alone in the second
+    items = [ct.TrainingImage(torch.rand(*s, 3, generator=g0), None, str(k))
+             for k, s in enumerate([(64, 64), (48, 96), (80, 80)])]
+    with torch.inference_mode():
+        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.tokenize_templates(clip, captions, 1)
+        latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, False)]
+    assert [tl.index for tl in latents] == [[0, 2], [1]] and [tl.crop for tl in latents] == [(8, 8), (6, 12)]
+    used, shapes = [], []
+    for k, p in enumerate(prompts):
+        real = p.with_vectors
+        monkeypatch.setattr(p, "with_vectors", lambda v, _k=k, _r=real: (used.append(_k), _r(v))[1])
+    real_apply = model.model.apply_model
+    monkeypatch.setattr(model.model, "apply_model",
+                        lambda x, t, **kw: (shapes.append(tuple(x.shape[-2:])), real_apply(x, t, **kw))[1])
+    b, seed = 2, 9
+    with torch.inference_mode(False), torch.no_grad(), ct.differentiable(model, clip):
+        embeds = {k: m_star[k] * init[k] for k in init}
+        ds = ct.DiffusionStep(model, clip, prompts, latents, None, b, seed, 64, torch.device("cpu"),
+                              per_image_prompts=True)
+        chosen = set()
+        pick = {s: int(torch.multinomial(torch.tensor([2.0, 1.0]), 1, generator=generator(seed, s))) for s in range(40)}
+        steps = [s for s in pick if pick[s] == 0][:2] + [s for s in pick if pick[s] == 1][:2]
+        for step in steps:
+            used.clear(), shapes.clear()
+            ds(embeds, step)
+            g = generator(seed, step)
+            k = int(torch.multinomial(torch.tensor([2.0, 1.0]), 1, generator=g))
+            idx = torch.randint(len(latents[k].index), (b,), generator=g)
+            assert shapes == [latents[k].crop]  # one bucket per batch
+            assert used[-b:] == [latents[k].index[int(i)] for i in idx], (step, used)
+            chosen.add(k)
+    assert chosen == {0, 1}
+
+
+def test_node_refuses_a_wrong_number_of_captions(dti_pack, sd15_loaded):
+    from tests_host_helpers import run_train
+
+    with pytest.raises(ValueError, match="captions: 1 line"):
+        run_train(dti_pack, sd15_loaded, name="caps", captions="a photo of {}")
+
+
+def test_masks_and_captions_change_the_fingerprint(dti_pack, sd15_loaded):
+    tn = dti_pack.nodes.train_node
+    model, clip, _ = sd15_loaded
+    px = torch.rand(1, 8, 8, 3)
+    m = torch.ones(8, 8)
+    m2 = m.clone()
+    m2[0, 0] = 0.0
+    base = dict(steps=1)
+    f = [tn._fingerprint(base, [px], model, clip), tn._fingerprint(base, [px, m], model, clip),
+         tn._fingerprint(base, [px, m2], model, clip), tn._fingerprint(dict(base, templates=["{} x"]), [px], model, clip)]
+    assert len(set(f)) == 4
+
+
+def test_descent_through_buckets_and_masks(dti_pack, fresh_sd15):
+    """kappa = 0 DTI through the node's DiffusionStep on photos of two aspect ratios with subject
+    masks: on a fixed set of draws covering both buckets the objective must fall step after step."""
+    ct = dti_pack.nodes.comfy_training
+    core = dti_pack.dti_core.training
+    model, clip, vae = fresh_sd15
+    g0 = torch.Generator().manual_seed(2)
+    mask = torch.zeros(48, 96)
+    mask[8:40, 16:64] = 1.0
+    items = [ct.TrainingImage(torch.rand(64, 64, 3, generator=g0), torch.ones(64, 64), "sq"),
+             ct.TrainingImage(torch.rand(48, 96, 3, generator=g0), mask, "wide")]
+    with torch.inference_mode():
+        init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
+        prompts = ct.tokenize_templates(clip, ["a photo of {}", "{} on a table"], 1)
+        latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, True)]
+    assert len(latents) == 2
+    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+        ds = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, 64, torch.device("cpu"),
+                              per_image_prompts=True)
+        fixed = [0, 1, 2, 3]
+        picks = {int(torch.multinomial(torch.tensor([1.0, 1.0]), 1, generator=core.step_generator(3, k))) for k in fixed}
+        assert picks == {0, 1}, "the fixed draws must cover both buckets"
+        result = core.train(init, mu, m_star, lambda e, s: sum(ds(e, k) for k in fixed) / len(fixed),
+                            core.TrainConfig(steps=4, lr=0.02, kappa=0.0))
+    loss = result.history.loss
+    print(f"\nbuckets + masks: loss on the fixed draws {loss}")
+    assert all(b < a for a, b in zip(loss, loss[1:])), loss
+    v = result.vectors["clip_l"]
+    assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m_star["clip_l"]), atol=1e-5)
