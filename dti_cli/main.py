@@ -25,7 +25,7 @@ PACK_MODULE = "comfyui_dti_cli_pack"  # the pack's import name here (its folder 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MODEL_KEYS = ("checkpoint", "diffusion_model", "text_encoders", "clip_type", "vae")
 JOB_ONLY_KEYS = ("images",)
-NOT_OPTIONS = ("model", "clip", "vae", "images")  # node inputs the CLI fills itself
+NOT_OPTIONS = ("model", "clip", "vae", "images", "image_folder")  # node inputs the CLI fills itself (--images)
 
 
 class UsageError(Exception):
@@ -126,27 +126,15 @@ def load_image(path):
 
 
 def load_folder(folder):
-    """An IMAGE batch ``(B, H, W, 3)`` from every png/jpg/webp in ``folder`` (sorted by name).
-
-    Images of one size are stacked as they are. Mixed sizes are each centre-cropped to a square
-    and resized (antialiased) to the smallest side among them, since one batch has one size."""
+    """``(batch, note)``: an IMAGE batch ``(B, H, W, 3)`` of every png/jpg/webp in ``folder`` (sorted by
+    name) when they share one size; ``(None, note)`` when they do not: the folder then trains through
+    DTI Train's ``image_folder``, each image at its own aspect ratio (a PNG's alpha is its mask there)."""
     import torch
 
     images = [load_image(p) for p in list_images(folder)]
     if len({tuple(im.shape) for im in images}) == 1:
         return torch.stack(images), None
-    side = min(min(im.shape[0], im.shape[1]) for im in images)
-    out = []
-    for im in images:
-        h, w = im.shape[:2]
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        sq = im[top:top + s, left:left + s].movedim(-1, 0)[None]
-        if s != side:
-            sq = torch.nn.functional.interpolate(sq, size=(side, side), mode="bicubic", antialias=True,
-                                                 align_corners=False).clamp(0, 1)
-        out.append(sq[0].movedim(0, -1))
-    return torch.stack(out), f"images of different sizes: each centre-cropped to a square and resized to {side}x{side}"
+    return None, "images of different sizes: each trains at its own aspect ratio (DTI Train's image_folder)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,6 +501,11 @@ def _run(argv) -> int:
         progress = TerminalProgress(f"[{i}/{len(jobs)}] {inputs['name']}")
         common.LISTENERS.append(progress)
         try:
+            if job["batch"] is None:
+                # The node reads image_folder under ComfyUI's input directory: make it this folder's parent.
+                folder = Path(job["images"]).resolve()
+                folder_paths.set_input_directory(str(folder.parent))
+                inputs = dict(inputs, image_folder=folder.name)
             with torch.inference_mode():
                 out = train_node.DTITrain().run(model, clip, vae, job["batch"], **inputs)
         except Exception as e:  # one job's failure (a clash, out of memory) leaves the others to run

@@ -143,6 +143,9 @@ def test_images_are_read_as_load_image_reads_them(tmp_path):
     batch, note = load_folder(tmp_path)
     assert batch.shape == (2, 40, 20, 3) and note is None
     assert batch[1, 0, 0].tolist() == [0.0, 1.0, 0.0]  # alpha dropped, as LoadImage's RGB convert does
+    Image.new("RGB", (30, 20), (0, 0, 255)).save(tmp_path / "c.png")  # another size: the folder trains as one
+    batch, note = load_folder(tmp_path)
+    assert batch is None and "own aspect ratio" in note
 
 
 # ---------------------------------------------------------------------------------------------
