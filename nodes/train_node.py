@@ -21,6 +21,7 @@ from ..dti_core.names import check_name
 from ..dti_core.templates import resolve_templates
 from ..dti_core.training import NonFiniteError, TrainConfig, train
 from . import comfy_training as ct
+from .embedding_nodes import with_embeddings_folder
 from .families import family_of, supported_text, trained_encoders
 from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, existing_result,
                      log, send_to_client, target_path, train_summary)
@@ -96,6 +97,11 @@ class DTITrain(WritesEmbeddingFile):
                        magnitude_value=magnitude_value, resolution=resolution, save_every=save_every,
                        num_vectors=num_vectors, guidance=guidance)
         family = family_of(model, clip)  # refuses unsupported models and mismatched CLIPs early
+        if family.enable_embeddings:
+            # (Gemma's ComfyUI tokenizer never has an embeddings folder; the input CLIP is untouched)
+            import folder_paths
+
+            clip = with_embeddings_folder(clip, folder_paths.get_folder_paths("embeddings"))[0]
         learn = trained_encoders(family, train_encoders)
         prompts_text = resolve_templates(templates, custom_templates)
         if resolution == 0:
@@ -167,7 +173,7 @@ class DTITrain(WritesEmbeddingFile):
             # cast layers recast in backward, see differentiable.py).
             mm.load_models_gpu([model, clip.patcher],
                                force_full_load=mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
-            prompts = ct.tokenize_templates(clip, prompts_text, counts)
+            prompts = ct.tokenize_templates(clip, [family.prompt_prefix + t for t in prompts_text], counts)
             with torch.inference_mode(False), torch.enable_grad():
                 # normal tensors (the VAE ran under ComfyUI's inference mode)
                 latents = ct.TrainingLatents(*(t.clone() if t is not None else None for t in (
@@ -175,7 +181,8 @@ class DTITrain(WritesEmbeddingFile):
                 with ct.differentiable(model, clip, bool(gradient_checkpointing)):
                     step_fn = ct.DiffusionStep(model, clip, prompts, latents, None, int(batch_size),
                                                int(seed), resolution, device,
-                                               guidance=float(guidance) if family.guidance else None)
+                                               guidance=float(guidance) if family.guidance else None,
+                                               text_mask=family.text_mask)
                     fixed = {k: v.to(device) for k, v in frozen.items()}
                     result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
                                    lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,
