@@ -105,7 +105,8 @@ def initial_vectors(clip, words: str, count: int, magnitude, keys=None) -> tuple
             rows = normalize(rows.mean(dim=0, keepdim=True)).expand(n, -1).clone()
         init[key], mu[key] = rows, rows.clone()
         with torch.inference_mode(False):
-            m_star[key] = target_norm(vocab.detach().float().cpu().clone(), magnitude)
+            # row norms block by block, no float copy of the whole table (Gemma-2's is 256000 x 2304)
+            m_star[key] = target_norm(vocab.detach(), magnitude)
     return init, mu, m_star
 
 

@@ -581,8 +581,8 @@ def write_safetensors_streaming(path, entries, metadata=None):
 
     ``entries``: sequence of ``(name, shape, dtype, produce)``; ``produce()`` returns the
     tensor (CPU, that shape and dtype) and is called once, in order, while writing, so
-    only one tensor is alive at a time.  Tensors that are all zero bytes (64 KiB and more) become
-    holes of a sparse file where the file system allows it.  Returns the file's length."""
+    only one tensor is alive at a time.  Aligned 64 KiB runs of zero bytes become holes of a sparse
+    file where the file system allows it.  Returns the file's length."""
     import json
     import math
     import struct
@@ -610,11 +610,14 @@ def write_safetensors_streaming(path, entries, metadata=None):
                 if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device.type != "cpu":
                     raise ValueError(f"{name}: produced {tuple(t.shape)} {t.dtype} {t.device}, declared {tuple(shape)} {dtype}")
                 raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-                if raw.size >= _HOLE_MIN_BYTES and not raw.any():
-                    # All zero bytes: leave a hole (a sparse file reads back zeros and takes no disk).
-                    f.seek(raw.size, os.SEEK_CUR)
-                else:
-                    f.write(memoryview(raw))
+                # Zero bytes, 64 KiB at a time (the whole tensor, or a zero tail such as unused
+                # vocabulary rows): leave a hole (a sparse file reads back zeros and takes no disk).
+                for start in range(0, raw.size, _HOLE_MIN_BYTES):
+                    chunk = raw[start:start + _HOLE_MIN_BYTES]
+                    if chunk.size == _HOLE_MIN_BYTES and not chunk.any():
+                        f.seek(chunk.size, os.SEEK_CUR)
+                    else:
+                        f.write(memoryview(chunk))
                 del t, raw
             f.truncate(8 + len(hb) + off)  # a trailing hole must still count in the file's length
         os.replace(tmp, path)
@@ -1135,3 +1138,75 @@ def load_lumina2(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torc
                                      gemma_thin_options(paths["vocab_size"]))
     vae, log_v = load_vae(paths["vae"])
     return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)
+
+
+# ----------------------------------------------------------------------------
+# Full-config Gemma-2-2B for the stock CLIPLoader (type lumina2)
+# ----------------------------------------------------------------------------
+# CLIPLoader builds Gemma-2-2B from its fixed config (26 layers, 256000 x 2304 embedding table, FFN
+# 9216); it passes no model_options, so a file for a workflow run on the server must have exactly
+# those shapes.  Layers from GEMMA_FULL_LIVE_LAYERS on have zero projection matrices: with a zero
+# o_proj / down_proj the attention and FFN outputs are zero, Gemma-2's post-attention and
+# post-feedforward RMSNorms scale a zero input to zero (x * rsqrt(mean(x^2) + eps) * (1 + w)), so
+# the block adds nothing to its residual stream (an identity).  Lumina reads hidden layer -2
+# (after block 24), which therefore equals the output of the live blocks and depends on the text.
+# Embedding rows past the test tokenizer's vocabulary are zero: no token id reaches them, and m*
+# is the mean of the *non-zero* row norms (dti_core.magnitude.vocabulary_norms), so it is the mean
+# norm of the rows the tokenizer can produce, as for a real table.  Zeros are holes on disk; in
+# memory the encoder is still the full 2.6B parameters (5.2 GB in fp16).
+GEMMA_FULL_LIVE_LAYERS = 2
+
+
+def _is_idle_gemma_matrix(name):
+    parts = name.split(".")
+    if "layers" not in parts or "norm" in name or parts[-1] != "weight":
+        return False
+    return int(parts[parts.index("layers") + 1]) >= GEMMA_FULL_LIVE_LAYERS
+
+
+def _gemma_full_plan():
+    import comfy.text_encoders.lumina2
+    with torch.device("meta"):
+        te = comfy.text_encoders.lumina2.Gemma2_2BModel(device=None, dtype=torch.float32,
+                                                         model_options={"model_name": "gemma2_2b"})
+    return [(n, s, _zero_fill if _is_idle_gemma_matrix(n) else f) for n, s, f in _plan_module(te.transformer)]
+
+
+def _entries_half_table(plan, generator, dtype, table, vocab):
+    """Like ``_entries``, but the embedding table ``table`` is filled row block by row block
+    (a 256000 x 2304 fp32 staging tensor would be 2.4 GB): only its first ``vocab`` rows are live."""
+    entries = _entries(plan, generator, dtype)
+    out = []
+    for (name, shape, fill), entry in zip(plan, entries):
+        if name != table:
+            out.append(entry)
+            continue
+
+        def produce(shape=shape, fill=fill):
+            t = torch.zeros(shape, dtype=dtype)
+            live = torch.empty((vocab, shape[1]), dtype=torch.float32)
+            with torch.no_grad():
+                fill(live, generator)
+            t[:vocab] = live.to(dtype)
+            return t
+        out.append((name, shape, dtype, produce))
+    return out
+
+
+def ensure_gemma2_2b_full(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+    """Path of the full-config Gemma-2-2B file (with the test ``spiece_model``) that the stock
+    CLIPLoader(type lumina2) loads; generated once into ``folder``."""
+    folder = Path(folder)
+    sp = spiece_model_bytes()
+    import sentencepiece
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=sp).get_piece_size()
+    name = f"gemma2_2b-26layer-{GEMMA_FULL_LIVE_LAYERS}live-v{vocab}"
+    path = folder / component_filename(name, seed, dtype)
+    if not path.exists():
+        gen = torch.Generator().manual_seed(_component_seed(name, seed))
+        entries = _entries_half_table(_gemma_full_plan(), gen, dtype, "model.embed_tokens.weight", vocab)
+        raw = torch.frombuffer(bytearray(sp), dtype=torch.uint8)
+        entries.append(("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone()))
+        write_safetensors_streaming(path, entries, {"dti_test_generator": FAMILY_GENERATOR_VERSION,
+                                                    "dti_test_component": name})
+    return path
