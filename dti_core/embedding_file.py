@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save_bytes
 from .names import resolve_inside
 
 # Encoder key -> token width, as ComfyUI's sd1_clip.load_embed matches them.
-ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096}
+ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096, "gemma2_2b": 2304}
 WIDTH_TO_ENCODER = {w: k for k, w in ENCODER_WIDTHS.items()}
 METHOD = "dti"
 META_PREFIX = "dti."

@@ -7,6 +7,7 @@ import math
 import torch
 
 MODES = ("mean", "max", "min")
+_NORM_ROWS = 16384
 
 
 def vocabulary_norms(vocab: torch.Tensor) -> torch.Tensor:
@@ -16,7 +17,8 @@ def vocabulary_norms(vocab: torch.Tensor) -> torch.Tensor:
     """
     if vocab.dim() != 2:
         raise ValueError(f"vocabulary matrix must be 2-D (tokens, width), got shape {tuple(vocab.shape)}")
-    norms = vocab.detach().float().norm(dim=-1)
+    # Row blocks: a float32 copy of a 256000 x 2304 table (Gemma-2) would cost 2.4 GB at once.
+    norms = torch.cat([rows.float().norm(dim=-1) for rows in vocab.detach().split(_NORM_ROWS)])
     norms = norms[norms > 0]
     if norms.numel() == 0:
         raise ValueError("vocabulary matrix has no non-zero rows")

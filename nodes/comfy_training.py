@@ -105,7 +105,8 @@ def initial_vectors(clip, words: str, count: int, magnitude, keys=None) -> tuple
             rows = normalize(rows.mean(dim=0, keepdim=True)).expand(n, -1).clone()
         init[key], mu[key] = rows, rows.clone()
         with torch.inference_mode(False):
-            m_star[key] = target_norm(vocab.detach().float().cpu().clone(), magnitude)
+            # row norms block by block, no float copy of the whole table (Gemma-2's is 256000 x 2304)
+            m_star[key] = target_norm(vocab.detach(), magnitude)
     return init, mu, m_star
 
 
@@ -574,7 +575,7 @@ class TextPath:
 
 
 def model_conds(model, cond, pooled, noise, resolution: tuple[int, int], device, guidance=None,
-                original=None, crop=(0, 0)) -> dict:
+                original=None, crop=(0, 0), **extra) -> dict:
     """The keyword arguments ``apply_model`` gets for this conditioning, built by the model itself
     (``extra_conds``, as ComfyUI's sampler does in ``encode_model_conds``): SDXL's pooled ``y`` with
     size micro-conditioning (``original`` (h, w) of the photo, ``crop`` (top, left) in px, target =
@@ -585,6 +586,7 @@ def model_conds(model, cond, pooled, noise, resolution: tuple[int, int], device,
                   crop_w=crop[1], crop_h=crop[0], target_width=width, target_height=height)
     if guidance is not None:
         params["guidance"] = guidance
+    params.update(extra)  # what CLIPTextEncode's conditioning carries besides the tensor (attention_mask)
     out = model.model.extra_conds(**params)
     b = noise.shape[0]
     return {k: c.process_cond(batch_size=b, device=device, area=None).cond for k, c in out.items()}
@@ -612,7 +614,7 @@ class DiffusionStep:
 
     def __init__(self, model, clip, prompts: list[PromptTokens], latents, flipped, batch_size: int,
                  seed: int, resolution: int, device, *, guidance: float | None = None,
-                 per_image_prompts: bool = False):
+                 per_image_prompts: bool = False, text_mask: bool = False):
         self.model, self.clip, self.prompts = model, clip, prompts
         self.device = device
         # A TrainingLatents (posterior mean/std, original size) from encode_latents, a list of them
@@ -629,6 +631,7 @@ class DiffusionStep:
         self.per_image_prompts = per_image_prompts
         self.batch_size, self.seed, self.resolution = batch_size, seed, resolution
         self.guidance = guidance
+        self.text_mask = text_mask
         self.encoders = text_encoders(clip)
         # get_model_object sees object patches (e.g. ModelSamplingDiscrete v_prediction) too.
         ms = model.get_model_object("model_sampling")
@@ -724,13 +727,18 @@ class DiffusionStep:
             r = torch.tensor(rows, device=self.device)
             p = pooled[rows].to(self.device) if pooled is not None else None
             c = c.to(self.device)
+            extra = {}
+            if self.text_mask:
+                # The mask CLIPTextEncode hands the sampler for one unpadded prompt: all ones, one row
+                # (extra_conds turns its sum into Lumina 2's num_tokens, so never a batch of rows).
+                extra["attention_mask"] = torch.ones(1, c.shape[1], dtype=torch.long)
             if all(originals[i] is None and crops[i] == (0, 0) for i in rows):
-                kwargs = model_conds(self.model, c, p, noise[r], (h, w), self.device, self.guidance)
+                kwargs = model_conds(self.model, c, p, noise[r], (h, w), self.device, self.guidance, **extra)
             else:
                 # SDXL's micro-conditioning: the photo's real size and this sample's crop corner.
                 kwargs = _cat_conds([model_conds(self.model, c[j:j + 1], None if p is None else p[j:j + 1],
                                                  noise[i:i + 1], (h, w), self.device, self.guidance,
-                                                 original=originals[i], crop=crops[i])
+                                                 original=originals[i], crop=crops[i], **extra)
                                      for j, i in enumerate(rows)])
             x0_pred = self.model.model.apply_model(x_t[r], sigma[r], transformer_options=self.transformer_options,
                                                    **kwargs).float()

@@ -21,6 +21,20 @@ class Family:
     encoders: tuple[str, ...]  # embedding keys that learn vectors (all must be in the CLIP)
     resolution: int  # default training resolution, px
     guidance: bool = False  # guidance-distilled: trains at the guidance the user renders with
+    # Text put before every training prompt, as the family's own encode node adds it (Lumina 2).
+    prompt_prefix: str = ""
+    # The DiT reads the prompt length from the text encoder's attention mask (Lumina 2's num_tokens).
+    text_mask: bool = False
+    # ComfyUI always builds this family's tokenizer without an embeddings folder (Gemma-2): training
+    # places the word through a copy that has one (DTI Enable Embeddings does the same for prompts).
+    enable_embeddings: bool = False
+
+
+# CLIPTextEncodeLumina2's default ("superior") system prompt and separator
+# (comfy_extras/nodes_lumina2.py): Lumina 2 was trained on prompts that start with it.
+LUMINA2_SYSTEM_PROMPT = ("You are an assistant designed to generate superior images with the superior degree of "
+                         "image-text alignment based on textual prompts or user prompts.")
+LUMINA2_PREFIX = f"{LUMINA2_SYSTEM_PROMPT} <Prompt Start> "
 
 
 FAMILIES = (
@@ -32,6 +46,9 @@ FAMILIES = (
     Family("SD3 / SD3.5", ("SD3",), ("clip_l", "clip_g", "t5xxl"), 768),
     # SD3.5 single files "incl. clips" carry no T5; the word then lives in CLIP-L/G only.
     Family("SD3 / SD3.5 (no T5)", ("SD3",), ("clip_l", "clip_g"), 768),
+    # Lumina 2 / Neta Lumina: Gemma-2-2B, 1024 px as the authors' SANA (Gemma-2) recipe.
+    Family("Lumina 2", ("Lumina2",), ("gemma2_2b",), 1024, prompt_prefix=LUMINA2_PREFIX, text_mask=True,
+           enable_embeddings=True),
 )
 
 

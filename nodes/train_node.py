@@ -22,6 +22,7 @@ from ..dti_core.templates import parse_captions, resolve_templates
 from ..dti_core.training import NonFiniteError, TrainConfig, train
 from . import comfy_training as ct
 from . import previews
+from .embedding_nodes import with_embeddings_folder
 from .families import family_of, supported_text, trained_encoders
 from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, existing_result,
                      log, send_to_client, target_path, train_summary)
@@ -68,12 +69,12 @@ class DTITrain(WritesEmbeddingFile):
                 "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimisation steps. The paper uses 400 for SDXL."}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per step (drawn at random from the batch). Memory grows with it."}),
                 "learning_rate": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.0001, "tooltip": "Per-image learning rate; it is multiplied by the batch size as the reference does (0.01 x 4 = 0.04 per step). With DTI each step turns each vector by about this angle (radians)."}),
-                "kappa": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 0.00001, "tooltip": "Strength of the von Mises-Fisher prior that pulls the direction toward the initializer word. 1e-4 is the paper's SDXL value; 0 turns the prior off."}),
+                "kappa": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 0.00001, "tooltip": "Strength of the von Mises-Fisher prior that pulls the direction toward the initializer word. 1e-4 is the paper's SDXL value, 5e-5 its Gemma-2 (SANA) value: use it for Lumina 2; 0 turns the prior off."}),
                 "magnitude": (MAGNITUDES, {"default": "mean", "tooltip": "The fixed vector length m*: the mean (paper default), max or min norm of the vocabulary, or the number below."}),
                 "magnitude_value": ("FLOAT", {"default": 0.4, "min": 0.001, "max": 100.0, "step": 0.001, "tooltip": "Vector length used when magnitude is 'number'."}),
                 "templates": (TEMPLATES, {"default": "object", "tooltip": "Training prompts: 'object' ('a photo of a {}', ...), 'style' ('a painting in the style of {}', ...) or your own lines below."}),
                 "custom_templates": ("STRING", {"default": "a photo of {}\na close-up photo of {}", "multiline": True, "tooltip": "Used when templates is 'custom': one prompt per line, each with {} where the learned word goes."}),
-                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, Flux.1 and Chroma, 768 for SD2.x, SDXL (the paper's SDXL setting) and SD3."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, Flux.1 and Chroma, 768 for SD2.x, SDXL (the paper's SDXL setting) and SD3, 1024 for Lumina 2."}),
                 "horizontal_flip": ("BOOLEAN", {"default": False, "tooltip": "Also train on mirrored images (each drawn with probability 0.5). Off by default, as in the paper's recipe; leave off for text or asymmetric subjects."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Same seed and inputs give the same embedding."}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Also save NAME-stepK every this many steps (0 = only the final file). A cancelled run can resume from them."}),
@@ -109,6 +110,11 @@ class DTITrain(WritesEmbeddingFile):
         if preview_every:
             previews.check_prompt(preview_prompt)
         family = family_of(model, clip)  # refuses unsupported models and mismatched CLIPs early
+        if family.enable_embeddings:
+            # (Gemma's ComfyUI tokenizer never has an embeddings folder; the input CLIP is untouched)
+            import folder_paths
+
+            clip = with_embeddings_folder(clip, folder_paths.get_folder_paths("embeddings"))[0]
         learn = trained_encoders(family, train_encoders)
         items = ct.load_training_images(images, mask, image_folder or "")
         per_image = bool(captions and captions.strip())
@@ -206,7 +212,7 @@ class DTITrain(WritesEmbeddingFile):
             # of the weights off the GPU and casts them per layer, which training follows (the
             # cast layers recast in backward, see differentiable.py).
             mm.load_models_gpu([model, clip.patcher], force_full_load=full_load)
-            prompts = ct.tokenize_templates(clip, prompts_text, counts)
+            prompts = ct.tokenize_templates(clip, [family.prompt_prefix + t for t in prompts_text], counts)
             with torch.inference_mode(False), torch.enable_grad():
                 # normal tensors (the VAE ran under ComfyUI's inference mode)
                 latents = [tl.cloned() for tl in latents]
@@ -214,7 +220,7 @@ class DTITrain(WritesEmbeddingFile):
                     step_fn = ct.DiffusionStep(model, clip, prompts, latents, None, int(batch_size),
                                                int(seed), resolution, device,
                                                guidance=float(guidance) if family.guidance else None,
-                                               per_image_prompts=per_image)
+                                               per_image_prompts=per_image, text_mask=family.text_mask)
                     fixed = {k: v.to(device) for k, v in frozen.items()}
                     result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
                                    lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,

@@ -581,8 +581,8 @@ def write_safetensors_streaming(path, entries, metadata=None):
 
     ``entries``: sequence of ``(name, shape, dtype, produce)``; ``produce()`` returns the
     tensor (CPU, that shape and dtype) and is called once, in order, while writing, so
-    only one tensor is alive at a time.  Tensors that are all zero bytes (64 KiB and more) become
-    holes of a sparse file where the file system allows it.  Returns the file's length."""
+    only one tensor is alive at a time.  Aligned 64 KiB runs of zero bytes become holes of a sparse
+    file where the file system allows it.  Returns the file's length."""
     import json
     import math
     import struct
@@ -610,11 +610,14 @@ def write_safetensors_streaming(path, entries, metadata=None):
                 if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device.type != "cpu":
                     raise ValueError(f"{name}: produced {tuple(t.shape)} {t.dtype} {t.device}, declared {tuple(shape)} {dtype}")
                 raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-                if raw.size >= _HOLE_MIN_BYTES and not raw.any():
-                    # All zero bytes: leave a hole (a sparse file reads back zeros and takes no disk).
-                    f.seek(raw.size, os.SEEK_CUR)
-                else:
-                    f.write(memoryview(raw))
+                # Zero bytes, 64 KiB at a time (the whole tensor, or a zero tail such as unused
+                # vocabulary rows): leave a hole (a sparse file reads back zeros and takes no disk).
+                for start in range(0, raw.size, _HOLE_MIN_BYTES):
+                    chunk = raw[start:start + _HOLE_MIN_BYTES]
+                    if chunk.size == _HOLE_MIN_BYTES and not chunk.any():
+                        f.seek(chunk.size, os.SEEK_CUR)
+                    else:
+                        f.write(memoryview(chunk))
                 del t, raw
             f.truncate(8 + len(hb) + off)  # a trailing hole must still count in the file's length
         os.replace(tmp, path)
@@ -990,3 +993,220 @@ __all__ = [
     "ensure_component", "ensure_sd3_checkpoint", "ensure_family_files", "load_diffusion_model", "load_vae",
     "t5_model_options", "load_text_encoders", "load_family", "load_sd3_checkpoint", "model_conds",
 ]
+
+
+# ============================================================================
+# Lumina 2 (NextDiT + Gemma-2-2B)
+# ============================================================================
+#
+# What ComfyUI 0.3.64 pins: the NextDiT's width (2304), heads (24 / 8 kv), qk-norm, axes and the
+# two noise / two context refiner blocks are hard-coded in model_detection; only the number of main
+# ``layers`` is read from the keys (one here).  The Gemma-2-2B config is a dataclass whose fields
+# ``model_options={"gemma2_2b_model_config": {...}}`` overrides (SDClipModel reads
+# ``<model_name>_model_config``), like the T5 depth: the thin Gemma has 3 layers, a small FFN and
+# the vocabulary of a small SentencePiece model trained here (Gemma's own tokenizer is not in
+# ComfyUI; the text-encoder file carries it as the ``spiece_model`` tensor, as the published
+# gemma_2_2b files do).  The loader nodes pass no such option, so the thin Gemma is loaded with
+# ``load_text_encoders(..., model_options=GEMMA_THIN_OPTIONS)``.
+#
+# Idle blocks: the refiners (and the main layer's FFN) have zero projection matrices, so each adds
+# nothing to its residual stream (zero attention / FFN output, a zero modulation gate) and the file
+# keeps them as holes.  Text still reaches the image through the live joint attention of layer 0.
+
+LUMINA2_DIT_CONFIG = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 2304, "cap_feat_dim": 2304,
+    "n_layers": 1, "n_heads": 24, "n_kv_heads": 8, "qk_norm": True, "axes_dims": [32, 32, 32],
+    "axes_lens": [300, 512, 512],
+}
+# Three layers: Lumina reads the second-to-last hidden state (layer_idx -2 must be inside the
+# model), so the last layer's output is never used; its matrices are zero (holes).
+GEMMA_THIN_LAYERS = 3
+GEMMA_THIN_FFN = 512
+SPIECE_VOCAB = 1024
+
+
+def _spiece_corpus():
+    """Deterministic training text for the test tokenizer: the pack's templates, Lumina's system
+    prompts and a few concept words, so every word the tests use is a piece of its own."""
+    from importlib import util
+    spec = util.spec_from_file_location("_dti_templates", Path(__file__).resolve().parents[2] / "dti_core" / "templates.py")
+    mod = util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    words = ("dog cat car mug object toy sks photo painting style beach red blue green small large "
+             "clean dirty one close-up rendering rendition nice weird cool good bright dark").split()
+    system = ("You are an assistant designed to generate superior images with the superior degree of image-text "
+              "alignment based on textual prompts or user prompts. You are an assistant designed to generate "
+              "high-quality images with the highest degree of image-text alignment based on textual prompts. "
+              "<Prompt Start>")
+    lines = [system] * 20
+    for t in mod.OBJECT + mod.STYLE:
+        lines += [t.format(w) for w in words]
+    return "\n".join(lines) + "\n"
+
+
+def spiece_model_bytes():
+    """A small SentencePiece BPE model in Gemma's id layout (pad 0, eos 1, bos 2, unk 3), with byte
+    fallback so any text tokenizes.  Single-threaded training on fixed text: the same bytes each run."""
+    import io
+    import sentencepiece as spm
+    out = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_spiece_corpus().splitlines()), model_writer=out, vocab_size=SPIECE_VOCAB,
+        model_type="bpe", byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, num_threads=1,
+        hard_vocab_limit=False, minloglevel=2, user_defined_symbols=["<Prompt Start>"])
+    return out.getvalue()
+
+
+def gemma_thin_options(vocab_size):
+    return {"gemma2_2b_model_config": {"num_hidden_layers": GEMMA_THIN_LAYERS, "intermediate_size": GEMMA_THIN_FFN,
+                                       "vocab_size": int(vocab_size)}}
+
+
+def _is_idle_lumina_matrix(name):
+    if "norm" in name or not name.endswith("weight"):
+        return False
+    return name.startswith(("noise_refiner.", "context_refiner.")) or (name.startswith("layers.") and ".feed_forward." in name)
+
+
+def _lumina2_dit_plan():
+    import comfy.supported_models as sm
+    model_config = sm.Lumina2(dict(LUMINA2_DIT_CONFIG))
+    with torch.device("meta"):
+        base = model_config.get_model({}, "")
+    plan = _plan_module(base.diffusion_model)
+    return [(n, s, _zero_fill if _is_idle_lumina_matrix(n) else f) for n, s, f in plan]
+
+
+def _gemma_plan(vocab_size):
+    import comfy.text_encoders.lumina2
+    with torch.device("meta"):
+        te = comfy.text_encoders.lumina2.Gemma2_2BModel(device=None, dtype=torch.float32,
+                                                         model_options={"model_name": "gemma2_2b",
+                                                                        **gemma_thin_options(vocab_size)})
+    last = f"model.layers.{GEMMA_THIN_LAYERS - 1}."
+    return [(n, s, _zero_fill if n.startswith(last) and "norm" not in n else f)
+            for n, s, f in _plan_module(te.transformer)]
+
+
+def ensure_lumina2_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+    """``{"diffusion_model", "text_encoder", "vae", "vocab_size"}``: the thin NextDiT (detected as
+    ``supported_models.Lumina2``), the thin Gemma-2 file with its ``spiece_model``, the 16-channel VAE."""
+    folder = Path(folder)
+    sp = spiece_model_bytes()
+    import sentencepiece
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=sp).get_piece_size()
+    dit = folder / component_filename("lumina2-dit", seed, dtype)
+    if not dit.exists():
+        gen = torch.Generator().manual_seed(_component_seed("lumina2-dit", seed))
+        write_safetensors_streaming(dit, _entries(_lumina2_dit_plan(), gen, dtype),
+                                    {"dti_test_generator": FAMILY_GENERATOR_VERSION, "dti_test_component": "lumina2-dit"})
+        _check_lumina2_detection(dit)
+    name = f"gemma2-{GEMMA_THIN_LAYERS}layer-v{vocab}"
+    te = folder / component_filename(name, seed, dtype)
+    if not te.exists():
+        gen = torch.Generator().manual_seed(_component_seed(name, seed))
+        entries = _entries(_gemma_plan(vocab), gen, dtype)
+        raw = torch.frombuffer(bytearray(sp), dtype=torch.uint8)
+        entries.append(("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone()))
+        write_safetensors_streaming(te, entries, {"dti_test_generator": FAMILY_GENERATOR_VERSION,
+                                                  "dti_test_component": name})
+    return {"diffusion_model": dit, "text_encoder": te, "vae": ensure_component("vae16", folder, seed, dtype),
+            "vocab_size": vocab}
+
+
+def _check_lumina2_detection(path):
+    import comfy.model_detection
+    import comfy.supported_models as sm
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
+    detected = comfy.model_detection.model_config_from_unet(sd, "")
+    det_cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if type(detected) is not sm.Lumina2:
+        raise AssertionError(f"generated Lumina 2 DiT detected as {type(detected).__name__}")
+    for k, v in LUMINA2_DIT_CONFIG.items():
+        if det_cfg.get(k) != v:
+            raise AssertionError(f"lumina2: detected {k!r} = {det_cfg.get(k)!r}, generated with {v!r}")
+
+
+def load_lumina2(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
+    """UNETLoader + CLIPLoader(type lumina2, thin-Gemma model_options) + VAELoader, under inference mode.
+    Returns ``SimpleNamespace(out=(model, clip, vae), log, paths)``."""
+    paths = ensure_lumina2_files(folder, seed, dtype)
+    model, log_m = load_diffusion_model(paths["diffusion_model"])
+    clip, log_c = load_text_encoders([paths["text_encoder"]], "LUMINA2", embedding_directory,
+                                     gemma_thin_options(paths["vocab_size"]))
+    vae, log_v = load_vae(paths["vae"])
+    return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)
+
+
+# ----------------------------------------------------------------------------
+# Full-config Gemma-2-2B for the stock CLIPLoader (type lumina2)
+# ----------------------------------------------------------------------------
+# CLIPLoader builds Gemma-2-2B from its fixed config (26 layers, 256000 x 2304 embedding table, FFN
+# 9216); it passes no model_options, so a file for a workflow run on the server must have exactly
+# those shapes.  Layers from GEMMA_FULL_LIVE_LAYERS on have zero projection matrices: with a zero
+# o_proj / down_proj the attention and FFN outputs are zero, Gemma-2's post-attention and
+# post-feedforward RMSNorms scale a zero input to zero (x * rsqrt(mean(x^2) + eps) * (1 + w)), so
+# the block adds nothing to its residual stream (an identity).  Lumina reads hidden layer -2
+# (after block 24), which therefore equals the output of the live blocks and depends on the text.
+# Embedding rows past the test tokenizer's vocabulary are zero: no token id reaches them, and m*
+# is the mean of the *non-zero* row norms (dti_core.magnitude.vocabulary_norms), so it is the mean
+# norm of the rows the tokenizer can produce, as for a real table.  Zeros are holes on disk; in
+# memory the encoder is still the full 2.6B parameters (5.2 GB in fp16).
+GEMMA_FULL_LIVE_LAYERS = 2
+
+
+def _is_idle_gemma_matrix(name):
+    parts = name.split(".")
+    if "layers" not in parts or "norm" in name or parts[-1] != "weight":
+        return False
+    return int(parts[parts.index("layers") + 1]) >= GEMMA_FULL_LIVE_LAYERS
+
+
+def _gemma_full_plan():
+    import comfy.text_encoders.lumina2
+    with torch.device("meta"):
+        te = comfy.text_encoders.lumina2.Gemma2_2BModel(device=None, dtype=torch.float32,
+                                                         model_options={"model_name": "gemma2_2b"})
+    return [(n, s, _zero_fill if _is_idle_gemma_matrix(n) else f) for n, s, f in _plan_module(te.transformer)]
+
+
+def _entries_half_table(plan, generator, dtype, table, vocab):
+    """Like ``_entries``, but the embedding table ``table`` is filled row block by row block
+    (a 256000 x 2304 fp32 staging tensor would be 2.4 GB): only its first ``vocab`` rows are live."""
+    entries = _entries(plan, generator, dtype)
+    out = []
+    for (name, shape, fill), entry in zip(plan, entries):
+        if name != table:
+            out.append(entry)
+            continue
+
+        def produce(shape=shape, fill=fill):
+            t = torch.zeros(shape, dtype=dtype)
+            live = torch.empty((vocab, shape[1]), dtype=torch.float32)
+            with torch.no_grad():
+                fill(live, generator)
+            t[:vocab] = live.to(dtype)
+            return t
+        out.append((name, shape, dtype, produce))
+    return out
+
+
+def ensure_gemma2_2b_full(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+    """Path of the full-config Gemma-2-2B file (with the test ``spiece_model``) that the stock
+    CLIPLoader(type lumina2) loads; generated once into ``folder``."""
+    folder = Path(folder)
+    sp = spiece_model_bytes()
+    import sentencepiece
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=sp).get_piece_size()
+    name = f"gemma2_2b-26layer-{GEMMA_FULL_LIVE_LAYERS}live-v{vocab}"
+    path = folder / component_filename(name, seed, dtype)
+    if not path.exists():
+        gen = torch.Generator().manual_seed(_component_seed(name, seed))
+        entries = _entries_half_table(_gemma_full_plan(), gen, dtype, "model.embed_tokens.weight", vocab)
+        raw = torch.frombuffer(bytearray(sp), dtype=torch.uint8)
+        entries.append(("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone()))
+        write_safetensors_streaming(path, entries, {"dti_test_generator": FAMILY_GENERATOR_VERSION,
+                                                    "dti_test_component": name})
+    return path

@@ -317,12 +317,84 @@ def flux_graph():
     return {"nodes": nodes, "links": links, "groups": groups}
 
 
+LUMINA2_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of "
+                  "image-text alignment based on textual prompts or user prompts. <Prompt Start> ")
+
+
+def lumina2_graph():
+    """Lumina 2 from its three files: UNETLoader + CLIPLoader (lumina2) + VAELoader -> DTI Train ->
+    Replace -> DTI Enable Embeddings -> CLIPTextEncode (with the system prompt) -> KSampler -> SaveImage."""
+    name = "my-concept-lumina"
+    readme = (
+        "DTI Train (Lumina 2 / Neta Lumina): teach the model a new word for your subject\n\n"
+        "1. Put 3-20 photos of your subject in ComfyUI/input and pick them in the Load Image nodes.\n"
+        "2. Load Lumina 2 the usual way: the model in models/diffusion_models, gemma_2_2b in "
+        "models/text_encoders (CLIPLoader type lumina2), ae in models/vae.\n"
+        "3. DTI Train learns Gemma-2 vectors at Gemma's mean vocabulary length m*, on prompts that start "
+        "with Lumina's system prompt (as CLIP Text Encode for Lumina2 adds it). Settings from the authors' "
+        "Gemma-2 (SANA) recipe: kappa 5e-5, 500 steps, batch 4, 1024 px (resolution 0 = auto).\n"
+        "4. ComfyUI's Gemma tokenizer ignores embedding:NAME: the prompt goes through DTI Enable "
+        "Embeddings first, then a stock CLIP Text Encode reads the word.\n\n"
+        "Short of memory? Turn gradient_checkpointing on, lower resolution or batch_size."
+    )
+    nodes = [
+        note("readme", [0, -330], [560, 300], readme, "Read me"),
+        *PHOTO_NODES,
+        {"key": "unet", "type": "UNETLoader", "pos": [620, 40], "size": [360, 82],
+         "widgets": {"unet_name": h.LUMINA2_DIT, "weight_dtype": "default"}},
+        {"key": "clip", "type": "CLIPLoader", "pos": [620, 170], "size": [360, 106],
+         "widgets": {"clip_name": h.LUMINA2_GEMMA, "type": "lumina2", "device": "default"}},
+        {"key": "vae", "type": "VAELoader", "pos": [620, 340], "size": [360, 58], "widgets": {"vae_name": h.FLUX_VAE}},
+        {"key": "train", "type": "DTITrain", "pos": [1010, 40], "size": [420, 960],
+         "widgets": {"name": name, "initializer": "dog", "steps": 500, "batch_size": 4, "learning_rate": 0.01,
+                     "kappa": 0.00005, "magnitude": "mean", "templates": "object", "resolution": 0,
+                     "horizontal_flip": False, "seed": 0, "save_every": 0, "resume_from": "(none)",
+                     "overwrite": False, "num_vectors": 0, "gradient_checkpointing": False, "guidance": 3.5,
+                     "train_encoders": "all"}},
+        {"key": "prompt", "type": "StringReplace", "pos": [1490, 40], "size": [420, 220],
+         "title": "Prompt ({} = the new word)",
+         "widgets": {"string": LUMINA2_SYSTEM + "a photo of {} sitting on a wooden pier at a mountain lake, morning mist",
+                     "find": "{}", "replace": ""}},
+        {"key": "enable", "type": "DTIEnableEmbeddings", "pos": [1490, 300], "size": [420, 80]},
+        {"key": "pos", "type": "CLIPTextEncode", "pos": [1490, 420], "size": [420, 100],
+         "title": "CLIP Text Encode (Positive)", "widgets": {"text": ""}},
+        {"key": "neg", "type": "CLIPTextEncode", "pos": [1490, 560], "size": [420, 140],
+         "title": "CLIP Text Encode (Negative)", "widgets": {"text": LUMINA2_SYSTEM + NEGATIVE}},
+        {"key": "latent", "type": "EmptySD3LatentImage", "pos": [1490, 740], "size": [420, 106],
+         "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
+        {"key": "ksampler", "type": "KSampler", "pos": [1960, 40], "size": [320, 262],
+         "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 25, "cfg": 4.0,
+                     "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}},
+        {"key": "decode", "type": "VAEDecode", "pos": [1960, 350], "size": [320, 46]},
+        {"key": "save", "type": "SaveImage", "pos": [2320, 40], "size": [520, 580],
+         "widgets": {"filename_prefix": f"DTI/{name}"}},
+    ]
+    links = [
+        *PHOTO_LINKS,
+        ("unet", 0, "train", "model"), ("clip", 0, "train", "clip"), ("vae", 0, "train", "vae"),
+        ("batch2", 0, "train", "images"),
+        ("train", 0, "prompt", "replace"), ("clip", 0, "enable", "clip"),
+        ("prompt", 0, "pos", "text"), ("enable", 0, "pos", "clip"), ("enable", 0, "neg", "clip"),
+        ("unet", 0, "ksampler", "model"), ("pos", 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
+        ("latent", 0, "ksampler", "latent_image"),
+        ("ksampler", 0, "decode", "samples"), ("vae", 0, "decode", "vae"),
+        ("decode", 0, "save", "images"),
+    ]
+    groups = [
+        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 1130], "color": GROUP_INPUT},
+        {"title": "2. Train the new word (Lumina 2)", "bounding": [600, -30, 850, 1050], "color": GROUP_TRAIN},
+        {"title": "3. Render it", "bounding": [1470, -30, 1390, 900], "color": GROUP_RENDER},
+    ]
+    return {"nodes": nodes, "links": links, "groups": groups}
+
+
 GRAPHS = {
     "dti_train_sd15.json": lambda: train_graph("sd15"),
     "dti_train_sdxl.json": lambda: train_graph("sdxl"),
     "dti_slerp_concepts.json": slerp_graph,
     "dti_interpolation_strip.json": strip_graph,
     "dti_train_flux_dev.json": flux_graph,
+    "dti_train_lumina2.json": lumina2_graph,
 }
 
 BUILD_JS = r"""
@@ -403,7 +475,8 @@ def main(argv=None):
         for name in (h.SD15_CKPT, h.SDXL_CKPT):
             (server.checkpoints / name).write_bytes(b"")
         for folder, name in (("diffusion_models", h.FLUX_DIT), ("text_encoders", h.FLUX_CLIP_L),
-                             ("text_encoders", h.FLUX_T5), ("vae", h.FLUX_VAE)):
+                             ("text_encoders", h.FLUX_T5), ("vae", h.FLUX_VAE),
+                             ("diffusion_models", h.LUMINA2_DIT), ("text_encoders", h.LUMINA2_GEMMA)):
             (server.folder("models", folder) / name).write_bytes(b"")
         h.write_example_images(server.input)
         h.write_concept_embeddings(server.embeddings)

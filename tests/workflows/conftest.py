@@ -78,6 +78,9 @@ def server(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
     srv.link_model(flux_files["t5xxl"], "text_encoders", h.FLUX_T5)
     srv.link_model(flux_files["vae"], "vae", h.FLUX_VAE)
     srv.link_checkpoint(ck.ensure_sd3_checkpoint(Path(test_checkpoints["sd15"]).parent), h.SD35_CKPT)
+    lumina = ck.ensure_lumina2_files(Path(test_checkpoints["sd15"]).parent)  # names for the Lumina 2 workflow
+    srv.link_model(lumina["diffusion_model"], "diffusion_models", h.LUMINA2_DIT)
+    srv.link_model(lumina["text_encoder"], "text_encoders", h.LUMINA2_GEMMA)
     h.write_example_images(srv.input)
     h.write_concept_embeddings(srv.embeddings)
     # The shipped workflows run with sub-quadratic attention on its chunked path (what a busy

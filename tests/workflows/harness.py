@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json",
-             "dti_train_flux_dev.json")
+             "dti_train_flux_dev.json", "dti_train_lumina2.json")
 PACK_DIR_NAME = "ComfyUI-DTI"
 
 # File names the shipped workflows use (the common public names of the base checkpoints).
@@ -38,6 +38,8 @@ FLUX_T5 = "t5xxl_fp8_e4m3fn.safetensors"
 FLUX_VAE = "ae.safetensors"
 SD35_CKPT = "sd3.5_medium_incl_clips.safetensors"
 CHROMA_DIT = "chroma-unlocked.safetensors"
+LUMINA2_DIT = "lumina_2_model_bf16.safetensors"
+LUMINA2_GEMMA = "gemma_2_2b_fp16.safetensors"
 EXAMPLE_IMAGES = ("dti_example_1.png", "dti_example_2.png", "dti_example_3.png")
 CONCEPT_A = "concept_a.safetensors"
 CONCEPT_B = "concept_b.safetensors"

@@ -67,8 +67,15 @@ def test_workflows_use_the_public_file_names(object_info):
                 (h.FLUX_CLIP_L, h.FLUX_T5, "flux")
             assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX_VAE]
             continue
+        if "lumina" in name:
+            assert ckpts == set()
+            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [h.LUMINA2_DIT]
+            (clip,) = h.find_nodes(prompt, "CLIPLoader")
+            assert (clip["inputs"]["clip_name"], clip["inputs"]["type"]) == (h.LUMINA2_GEMMA, "lumina2")
+            assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX_VAE]
+            continue
         assert ckpts == {h.SDXL_CKPT if "sdxl" in name else h.SD15_CKPT}
-    for name in ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_train_flux_dev.json"):
+    for name in ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_train_flux_dev.json", "dti_train_lumina2.json"):
         images = sorted(n["inputs"]["image"] for n in h.find_nodes(uses[name], "LoadImage"))
         assert images == list(h.EXAMPLE_IMAGES)
         (train,) = h.find_nodes(uses[name], "DTITrain")
