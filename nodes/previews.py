@@ -35,20 +35,21 @@ def preview_size(resolution: int) -> int:
 
 
 def render(model, clip, vae, vectors: dict[str, torch.Tensor], prompt: str, seed: int, size: int,
-           steps: int, cfg: float = 4.0, guidance: float | None = None) -> torch.Tensor:
-    """An IMAGE ``(1, size, size, 3)`` of ``prompt`` with ``{}`` standing for ``vectors``
-    (``{embedding_key: (n, width)}``, the saved ``m* . v`` rows of every encoder)."""
+           steps: int, cfg: float = 4.0, guidance: float | None = None, prefix: str = "") -> torch.Tensor:
+    """An IMAGE ``(1, size, size, 3)`` of ``prefix + prompt`` with ``{}`` standing for ``vectors``
+    (``{embedding_key: (n, width)}``, the saved ``m* . v`` rows of every encoder). ``prefix``: what the
+    family's own encode node puts before every prompt (Lumina 2's system prompt)."""
     check_prompt(prompt)
     counts = {k: int(v.shape[0]) for k, v in vectors.items()}
     encoders = ct.text_encoders(clip)
     missing = set(encoders) - set(vectors)
     if missing:
         raise ValueError(f"preview: no vectors for {', '.join(sorted(missing))}")
-    (tokens,) = ct.tokenize_templates(clip, [prompt], counts)
+    (tokens,) = ct.tokenize_templates(clip, [prefix + prompt], counts)
     with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
         by_token_key = {tkey: vectors[key].detach().float() for key, (tkey, _, _) in encoders.items()}
         positive = _conditioning(clip, tokens.with_vectors(by_token_key), guidance)
-        negative = _conditioning(clip, clip.tokenize(""), guidance)
+        negative = _conditioning(clip, clip.tokenize(prefix), guidance)
         latent = torch.zeros((1, 4, size // 8, size // 8))
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, int(seed))  # seeds the global RNG: fork_rng restores it
@@ -61,11 +62,10 @@ def render(model, clip, vae, vectors: dict[str, torch.Tensor], prompt: str, seed
 
 
 def _conditioning(clip, tokens, guidance):
-    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    extra = {"pooled_output": pooled}
-    if guidance is not None:
-        extra["guidance"] = float(guidance)
-    return [[cond, extra]]
+    # CLIPTextEncode's own call: the conditioning keeps every extra the encoder returns (pooled
+    # output, Lumina 2's attention mask, ...); FluxGuidance's key on top.
+    return clip.encode_from_tokens_scheduled(tokens, add_dict={} if guidance is None else {"guidance": float(guidance)},
+                                             show_pbar=False)
 
 
 def _rng_devices() -> list:

@@ -145,7 +145,7 @@ class DTITrain(WritesEmbeddingFile):
             return previews.render(model, clip, vae, vectors, preview_prompt, int(preview_seed),
                                    previews.preview_size(resolution), int(preview_steps),
                                    cfg=1.0 if family.guidance else 4.0,
-                                   guidance=float(guidance) if family.guidance else None)
+                                   guidance=float(guidance) if family.guidance else None, prefix=family.prompt_prefix)
 
         existing = None if overwrite else existing_result(path, name, fingerprint)
         if existing is not None:

@@ -203,3 +203,23 @@ def test_teacher_student_recovers_a_word_through_gemma(lumina, dti_pack):
     # a clear rise: more than eight standard deviations of a random direction's cosine (1/sqrt(2304))
     assert after > before + 8 / 2304 ** 0.5, (before, after, result.history.loss[::10])
     assert torch.allclose(result.vectors["gemma2_2b"].norm(dim=-1), torch.tensor(m_star["gemma2_2b"]), atol=1e-5)
+
+
+def test_lumina_preview_renders_with_the_system_prompt(lumina, dti_pack, embeddings_dir):
+    """A preview on Lumina 2 goes through the stock encode (its attention mask reaches the DiT) with the
+    system prompt CLIPTextEncodeLumina2 adds, as training's prompts have it."""
+    model, clip, vae = lumina.out
+    previews, en = dti_pack.nodes.previews, dti_pack.nodes.embedding_nodes
+    out = run_train(dti_pack, lumina.out, name="lumina-preview", initializer="dog", steps=1, batch_size=1,
+                    resolution=64, templates="custom", custom_templates="a photo of a {}", preview_every=1,
+                    preview_steps=1, preview_prompt="a {} on grass", preview_seed=3)
+    image = out["result"][3]
+    assert image.shape == (1, 64, 64, 3) and bool(torch.isfinite(image).all()) and float(image.std()) > 0
+    emb = load_embedding(str(embeddings_dir / "lumina-preview.safetensors"))
+    prefix = dti_pack.nodes.families.LUMINA2_PREFIX
+    with torch.inference_mode():
+        (enabled,) = en.DTIEnableEmbeddings().enable(clip)["result"]
+        again = previews.render(model, enabled, vae, emb.vectors, "a {} on grass", 3, 64, 1, prefix=prefix)
+        bare = previews.render(model, enabled, vae, emb.vectors, "a {} on grass", 3, 64, 1)
+    assert torch.allclose(image, again, atol=1e-5)
+    assert not torch.allclose(image, bare, atol=1e-3), "the preview did not carry Lumina 2's system prompt"
