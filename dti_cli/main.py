@@ -507,7 +507,7 @@ def _run(argv) -> int:
                 folder_paths.set_input_directory(str(folder.parent))
                 inputs = dict(inputs, image_folder=folder.name)
             with torch.inference_mode():
-                out = train_node.DTITrain().run(model, clip, vae, job["batch"], **inputs)
+                out = train_node.DTITrain().run(model, clip, vae, images=job["batch"], **inputs)
         except Exception as e:  # one job's failure (a clash, out of memory) leaves the others to run
             failed += 1
             print(f"\ndti_cli: {job['where']} ({inputs['name']}) failed: {e}", file=sys.stderr)

@@ -299,6 +299,9 @@ def load_training_images(images: torch.Tensor | None, mask: torch.Tensor | None 
     images if its size differs) and every image of ``folder`` (a folder under ComfyUI's input
     directory, files by name, each at its own size; PNG alpha is its subject mask)."""
     items = []
+    if mask is not None and images is None:
+        raise ValueError("mask belongs to the images batch, which is not connected (the photos of image_folder "
+                         "take their mask from their transparency)")
     if images is not None:
         if not torch.is_tensor(images) or images.dim() != 4:
             raise ValueError(f"images must be an IMAGE batch (B, H, W, C); got {getattr(images, 'shape', type(images))}")
@@ -321,7 +324,8 @@ def load_training_images(images: torch.Tensor | None, mask: torch.Tensor | None 
     if folder and folder.strip():
         items.extend(_folder_images(folder.strip()))
     if not items:
-        raise ValueError("the image batch is empty: connect at least one image of the concept")
+        raise ValueError("no training images: connect an IMAGE batch of the concept to images, or name a folder "
+                         "of its photos (inside ComfyUI's input folder) in image_folder")
     return items
 
 

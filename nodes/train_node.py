@@ -63,7 +63,6 @@ class DTITrain(WritesEmbeddingFile):
                 "model": ("MODEL", {"tooltip": f"The diffusion model from your checkpoint or UNet loader ({supported_text()})."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder(s) from the same checkpoint. Training goes through the exact path CLIPTextEncode uses."}),
                 "vae": ("VAE", {"tooltip": "The VAE from the same checkpoint; images are encoded once and cached."}),
-                "images": ("IMAGE", {"tooltip": "3-20 images of your subject (one IMAGE batch is one size; for photos of different sizes use image_folder too). Each image trains at its own aspect ratio: it is resized (antialiased) to cover the nearest of SDXL's bucket sizes scaled to the training resolution, and each step trains a fresh random crop of that size. Alpha is dropped (use the mask input), grayscale is expanded to RGB."}),
                 "name": ("STRING", {"default": "my-concept", "tooltip": "File name in models/embeddings (subfolders with '/'). Letters, digits, '_', '-', '.'. Use it as embedding:NAME."}),
                 "initializer": ("STRING", {"default": "object", "tooltip": "A word close to your subject (e.g. 'dog', 'mug'). Its tokens set the number of vectors, their start and the prior direction that kappa pulls toward."}),
                 "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimisation steps. The paper uses 400 for SDXL."}),
@@ -82,6 +81,7 @@ class DTITrain(WritesEmbeddingFile):
                 "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing NAME file. Off: an existing file is never touched (re-queueing identical inputs reuses it)."}),
             },
             "optional": {
+                "images": ("IMAGE", {"tooltip": "3-20 images of your subject (or leave it unconnected and name an image_folder) (one IMAGE batch is one size; for photos of different sizes use image_folder too). Each image trains at its own aspect ratio: it is resized (antialiased) to cover the nearest of SDXL's bucket sizes scaled to the training resolution, and each step trains a fresh random crop of that size. Alpha is dropped (use the mask input), grayscale is expanded to RGB."}),
                 "num_vectors": ("INT", {"default": 0, "min": 0, "max": 16, "tooltip": "Number of vectors; 0 = one per initializer token. A different count starts every vector at the initializer's mean direction."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute the diffusion model's activations block by block in the backward pass: much less memory, about 30-60% slower per step."}),
                 "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Guidance-distilled models (Flux.1 dev): train at the guidance you render with (FluxGuidance; 3.5 by default). Ignored by other models."}),
@@ -97,9 +97,9 @@ class DTITrain(WritesEmbeddingFile):
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def run(self, model, clip, vae, images, name, initializer, steps, batch_size, learning_rate, kappa,
+    def run(self, model, clip, vae, name, initializer, steps, batch_size, learning_rate, kappa,
             magnitude, magnitude_value, templates, custom_templates, resolution, horizontal_flip, seed,
-            save_every, resume_from, overwrite, num_vectors=0, gradient_checkpointing=False, guidance=3.5,
+            save_every, resume_from, overwrite, images=None, num_vectors=0, gradient_checkpointing=False, guidance=3.5,
             train_encoders="all", mask=None, image_folder="", captions="", preview_every=0,
             preview_prompt="a photo of {}", preview_seed=0, preview_steps=12, unique_id=None):
         name = check_name(name)

@@ -22,7 +22,7 @@ def run_train(pack, loaded, images=None, **over):
     node = pack.nodes.train_node.DTITrain()
     batch = globals()["images"]() if images is None else images
     with torch.inference_mode():
-        return node.run(model, clip, vae, batch, **train_args(**over))
+        return node.run(model, clip, vae, images=batch, **train_args(**over))
 
 
 def text_compute_dtypes(clip, encoders):

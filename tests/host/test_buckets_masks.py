@@ -314,3 +314,30 @@ def test_descent_through_buckets_and_masks(dti_pack, fresh_sd15):
     assert all(b < a for a, b in zip(loss, loss[1:])), loss
     v = result.vectors["clip_l"]
     assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m_star["clip_l"]), atol=1e-5)
+
+
+def test_node_trains_from_a_folder_alone_and_refuses_no_images(dti_pack, sd15_loaded, comfy, embeddings_dir,
+                                                               tmp_path, monkeypatch):
+    """``images`` is optional: a folder of photos is enough; neither is a clear refusal, and so is a mask
+    without the batch it belongs to."""
+    import folder_paths
+    from PIL import Image
+    from tests_host_helpers import train_args
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    (tmp_path / "cat").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, size in enumerate([(64, 48), (48, 64)]):
+        arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(arr).save(tmp_path / "cat" / f"{i}.png")
+    model, clip, vae = sd15_loaded
+    node = dti_pack.nodes.train_node.DTITrain()
+    with torch.inference_mode():
+        out = node.run(model, clip, vae, **train_args(name="folder-only", steps=1, batch_size=1, image_folder="cat"))
+        assert out["ui"]["text"][0].startswith("Saved embedding:folder-only")
+        with pytest.raises(ValueError, match="no training images"):
+            node.run(model, clip, vae, **train_args(name="nothing"))
+        with pytest.raises(ValueError, match="mask belongs to the images batch"):
+            node.run(model, clip, vae, mask=torch.ones(1, 8, 8), **train_args(name="mask-only", image_folder="cat"))
+    assert (embeddings_dir / "folder-only.safetensors").is_file()
+    assert not (embeddings_dir / "nothing.safetensors").exists()
