@@ -324,8 +324,9 @@ def load_training_images(images: torch.Tensor | None, mask: torch.Tensor | None 
     if folder and folder.strip():
         items.extend(_folder_images(folder.strip()))
     if not items:
-        raise ValueError("no training images: connect an IMAGE batch of the concept to images, or name a folder "
-                         "of its photos (inside ComfyUI's input folder) in image_folder")
+        raise ValueError("no training images (the images batch is empty or not connected, and no image_folder): "
+                         "connect an IMAGE batch of the concept, or name a folder of its photos inside ComfyUI's "
+                         "input folder in image_folder")
     return items
 
 
