@@ -200,37 +200,6 @@ def differentiable(model, clip, gradient_checkpointing: bool = False):
     return _differentiable.differentiable(model, encoders, gradient_checkpointing)
 
 
-def prepare_images(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """IMAGE (B, H, W, C in [0, 1]) -> RGB whose shorter side is ``resolution``, bad pixels refused.
-
-    As the paper's data pipeline: an antialiased bicubic resize of the shorter side (no aliasing
-    on large photos); the longer side keeps the aspect ratio (rounded down to 8 px) so each step
-    can take a fresh random crop of it in latent space. Nothing is cut away here.
-    """
-    if not torch.is_tensor(images) or images.dim() != 4:
-        raise ValueError(f"images must be an IMAGE batch (B, H, W, C); got {getattr(images, 'shape', type(images))}")
-    if images.shape[0] == 0:
-        raise ValueError("the image batch is empty: connect at least one image of the concept")
-    channels = images.shape[-1]
-    if channels == 1:
-        images = images.expand(-1, -1, -1, 3)
-    elif channels == 4:
-        images = images[..., :3]  # alpha is dropped: the VAE takes RGB
-    elif channels != 3:
-        raise ValueError(f"images must have 1, 3 or 4 channels, got {channels}")
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError("the image batch contains NaN or infinite pixel values")
-    images = images.float().clamp(0.0, 1.0)  # out-of-range values are clipped, as SaveImage does
-    samples = images.movedim(-1, 1)
-    h, w = samples.shape[-2:]
-    scale = resolution / min(h, w)
-    size = (max(resolution, int(h * scale) // 8 * 8), max(resolution, int(w * scale) // 8 * 8))
-    if (h, w) != size:
-        samples = torch.nn.functional.interpolate(samples, size=size, mode="bicubic", antialias=True,
-                                                  align_corners=False)
-    return samples.clamp(0.0, 1.0).movedim(1, -1)
-
-
 # SDXL's training buckets (height, width) at 1024 x 1024 px area (SDXL report, appendix I).
 SDXL_BUCKETS = [
     (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664), (640, 1600),

@@ -6,18 +6,15 @@ import pytest
 import torch
 
 
-def test_resize_keeps_the_aspect_ratio_and_is_antialiased(dti_pack, comfy):
+def test_bucket_resize_is_antialiased(dti_pack, comfy):
+    """The live resize (each photo to cover its bucket): a one-pixel checkerboard downscaled 8x is
+    averaged to grey by an antialiased filter; a plain bicubic resize samples it and keeps values far
+    from 0.5 (aliasing)."""
     ct = dti_pack.nodes.comfy_training
-    wide = torch.rand(2, 96, 160, 3)
-    assert ct.prepare_images(wide, 64).shape == (2, 64, 104, 3)  # 160 * 64/96 = 106.7 -> 104 (8 px steps)
-    tall = torch.rand(1, 200, 100, 4)
-    assert ct.prepare_images(tall, 64).shape == (1, 128, 64, 3)
-    # A one-pixel checkerboard downscaled 8x: an antialiased filter averages it to grey; a plain
-    # bicubic resize samples it and keeps values far from 0.5 (aliasing).
     board = ((torch.arange(512).view(-1, 1) + torch.arange(512).view(1, -1)) % 2).float()
-    img = board.view(1, 512, 512, 1).expand(1, 512, 512, 3).contiguous()
-    out = ct.prepare_images(img, 64)
-    assert out.shape == (1, 64, 64, 3)
+    item = ct.TrainingImage(board.view(512, 512, 1).expand(512, 512, 3).contiguous(), None, "board")
+    bucket, out, mask = ct.bucket_resize(item, 64)
+    assert bucket == (64, 64) and out.shape == (1, 64, 64, 3) and mask is None
     assert float((out - 0.5).abs().max()) < 0.02
 
 
