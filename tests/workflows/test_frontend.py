@@ -27,13 +27,17 @@ CLEAR_AND_ADD_JS = """
         };
 """
 
-def test_extension_registers_without_errors(page):
+def test_extension_registers_without_errors(page, frontend):
     got = page.evaluate("""() => ({
         names: app.extensions.map((e) => e.name),
         runs: window.__dtiRuns instanceof Map,
         trainDef: !!LiteGraph.registered_node_types["DTITrain"],
         version: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+        vue: app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled") ?? false,
     })""")
+    # the page runs the frontend this parametrization names (the pinned one, or the newest, either renderer)
+    assert frontend["version"] and got["version"] == frontend["version"], (got["version"], frontend)
+    assert bool(got["vue"]) == frontend["vue_nodes"]
     assert "DTI.TrainChart" in got["names"]
     assert got["runs"] and got["trainDef"]
     served = [(u, s) for u, s in page.responses if "/extensions/ComfyUI-DTI/" in u]
@@ -105,7 +109,7 @@ def _count_near(img, rgb, tol=40):
     return sum(1 for x in range(w) for y in range(hgt) if all(abs(a - b) <= tol for a, b in zip(img.getpixel((x, y)), rgb)))
 
 
-def test_train_chart_draws_a_live_run(page, server):
+def test_train_chart_draws_a_live_run(page, ui_server):
     wf = h.load_workflow("dti_train_sd15.json")
     steps = 3
     page.page.set_viewport_size({"width": 1400, "height": 1100})
@@ -134,11 +138,11 @@ def test_train_chart_draws_a_live_run(page, server):
             "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.done); }",
             arg=node_id, timeout=TRAIN_TIMEOUT * 1000, polling=500)
     except Exception as e:
-        raise AssertionError(f"no dti.done reached the page: {e}\n--- server log ---\n{server.log_tail()}") from None
+        raise AssertionError(f"no dti.done reached the page: {e}\n--- server log ---\n{ui_server.log_tail()}") from None
     # the rest of the graph (render, save) finishes too
     deadline = time.monotonic() + TRAIN_TIMEOUT
     while time.monotonic() < deadline:
-        q = server.get_json("/queue")
+        q = ui_server.get_json("/queue")
         if not q["queue_running"] and not q["queue_pending"]:
             break
         time.sleep(0.5)
@@ -153,7 +157,7 @@ def test_train_chart_draws_a_live_run(page, server):
     assert [p[0] for p in run["loss"]][-1] == steps
     assert set(run["norms"]) == {"clip_l"} and run["mStar"]["clip_l"] > 0
     assert run["done"]["name"] == "chart-test" and not run["done"]["reused"]
-    assert (server.embeddings / "chart-test.safetensors").is_file()
+    assert (ui_server.embeddings / "chart-test.safetensors").is_file()
     # DTI Train's summary shows on the node, above the chart (which stays at the bottom)
     page.page.wait_for_function(
         "(id) => document.querySelector(`textarea[data-dti-result=\"${id}\"]`)?.value.startsWith('Saved embedding:chart-test')",
@@ -197,7 +201,7 @@ def test_train_chart_draws_a_live_run(page, server):
 RESULT_TIMEOUT = 300.0
 
 
-def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, server):
+def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server):
     """ui.text (Slerp Concepts' summary, DTI Inspect's report) appears in the page after a run
     queued from the page, and stays out of the queued prompt and the saved workflow."""
     ids = page.evaluate("""async ([ckpt, a, b]) => {
@@ -227,7 +231,7 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, server):
             }""", arg=ids, timeout=RESULT_TIMEOUT * 1000, polling=500)
     except Exception as e:
         raise AssertionError(f"the result text never appeared in the page: {e}\n{page.toasts()}\n"
-                             f"--- server log ---\n{server.log_tail()}") from None
+                             f"--- server log ---\n{ui_server.log_tail()}") from None
     got = page.evaluate("""async (ids) => {
         const box = (id) => document.querySelector(`textarea[data-dti-result="${id}"]`);
         const visible = (el) => { const r = el.getBoundingClientRect(); return r.width > 50 && r.height > 20; };
@@ -262,7 +266,7 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, server):
 STOPPED_RGB = (0xFF, 0x90, 0x40)  # js/dti_train.js STOPPED_COLOR
 
 
-def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, server):
+def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, ui_server):
     """Cancel during training: the chart says 'cancelled at step K/N' and names the NAME-stepK
     checkpoint to resume from, which resume_from lists without a manual refresh."""
     steps, every = 60, 2
@@ -286,8 +290,8 @@ def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, server):
             "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.loss.length >= 5); }",
             arg=node_id, timeout=TRAIN_TIMEOUT * 1000, polling=250)
     except Exception as e:
-        raise AssertionError(f"training never got going: {e}\n--- server log ---\n{server.log_tail()}") from None
-    server.post_json("/interrupt", {})  # what the Cancel button sends
+        raise AssertionError(f"training never got going: {e}\n--- server log ---\n{ui_server.log_tail()}") from None
+    ui_server.post_json("/interrupt", {})  # what the Cancel button sends
     page.page.wait_for_function(
         "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.stopped && s.stopped.checkpoint); }",
         arg=node_id, timeout=120000, polling=250)
@@ -299,8 +303,8 @@ def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, server):
     k = stop["checkpoint"]["step"]
     assert k % every == 0 and 0 < k <= stop["step"] + 1, stop
     assert stop["checkpoint"]["file"] == f"cancel-test-step{k}.safetensors"
-    assert (server.embeddings / f"cancel-test-step{k}.safetensors").is_file()
-    assert not (server.embeddings / "cancel-test.safetensors").exists()
+    assert (ui_server.embeddings / f"cancel-test-step{k}.safetensors").is_file()
+    assert not (ui_server.embeddings / "cancel-test.safetensors").exists()
     # resume_from lists it without pressing R
     page.page.wait_for_function(
         """([id, file]) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'resume_from')
