@@ -59,11 +59,26 @@ function restore(node) {
                   name: h.name ?? null, saveEvery: h.saveEvery || 0, note: null, restored: true });
 }
 
+// The frontend keeps the open workflow (restored on a page reload) when its change tracker sees the
+// graph change, which it checks on clicks and key presses: a property set from a message would wait
+// for the next click. Ask it to look now (captureCanvasState on 1.5x, checkState before).
+function persist() {
+  const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+  try {
+    if (typeof tracker?.captureCanvasState === "function") tracker.captureCanvasState();
+    else tracker?.checkState?.();
+  } catch (e) {
+    console.debug("DTI: could not mark the workflow changed", e);
+  }
+}
+
 function redraw(id) {
   remember(id);
   const node = nodeFor(id);
   if (node) {
     node.setDirtyCanvas(true, true);
+    // The Vue node renderer ("Nodes 2.0") draws the chart on a canvas of its own, only when asked.
+    node.widgets?.find((w) => w.name === "dti_chart")?.triggerDraw?.();
   }
 }
 
@@ -91,6 +106,7 @@ api.addEventListener("dti.done", ({ detail }) => {
   s.done = detail;
   s.running = false;
   redraw(detail.node);
+  persist();
   if (!detail.reused) refreshFileLists(); // the new file, in every resume_from / DTI Load Embedding list
 });
 
@@ -135,9 +151,11 @@ async function stopped(kind, detail) {
     const last = s.loss.length ? s.loss[s.loss.length - 1][0] : s.start || 0;
     s.stopped = { kind, step: last, message: detail?.exception_message || "", checkpoint: null };
     redraw(id);
+    persist();
     if (s.saveEvery > 0 && s.name) {
       s.stopped.checkpoint = await lastCheckpoint(s.name, last + 1);
       redraw(id);
+      persist();
       if (s.stopped.checkpoint) refreshFileLists();
     }
   }

@@ -217,6 +217,8 @@ class Page:
         self.page.on("pageerror", lambda e: self.errors.append((str(e), getattr(e, "stack", "") or "")))
 
     def open(self):
+        # No template browser: it opens (late, on 1.58.1) over the canvas on the first visit only.
+        self.server.post_json("/settings/Comfy.TutorialCompleted", True)
         self.page.goto(self.server.url + "/", wait_until="load", timeout=90000)
         self.page.wait_for_function("window.app && window.app.graph && window.LiteGraph && window.app.api",
                                     timeout=90000)
