@@ -15,6 +15,7 @@ function textWidget(node) {
   w.serialize = false; // not in widgets_values
   if (w.options) w.options.serialize = false; // not in the queued prompt
   else w.options = { serialize: false };
+  w.options.read_only = true; // the Vue node renderer's text box reads this
   // Above DTI Train's live chart, which stays the node's last widget (its bottom edge).
   const chart = node.widgets.findIndex((x) => x.name === "dti_chart");
   if (chart >= 0) {

@@ -103,6 +103,18 @@ def test_workflow_loads_without_alerts_and_converts_like_the_frontend(name, tab,
     assert result["values"] == {str(n["id"]): n.get("widgets_values") or [] for n in wf["nodes"]}
 
 
+# The text box that shows a node's result text: the widget's own textarea on the classic canvas (marked
+# data-dti-result), the Vue renderer's textarea for that widget inside the node's element.
+RESULT_BOX_JS = """
+    const resultBox = (id) => {
+        const el = document.querySelector(`[data-node-id="${id}"]`);
+        if (!el) return document.querySelector(`textarea[data-dti-result="${id}"]`);
+        const w = app.graph.getNodeById(id)?.widgets?.find((x) => x.name === 'dti_result');
+        return [...el.querySelectorAll('textarea')].find((t) => w && t.value === w.value) ?? null;
+    };
+"""
+
+
 # Texts the chart of one node draws (its labels and axis values), caught at fillText while the page
 # draws it (the main canvas, or the chart's own canvas on the Vue renderer; drawn directly if off screen).
 DRAWN_TEXTS_JS = """(id) => {
@@ -219,7 +231,7 @@ def test_train_chart_draws_a_live_run(page, ui_server, frontend):
     assert (ui_server.embeddings / f"{name}.safetensors").is_file()
     # DTI Train's summary shows on the node, above the chart (which stays at the bottom)
     page.page.wait_for_function(
-        "([id, name]) => document.querySelector(`textarea[data-dti-result=\"${id}\"]`)?.value.startsWith(`Saved embedding:${name}`)",
+        "([id, name]) => {" + RESULT_BOX_JS + "return !!resultBox(id)?.value.startsWith(`Saved embedding:${name}`); }",
         arg=[node_id, name], timeout=30000, polling=250)
     order = page.evaluate("(id) => app.graph.getNodeById(id).widgets.map((w) => w.name).slice(-2)", node_id)
     assert order == ["dti_result", "dti_chart"], order
@@ -305,9 +317,10 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server, fr
     }""", [h.SD15_CKPT, h.CONCEPT_A, h.CONCEPT_B, blend])
     try:
         page.page.wait_for_function(
-            """([ids, blend]) => {
-                const t = [...document.querySelectorAll('textarea[data-dti-result]')].map((e) => e.value);
-                const shown = [...document.querySelectorAll('textarea[data-dti-result]')].filter((e) => {
+            """([ids, blend]) => {""" + RESULT_BOX_JS + """
+                const boxes = [resultBox(ids.slerp), resultBox(ids.inspect)].filter((e) => e);
+                const t = boxes.map((e) => e.value);
+                const shown = boxes.filter((e) => {
                     const r = e.getBoundingClientRect(); return r.width > 50 && r.height > 20; });
                 return shown.length === 2 && t.some((v) => v.startsWith(`Saved embedding:${blend}`))
                     && t.some((v) => v.includes('vocabulary norms'));
@@ -316,7 +329,8 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server, fr
         raise AssertionError(f"the result text never appeared in the page: {e}\n{page.toasts()}\n"
                              f"--- server log ---\n{ui_server.log_tail()}") from None
     got = page.evaluate("""async (ids) => {
-        const box = (id) => document.querySelector(`textarea[data-dti-result="${id}"]`);
+""" + RESULT_BOX_JS + """
+        const box = resultBox;
         const visible = (el) => { const r = el.getBoundingClientRect(); return r.width > 50 && r.height > 20; };
         const rect = (el) => { const r = el.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; };
         const p = await app.graphToPrompt();
