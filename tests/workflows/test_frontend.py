@@ -330,6 +330,7 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server, fr
                              f"--- server log ---\n{ui_server.log_tail()}") from None
     got = page.evaluate("""async (ids) => {
 """ + RESULT_BOX_JS + """
+        await new Promise((r) => setTimeout(r, 800));  // the nodes grow to fit their text
         const box = resultBox;
         const visible = (el) => { const r = el.getBoundingClientRect(); return r.width > 50 && r.height > 20; };
         const rect = (el) => { const r = el.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; };
@@ -338,6 +339,7 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server, fr
             slerp: box(ids.slerp).value, inspect: box(ids.inspect).value,
             shown: [visible(box(ids.slerp)), visible(box(ids.inspect))],
             rects: [rect(box(ids.slerp)), rect(box(ids.inspect))],
+            overflow: [box(ids.slerp), box(ids.inspect)].map((e) => e.scrollHeight - e.clientHeight),
             sizes: [app.graph.getNodeById(ids.slerp).size, app.graph.getNodeById(ids.inspect).size],
             readOnly: box(ids.slerp).readOnly,
             queued: Object.values(p.output).map((n) => Object.keys(n.inputs)),
@@ -350,6 +352,7 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server, fr
     assert got["shown"] == [True, True] and got["readOnly"], (got["rects"], got["sizes"])
     # the whole report fits its box (no scrolling needed for a one-vector embedding)
     assert got["rects"][1][3] >= 13 * len(got["inspect"].splitlines()), got["rects"]
+    assert max(got["overflow"]) <= 2, (got["overflow"], got["rects"], got["sizes"])
     assert all("dti_result" not in inputs for inputs in got["queued"])
     assert f"Saved embedding:{blend}" not in got["saved"] and "vocabulary norms" not in got["saved"]
     # the new file is listed at once (no manual refresh): the DTI Load Embedding combos have it
