@@ -205,7 +205,9 @@ function drawChart(node, ctx, top, width) {
   const axis = AXIS_W;
   const px = pad + axis; // plots start right of the axis labels
   const pw = w - axis - 4;
-  const half = (CHART_H - 46) / 2;
+  // a second status line (the checkpoint to resume from, a note) pushes the plots down
+  const head = s && (s.stopped || s.note) ? 30 : 18;
+  const half = (CHART_H - 28 - head) / 2;
   ctx.save();
   ctx.fillStyle = "#18181c";
   ctx.fillRect(pad, top, w, CHART_H);
@@ -222,7 +224,7 @@ function drawChart(node, ctx, top, width) {
   ctx.fillText(last ? `step ${last[0]}/${s.steps}  loss ${last[1].toFixed(5)}` : "", pad + 4, top + 12);
   const x0 = (s.start || 0) + 1;
   // loss curve, its range on the axis
-  const ly = top + 18;
+  const ly = top + head;
   const ys = s.loss.map((p) => p[1]);
   ctx.fillStyle = "#999";
   ctx.textAlign = "right";
