@@ -15,6 +15,7 @@ function textWidget(node) {
   w.serialize = false; // not in widgets_values
   if (w.options) w.options.serialize = false; // not in the queued prompt
   else w.options = { serialize: false };
+  w.options.read_only = true; // the Vue node renderer's text box reads this
   // Above DTI Train's live chart, which stays the node's last widget (its bottom edge).
   const chart = node.widgets.findIndex((x) => x.name === "dti_chart");
   if (chart >= 0) {
@@ -49,7 +50,29 @@ export function showResultText(node, lines) {
     const min = node.computeSize();
     node.setSize([Math.max(node.size[0], min[0], MIN_WIDTH), Math.max(node.size[1], min[1])]);
     node.setDirtyCanvas(true, true);
+    fitText(node, w);
   });
+}
+
+// The box on screen: the Vue node renderer's textarea for the widget, or the widget's own.
+function shownBox(node, w) {
+  const vue = document.querySelector(`[data-node-id="${node.id}"] [data-widget-name="${WIDGET}"] textarea`);
+  return vue ?? w.inputEl ?? null;
+}
+
+// Whatever the renderer made of the size hint, grow the node until the whole text shows (up to
+// MAX_TEXT_PX): the Vue renderer gives the text box the node's free height.
+function fitText(node, w, tries = 4) {
+  setTimeout(() => {
+    const box = shownBox(node, w);
+    if (!box?.isConnected || !box.clientHeight) return;
+    const missing = Math.min(box.scrollHeight - box.clientHeight, MAX_TEXT_PX - box.clientHeight);
+    if (missing > 2) {
+      node.setSize([node.size[0], node.size[1] + missing]);
+      node.setDirtyCanvas(true, true);
+      if (tries > 1) fitText(node, w, tries - 1);
+    }
+  }, 100);
 }
 
 app.registerExtension({

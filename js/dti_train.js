@@ -3,7 +3,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const CHART_H = 150;
+const CHART_H = 170;
+const AXIS_W = 52;
 const STOPPED_COLOR = "#ff9040";
 const COLORS = { clip_l: "#e8643c", clip_g: "#3c8ce8", clip_h: "#3cb45a" };
 // node id -> { steps, loss: [], norms: {key: []}, mStar: {}, done, running, stopped: {kind, step, checkpoint} }
@@ -16,10 +17,68 @@ function stateFor(id) {
   return runs.get(key);
 }
 
+// The last run's history is kept in the node's properties (saved with the workflow, which the
+// frontend restores on a page reload), thinned to at most KEEP_POINTS points per series.
+const HISTORY_PROP = "dti_history";
+const KEEP_POINTS = 400;
+
+function thin(pts) {
+  if (pts.length <= KEEP_POINTS) return pts.slice();
+  const out = [];
+  for (let i = 0; i < KEEP_POINTS; i++) out.push(pts[Math.round((i * (pts.length - 1)) / (KEEP_POINTS - 1))]);
+  return out;
+}
+
+function nodeFor(id) {
+  return app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+}
+
+function remember(id) {
+  const node = nodeFor(id);
+  const s = runs.get(String(id));
+  if (!node || !s || node.type !== "DTITrain") return;
+  const norms = Object.fromEntries(Object.entries(s.norms).map(([k, v]) => [k, thin(v)]));
+  node.properties ??= {};
+  node.properties[HISTORY_PROP] = {
+    steps: s.steps, start: s.start, loss: thin(s.loss), norms, mStar: s.mStar, done: s.done,
+    stopped: s.stopped, name: s.name, saveEvery: s.saveEvery, updates: s.updates,
+  };
+}
+
+// A node configured from a saved workflow (page reload, opening a file) shows its last run again.
+function restore(node) {
+  const h = node.properties?.[HISTORY_PROP];
+  const key = String(node.id);
+  if (!h || !Array.isArray(h.loss)) {
+    if (!runs.get(key)?.running) runs.delete(key);
+    return;
+  }
+  if (runs.get(key)?.running) return; // a live run's messages are newer
+  runs.set(key, { steps: h.steps || 0, start: h.start || 0, loss: h.loss, norms: h.norms || {}, mStar: h.mStar || {},
+                  done: h.done ?? null, updates: h.updates || 0, running: false, stopped: h.stopped ?? null,
+                  name: h.name ?? null, saveEvery: h.saveEvery || 0, note: null, restored: true });
+}
+
+// The frontend keeps the open workflow (restored on a page reload) when its change tracker sees the
+// graph change, which it checks on clicks and key presses: a property set from a message would wait
+// for the next click. Ask it to look now (captureCanvasState on 1.5x, checkState before).
+function persist() {
+  const tracker = app.extensionManager?.workflow?.activeWorkflow?.changeTracker;
+  try {
+    if (typeof tracker?.captureCanvasState === "function") tracker.captureCanvasState();
+    else tracker?.checkState?.();
+  } catch (e) {
+    console.debug("DTI: could not mark the workflow changed", e);
+  }
+}
+
 function redraw(id) {
-  const node = app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
+  remember(id);
+  const node = nodeFor(id);
   if (node) {
     node.setDirtyCanvas(true, true);
+    // The Vue node renderer ("Nodes 2.0") draws the chart on a canvas of its own, only when asked.
+    node.widgets?.find((w) => w.name === "dti_chart")?.triggerDraw?.();
   }
 }
 
@@ -47,6 +106,7 @@ api.addEventListener("dti.done", ({ detail }) => {
   s.done = detail;
   s.running = false;
   redraw(detail.node);
+  persist();
   if (!detail.reused) refreshFileLists(); // the new file, in every resume_from / DTI Load Embedding list
 });
 
@@ -91,9 +151,11 @@ async function stopped(kind, detail) {
     const last = s.loss.length ? s.loss[s.loss.length - 1][0] : s.start || 0;
     s.stopped = { kind, step: last, message: detail?.exception_message || "", checkpoint: null };
     redraw(id);
+    persist();
     if (s.saveEvery > 0 && s.name) {
       s.stopped.checkpoint = await lastCheckpoint(s.name, last + 1);
       redraw(id);
+      persist();
       if (s.stopped.checkpoint) refreshFileLists();
     }
   }
@@ -124,14 +186,28 @@ function drawSeries(ctx, pts, x0, y0, w, h, xMin, xMax, yMin, yMax, color) {
   ctx.stroke();
 }
 
+// Numbers for the axes: short, whatever their scale.
+function fmt(v) {
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-3 || a >= 1e4)) return v.toExponential(1);
+  return a >= 100 ? v.toFixed(0) : v.toPrecision(3);
+}
+
 // The chart lives in its own canvas widget, last on the node, so the node's layout reserves its
 // height (drawing in onDrawForeground at the node's bottom edge put it underneath the last widgets:
 // the frontend stretches the multiline custom_templates box to fill all free space).
+// Layout, top to bottom: status line; loss (its range on the left axis); vector lengths around m*
+// (dashed, 0.5 m* .. 1.5 m* on the left axis); step numbers; one legend entry per encoder.
 function drawChart(node, ctx, top, width) {
   const s = runs.get(String(node.id));
   const pad = 8;
   const w = width - 2 * pad;
-  const half = (CHART_H - 30) / 2;
+  const axis = AXIS_W;
+  const px = pad + axis; // plots start right of the axis labels
+  const pw = w - axis - 4;
+  // a second status line (the checkpoint to resume from, a note) pushes the plots down
+  const head = s && (s.stopped || s.note) ? 30 : 18;
+  const half = (CHART_H - 28 - head) / 2;
   ctx.save();
   ctx.fillStyle = "#18181c";
   ctx.fillRect(pad, top, w, CHART_H);
@@ -146,24 +222,57 @@ function drawChart(node, ctx, top, width) {
   ctx.fillStyle = "#ddd";
   const last = s.loss[s.loss.length - 1];
   ctx.fillText(last ? `step ${last[0]}/${s.steps}  loss ${last[1].toFixed(5)}` : "", pad + 4, top + 12);
-  // loss curve
-  const ys = s.loss.map((p) => p[1]);
   const x0 = (s.start || 0) + 1;
-  if (ys.length) drawSeries(ctx, s.loss, pad, top + 16, w, half, x0, s.steps, Math.min(...ys), Math.max(...ys), "#f0c040");
+  // loss curve, its range on the axis
+  const ly = top + head;
+  const ys = s.loss.map((p) => p[1]);
+  ctx.fillStyle = "#999";
+  ctx.textAlign = "right";
+  if (ys.length) {
+    const lo = Math.min(...ys), hi = Math.max(...ys);
+    drawSeries(ctx, s.loss, px, ly, pw, half, x0, s.steps, lo, hi, "#f0c040");
+    ctx.fillStyle = "#999";
+    ctx.fillText(fmt(hi), px - 4, ly + 8);
+    ctx.fillText(fmt(lo), px - 4, ly + half);
+  }
   // norms against m*: every encoder on its own scale around m*, which is the dashed line
-  const ny = top + 20 + half;
-  ctx.setLineDash([4, 3]);
-  ctx.strokeStyle = "#888";
+  const ny = ly + half + 4;
+  ctx.strokeStyle = "#444";
   ctx.lineWidth = 1;
   ctx.beginPath();
-  ctx.moveTo(pad, ny + half / 2);
-  ctx.lineTo(pad + w, ny + half / 2);
+  ctx.moveTo(px, ly - 1);
+  ctx.lineTo(px, ny + half);
+  ctx.lineTo(px + pw, ny + half);
+  ctx.stroke();
+  ctx.setLineDash([4, 3]);
+  ctx.strokeStyle = "#888";
+  ctx.beginPath();
+  ctx.moveTo(px, ny + half / 2);
+  ctx.lineTo(px + pw, ny + half / 2);
   ctx.stroke();
   ctx.setLineDash([]);
+  const normKeys = Object.keys(s.norms);
+  if (normKeys.length) {
+    const m0 = s.mStar[normKeys[0]] || s.norms[normKeys[0]][0][1];
+    ctx.fillStyle = COLORS[normKeys[0]] || "#999";
+    ctx.fillText(fmt(1.5 * m0), px - 4, ny + 8);
+    ctx.fillText(`m* ${fmt(m0)}`, px - 4, ny + half / 2 + 4);
+    ctx.fillText(fmt(0.5 * m0), px - 4, ny + half);
+  }
+  // step numbers under the plots
+  const sy = ny + half + 12;
+  ctx.fillStyle = "#999";
+  ctx.textAlign = "left";
+  ctx.fillText(`step ${x0}`, px, sy);
+  ctx.textAlign = "center";
+  if (s.steps - x0 >= 4) ctx.fillText(String(Math.round((x0 + s.steps) / 2)), px + pw / 2, sy);
+  ctx.textAlign = "right";
+  ctx.fillText(String(s.steps), px + pw, sy);
+  ctx.textAlign = "left";
   let lx = pad + 4;
   for (const [k, pts] of Object.entries(s.norms)) {
     const m = s.mStar[k] || pts[0][1];
-    drawSeries(ctx, pts, pad, ny, w, half, x0, s.steps, m * 0.5, m * 1.5, COLORS[k] || "#ccc");
+    drawSeries(ctx, pts, px, ny, pw, half, x0, s.steps, m * 0.5, m * 1.5, COLORS[k] || "#ccc");
     ctx.fillStyle = COLORS[k] || "#ccc";
     const label = `${k} |v| ${pts[pts.length - 1][1].toFixed(4)} / m* ${m.toFixed(4)}`;
     ctx.fillText(label, lx, top + CHART_H - 4);
@@ -220,10 +329,59 @@ app.registerExtension({
         const min = this.computeSize();
         this.setSize([Math.max(this.size[0], min[0]), Math.max(this.size[1], min[1])]);
       }
+      showWhenUsed(this);
+      return r;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const r = onConfigure?.apply(this, arguments);
+      restore(this);
+      showWhenUsed(this);
+      return r;
+    };
+    const onAdded = nodeType.prototype.onAdded;
+    nodeType.prototype.onAdded = function () {
+      const r = onAdded?.apply(this, arguments);
+      showWhenUsed(this);
       return r;
     };
   },
 });
 
+// Inputs that only matter for one choice of another: shown only then. Hidden widgets keep their
+// value, which is still saved in the workflow and queued (the node ignores it).
+const SHOWN_WHEN = { custom_templates: ["templates", "custom"], magnitude_value: ["magnitude", "number"] };
+
+function showWhenUsed(node) {
+  let changed = false;
+  for (const [name, [by, value]] of Object.entries(SHOWN_WHEN)) {
+    const w = node.widgets?.find((x) => x.name === name);
+    const ctl = node.widgets?.find((x) => x.name === by);
+    if (!w || !ctl) continue;
+    if (!ctl.__dtiWatched) {
+      ctl.__dtiWatched = true;
+      const cb = ctl.callback;
+      ctl.callback = function () {
+        const r = cb?.apply(this, arguments);
+        showWhenUsed(node);
+        return r;
+      };
+    }
+    const hidden = ctl.value !== value;
+    if (!!w.hidden !== hidden) {
+      w.hidden = hidden;
+      changed = true;
+    }
+    if (w.element) w.element.style.display = hidden ? "none" : ""; // DOM widgets (the textarea)
+    else if (w.inputEl) w.inputEl.style.display = hidden ? "none" : "";
+  }
+  if (changed) {
+    const min = node.computeSize();
+    node.setSize([Math.max(node.size[0], min[0]), min[1]]);
+    node.setDirtyCanvas(true, true);
+  }
+}
+
 // For tests and curious users: the data each DTI Train node has received so far.
 window.__dtiRuns = runs;
+window.__dtiShowWhenUsed = showWhenUsed;

@@ -116,14 +116,24 @@ class DTIInterpolationStrip:
                 "embedding_a": (EMBEDDING_TYPE, {"tooltip": "Concept at t = 0."}),
                 "embedding_b": (EMBEDDING_TYPE, {"tooltip": "Concept at t = 1."}),
                 "count": ("INT", {"default": 5, "min": 2, "max": 64, "tooltip": "K: how many steps from A to B (both ends included). Use the same number as the latent batch size."}),
-            }
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "The latent the strip is sampled with (link the KSampler's latent here too): its batch size must equal count, which is checked. Without it, a KSampler given a different batch would silently repeat or drop blends."}),
+            },
         }
 
-    def encode(self, clip, text, embedding_a, embedding_b, count):
+    def encode(self, clip, text, embedding_a, embedding_b, count, latent=None):
         if text.count("{}") != 1:
             raise ValueError("the prompt must contain {} exactly once, where the blended concept goes")
         if not 2 <= int(count) <= 64:
             raise ValueError(f"count must be between 2 and 64; got {count}")
+        if latent is not None:
+            batch = int(latent["samples"].shape[0])
+            if batch != int(count):
+                raise ValueError(
+                    f"count is {count} but the latent batch is {batch}: the sampler would silently "
+                    f"{'repeat' if batch > count else 'drop'} blends. Set count and the latent's batch_size "
+                    f"(e.g. Empty Latent Image) to the same number.")
         widths = ct.clip_widths(clip)
         for emb in (embedding_a, embedding_b):
             check_fits(emb, widths)

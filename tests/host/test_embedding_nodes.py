@@ -160,6 +160,25 @@ def test_strip_entries_equal_clip_text_encode_of_each_saved_blend(kind, request,
         assert not torch.allclose(batch[k], batch[k + 1], atol=1e-3)
 
 
+def test_strip_refuses_a_count_other_than_the_latent_batch(dti_pack, sd15_loaded, embeddings_dir):
+    """With the latent linked, count K must equal its batch (a sampler would silently repeat or drop blends)."""
+    _, clip, _ = sd15_loaded
+    make_dti(embeddings_dir, "kb-a", clip, "sd15", 50)
+    make_dti(embeddings_dir, "kb-b", clip, "sd15", 51)
+    _, a = load(dti_pack, "kb-a.safetensors", clip)
+    _, b = load(dti_pack, "kb-b.safetensors", clip)
+    strip = nodes_of(dti_pack).DTIInterpolationStrip()
+    latent = lambda n: {"samples": torch.zeros(n, 4, 8, 8)}  # noqa: E731  (EmptyLatentImage's layout)
+    with torch.inference_mode():
+        with pytest.raises(ValueError, match=r"count is 4 but the latent batch is 3: .*drop.*batch_size"):
+            strip.encode(clip, "a photo of {}", a, b, 4, latent=latent(3))
+        with pytest.raises(ValueError, match=r"count is 2 but the latent batch is 5: .*repeat"):
+            strip.encode(clip, "a photo of {}", a, b, 2, latent=latent(5))
+        (cond,), ts = strip.encode(clip, "a photo of {}", a, b, 3, latent=latent(3))
+    assert cond[0].shape[0] == 3 and ts == "0, 0.5, 1"
+    assert "latent" in type(strip).INPUT_TYPES()["optional"]
+
+
 def test_inspect_reports_norms_angles_tokens_and_draws_a_chart(dti_pack, sdxl_loaded, embeddings_dir):
     _, clip, _ = sdxl_loaded
     make_dti(embeddings_dir, "insp", clip, "sdxl", 40)

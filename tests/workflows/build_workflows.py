@@ -227,7 +227,8 @@ def strip_graph():
         "DTI Interpolation Strip encodes the prompt K times with the concept slerped from A (t = 0) to B "
         "(t = 1) and gives one CONDITIONING batch of K. One KSampler over an Empty Latent Image batch of K "
         "renders the whole strip.\n\n"
-        "Keep count (K) and the latent batch_size equal. Write {} in the prompt where the concept goes. "
+        "Keep count (K) and the latent batch_size equal (the strip is linked to the latent and refuses a "
+        "mismatch). Write {} in the prompt where the concept goes. "
         "Each image gets its own noise from the seed (a latent batch), so the layout can change along "
         "the strip as well. Works the same with SDXL embeddings and an SDXL checkpoint."
     )
@@ -241,6 +242,7 @@ def strip_graph():
         ("ckpt", 1, "emb_a", "clip"), ("ckpt", 1, "emb_b", "clip"),
         ("ckpt", 1, "strip", "clip"), ("emb_a", 1, "strip", "embedding_a"), ("emb_b", 1, "strip", "embedding_b"),
         ("strip", 1, "tvalues", "source"),
+        ("latent", 0, "strip", "latent"),  # the strip checks count against the batch it is sampled with
     ] + _render_links("strip")
     groups = [
         {"title": "1. Two learned concepts", "bounding": [0, -30, 400, 660], "color": GROUP_INPUT},

@@ -65,11 +65,9 @@ def flux_files(comfy_path, test_checkpoints):
     return {"diffusion_model": files["diffusion_model"], "clip_l": clip_l, "t5xxl": t5, "vae": files["vae"]}
 
 
-@pytest.fixture(scope="session")
-def server(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
-    """A running ComfyUI (``harness.ComfyServer``) with this pack, the models and the inputs."""
-    base = tmp_path_factory.mktemp("comfyui_base")
-    srv = h.ComfyServer(comfy_path, base)
+def _start_server(base, comfy_path, test_checkpoints, flux_files, extra_args=()):
+    """A started ``harness.ComfyServer`` in ``base`` with this pack, the models and the inputs."""
+    srv = h.ComfyServer(comfy_path, base, extra_args=extra_args)
     srv.prepare()
     srv.link_checkpoint(test_checkpoints["sd15"], h.SD15_CKPT)
     srv.link_checkpoint(test_checkpoints["sdxl"], h.SDXL_CKPT)
@@ -87,16 +85,76 @@ def server(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
     # --cpu machine takes), see harness.LOW_MEMORY_NODE.
     srv.force_low_attention_memory()
     srv.start(timeout=SERVER_START_TIMEOUT)
+    return srv
+
+
+def _stop_server(srv, log_name):
+    srv.stop()
+    try:
+        dst = _REPO / "test-artifacts" / log_name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(srv.log_path, dst)
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def server(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
+    """A running ComfyUI (``harness.ComfyServer``) with this pack, the models and the inputs,
+    serving the frontend that ComfyUI's requirements pin (the installed comfyui-frontend-package)."""
+    srv = _start_server(tmp_path_factory.mktemp("comfyui_base"), comfy_path, test_checkpoints, flux_files)
     try:
         yield srv
     finally:
-        srv.stop()
-        try:
-            dst = _REPO / "test-artifacts" / "comfyui-server.log"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(srv.log_path, dst)
-        except OSError:
-            pass
+        _stop_server(srv, "comfyui-server.log")
+
+
+# The frontends the browser tests run on: the one ComfyUI pins (installed with its requirements),
+# the newest one (an unpacked comfyui-frontend-package wheel, see harness.newest_frontend_root), and
+# the newest with its Vue node renderer switched on.
+FRONTENDS = ("pinned", "newest", "newest-vue")
+
+
+@pytest.fixture(scope="session", params=FRONTENDS)
+def frontend(request):
+    """``{"name", "root" (None: ComfyUI's own choice), "version", "vue_nodes"}`` of the frontend under test.
+    The newest one skips loudly when it is not unpacked anywhere."""
+    if request.param == "pinned":
+        return {"name": "pinned", "root": None, "version": h.installed_frontend_version(), "vue_nodes": False}
+    root = h.newest_frontend_root()
+    if root is None:
+        pytest.skip(SKIP + f"frontend {h.NEWEST_FRONTEND} not found: set DTI_FRONTEND_ROOT to the static/ folder "
+                    f"of an unpacked comfyui-frontend-package=={h.NEWEST_FRONTEND} wheel, or unpack it under "
+                    f"{h.frontend_cache_dir()} (.ci/run does: pip download comfyui-frontend-package=="
+                    f"{h.NEWEST_FRONTEND} --no-deps, then unzip)")
+    return {"name": request.param, "root": str(root), "version": h.frontend_version_at(root),
+            "vue_nodes": request.param == "newest-vue"}
+
+
+@pytest.fixture(scope="session")
+def _newest_server(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
+    started = {}
+
+    def get(root):
+        if root not in started:
+            started[root] = _start_server(tmp_path_factory.mktemp("comfyui_base_newest"), comfy_path,
+                                          test_checkpoints, flux_files, extra_args=["--front-end-root", root])
+        return started[root]
+
+    try:
+        yield get
+    finally:
+        for srv in started.values():
+            _stop_server(srv, "comfyui-server-newest-frontend.log")
+
+
+@pytest.fixture(scope="session")
+def ui_server(frontend, request):
+    """The server whose frontend the browser tests drive: ``server`` for the pinned frontend, a second
+    ComfyUI started with ``--front-end-root`` for the newest (one for both of its renderers)."""
+    if frontend["root"] is None:
+        return request.getfixturevalue("server")
+    return request.getfixturevalue("_newest_server")(frontend["root"])
 
 
 @pytest.fixture(scope="session")
@@ -121,7 +179,7 @@ def _chromium_path():
 
 
 @pytest.fixture(scope="session")
-def browser(server):
+def browser():
     """Headless Chromium through Playwright (sync API), or a loud skip saying what to install."""
     try:
         from playwright.sync_api import sync_playwright
@@ -148,8 +206,9 @@ def browser(server):
 class Page:
     """One browser tab on the server's frontend, recording console errors and page errors."""
 
-    def __init__(self, browser, server, width=1600, height=1000):
+    def __init__(self, browser, server, frontend, width=1600, height=1000):
         self.server = server
+        self.frontend = frontend
         self.context = browser.new_context(viewport={"width": width, "height": height})
         self.page = self.context.new_page()
         self.page.set_default_timeout(60000)
@@ -161,6 +220,8 @@ class Page:
         self.page.on("pageerror", lambda e: self.errors.append((str(e), getattr(e, "stack", "") or "")))
 
     def open(self):
+        # No template browser: it opens (late, on 1.58.1) over the canvas on the first visit only.
+        self.server.post_json("/settings/Comfy.TutorialCompleted", True)
         self.page.goto(self.server.url + "/", wait_until="load", timeout=90000)
         self.page.wait_for_function("window.app && window.app.graph && window.LiteGraph && window.app.api",
                                     timeout=90000)
@@ -170,6 +231,11 @@ class Page:
             if self.page.evaluate("() => document.querySelectorAll('.p-dialog').length"):
                 self.page.keyboard.press("Escape")
             time.sleep(0.25)
+        if self.frontend["root"] is not None:
+            # The newest frontend: pick its node renderer explicitly (classic canvas or Vue "Nodes 2.0").
+            self.page.evaluate("async (on) => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on); }",
+                               self.frontend["vue_nodes"])
+            time.sleep(0.5)
         return self
 
     def evaluate(self, js, arg=None):
@@ -195,9 +261,9 @@ class Page:
 
 
 @pytest.fixture(scope="session")
-def page_factory(browser, server):
-    """``page_factory()`` opens a new tab on the frontend (the caller closes it)."""
-    return lambda **kw: Page(browser, server, **kw).open()
+def page_factory(browser, ui_server, frontend):
+    """``page_factory()`` opens a new tab on the frontend under test (the caller closes it)."""
+    return lambda **kw: Page(browser, ui_server, frontend, **kw).open()
 
 
 @pytest.fixture

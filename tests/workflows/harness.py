@@ -74,6 +74,51 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networkin
 
 
 # ----------------------------------------------------------------------------
+# frontends
+# ----------------------------------------------------------------------------
+
+# The newest comfyui-frontend-package the browser tests also run on (ComfyUI 0.3.64 pins 1.27.10).
+NEWEST_FRONTEND = "1.58.1"
+
+
+def frontend_cache_dir(version=NEWEST_FRONTEND) -> Path:
+    """Where an unpacked wheel of that frontend is looked for: ``$DTI_FRONTEND_CACHE/<version>``, else
+    ``~/.cache/dti-frontend/<version>`` (``<dir>/comfyui_frontend_package/static``)."""
+    base = os.environ.get("DTI_FRONTEND_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dti-frontend")
+    return Path(base) / version
+
+
+def newest_frontend_root():
+    """The ``static/`` folder of the newest frontend to pass as ``--front-end-root``: ``DTI_FRONTEND_ROOT``
+    (that folder, or the folder the wheel was unpacked into), else the cache folder; None if neither has one."""
+    env = os.environ.get("DTI_FRONTEND_ROOT", "").strip()
+    cands = [Path(env), Path(env) / "comfyui_frontend_package" / "static"] if env else []
+    cands.append(frontend_cache_dir() / "comfyui_frontend_package" / "static")
+    for c in cands:
+        if (c / "index.html").is_file():
+            return c.resolve()
+    return None
+
+
+def frontend_version_at(static_root):
+    """The version of an unpacked comfyui-frontend-package, from the ``*.dist-info`` beside it; None if unknown."""
+    unpacked = Path(static_root).resolve().parent.parent
+    for info in sorted(unpacked.glob("comfyui_frontend_package-*.dist-info")):
+        return info.name[len("comfyui_frontend_package-"):-len(".dist-info")]
+    return None
+
+
+def installed_frontend_version():
+    """The version of the comfyui-frontend-package installed with ComfyUI's requirements (ComfyUI's pin)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("comfyui-frontend-package")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------------------
 # the server
 # ----------------------------------------------------------------------------
 

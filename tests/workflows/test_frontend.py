@@ -8,7 +8,7 @@ import pytest
 
 import dti_workflow_harness as h
 
-CHART_H = 150  # js/dti_train.js
+CHART_H = 170  # js/dti_train.js
 LOSS_RGB = (0xF0, 0xC0, 0x40)
 CLIP_L_RGB = (0xE8, 0x64, 0x3C)
 TRAIN_TIMEOUT = 420.0
@@ -27,13 +27,17 @@ CLEAR_AND_ADD_JS = """
         };
 """
 
-def test_extension_registers_without_errors(page):
+def test_extension_registers_without_errors(page, frontend):
     got = page.evaluate("""() => ({
         names: app.extensions.map((e) => e.name),
         runs: window.__dtiRuns instanceof Map,
         trainDef: !!LiteGraph.registered_node_types["DTITrain"],
         version: window.__COMFYUI_FRONTEND_VERSION__ ?? null,
+        vue: app.extensionManager?.setting?.get?.("Comfy.VueNodes.Enabled") ?? false,
     })""")
+    # the page runs the frontend this parametrization names (the pinned one, or the newest, either renderer)
+    assert frontend["version"] and got["version"] == frontend["version"], (got["version"], frontend)
+    assert bool(got["vue"]) == frontend["vue_nodes"]
     assert "DTI.TrainChart" in got["names"]
     assert got["runs"] and got["trainDef"]
     served = [(u, s) for u, s in page.responses if "/extensions/ComfyUI-DTI/" in u]
@@ -99,17 +103,88 @@ def test_workflow_loads_without_alerts_and_converts_like_the_frontend(name, tab,
     assert result["values"] == {str(n["id"]): n.get("widgets_values") or [] for n in wf["nodes"]}
 
 
+# The text box that shows a node's result text: the widget's own textarea on the classic canvas (marked
+# data-dti-result), the Vue renderer's textarea for that widget inside the node's element.
+RESULT_BOX_JS = """
+    const resultBox = (id) => {
+        const el = document.querySelector(`[data-node-id="${id}"]`);
+        if (!el) return document.querySelector(`textarea[data-dti-result="${id}"]`);
+        const w = app.graph.getNodeById(id)?.widgets?.find((x) => x.name === 'dti_result');
+        return [...el.querySelectorAll('textarea')].find((t) => w && t.value === w.value) ?? null;
+    };
+"""
+
+
+# Texts the chart of one node draws (its labels and axis values), caught at fillText while the page
+# draws it (the main canvas, or the chart's own canvas on the Vue renderer; drawn directly if off screen).
+DRAWN_TEXTS_JS = """(id) => {
+    const node = app.graph.getNodeById(id);
+    const chart = node.widgets.find((w) => w.name === 'dti_chart');
+    const texts = [];
+    let inChart = false;
+    const orig = CanvasRenderingContext2D.prototype.fillText;
+    const draw = chart.draw;
+    CanvasRenderingContext2D.prototype.fillText = function (t, ...rest) { if (inChart) texts.push(String(t)); return orig.call(this, t, ...rest); };
+    chart.draw = function (...args) { inChart = true; try { return draw.apply(this, args); } finally { inChart = false; } };
+    try {
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true);
+        chart.triggerDraw?.();  // the Vue node renderer: the chart's own canvas
+        if (!texts.length) {
+            const c = document.createElement('canvas'); c.width = node.size[0]; c.height = 400;
+            chart.draw(c.getContext('2d'), node, node.size[0], 0, 170);
+        }
+    } finally { CanvasRenderingContext2D.prototype.fillText = orig; chart.draw = draw; }
+    return texts;
+}"""
+
+
+# The page rectangle of a DTI Train node's chart, drawn now: on the Vue node renderer its own canvas
+# inside the node's element; on the classic canvas the bottom CHART_H pixels of the node.
+CHART_BOX_JS = """(id) => {
+    const node = app.graph.getNodeById(id);
+    const chart = node.widgets.find((w) => w.name === 'dti_chart');
+    const el = document.querySelector(`[data-node-id="${id}"]`);
+    if (el) {
+        chart.triggerDraw?.();
+        const canvases = [...el.querySelectorAll('canvas')];
+        const r = canvases[canvases.length - 1].getBoundingClientRect();
+        return { x: r.left, y: r.top, width: r.width, height: r.height };
+    }
+    app.canvas.setDirty(true, true);
+    app.canvas.draw(true, true);
+    const r = app.canvas.canvas.getBoundingClientRect();
+    const s = app.canvas.ds.scale, o = app.canvas.ds.offset;
+    const top = chart.y ?? chart.last_y ?? (node.size[1] - 170 - 4);  // where the canvas drew it
+    return { x: r.left + (node.pos[0] + o[0]) * s, y: r.top + (node.pos[1] + top + o[1]) * s,
+             width: node.size[0] * s, height: 170 * s };
+}"""
+
+
+def _numbers(texts):
+    out = []
+    for t in texts:
+        for word in t.replace("m*", " ").split():
+            try:
+                out.append(float(word))
+            except ValueError:
+                pass
+    return out
+
+
 def _count_near(img, rgb, tol=40):
     img = img.convert("RGB")
     w, hgt = img.size
     return sum(1 for x in range(w) for y in range(hgt) if all(abs(a - b) <= tol for a, b in zip(img.getpixel((x, y)), rgb)))
 
 
-def test_train_chart_draws_a_live_run(page, server):
+def test_train_chart_draws_a_live_run(page, ui_server, frontend):
     wf = h.load_workflow("dti_train_sd15.json")
     steps = 3
+    # one name per frontend: the newest frontend's two renderers share a server, which would reuse an identical run
+    name = f"chart-test-{frontend['name']}"
     page.page.set_viewport_size({"width": 1400, "height": 1100})
-    info = page.evaluate("""async ([wf, steps]) => {
+    info = page.evaluate("""async ([wf, steps, name]) => {
         await app.loadGraphData(wf);
         await new Promise((r) => setTimeout(r, 500));
         const nodes = app.graph._nodes;
@@ -117,7 +192,7 @@ def test_train_chart_draws_a_live_run(page, server):
             for (const node of nodes.filter((n) => n.type === type))
                 for (const [k, v] of Object.entries(values)) node.widgets.find((w) => w.name === k).value = v;
         };
-        set("DTITrain", { name: "chart-test", steps, resolution: 64, batch_size: 1 });
+        set("DTITrain", { name, steps, resolution: 64, batch_size: 1 });
         set("EmptyLatentImage", { width: 64, height: 64 });
         set("KSampler", { steps: 1 });
         const train = nodes.find((n) => n.type === "DTITrain");
@@ -125,7 +200,7 @@ def test_train_chart_draws_a_live_run(page, server):
         app.canvas.ds.offset = [-train.pos[0] + 40, -train.pos[1] + 50];
         app.canvas.setDirty(true, true);
         return { id: train.id, clientId: app.api.clientId };
-    }""", [wf, steps])
+    }""", [wf, steps, name])
     node_id = info["id"]
     page.evaluate("async () => { await app.queuePrompt(0, 1); }")
 
@@ -134,11 +209,11 @@ def test_train_chart_draws_a_live_run(page, server):
             "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.done); }",
             arg=node_id, timeout=TRAIN_TIMEOUT * 1000, polling=500)
     except Exception as e:
-        raise AssertionError(f"no dti.done reached the page: {e}\n--- server log ---\n{server.log_tail()}") from None
+        raise AssertionError(f"no dti.done reached the page: {e}\n--- server log ---\n{ui_server.log_tail()}") from None
     # the rest of the graph (render, save) finishes too
     deadline = time.monotonic() + TRAIN_TIMEOUT
     while time.monotonic() < deadline:
-        q = server.get_json("/queue")
+        q = ui_server.get_json("/queue")
         if not q["queue_running"] and not q["queue_pending"]:
             break
         time.sleep(0.5)
@@ -152,59 +227,83 @@ def test_train_chart_draws_a_live_run(page, server):
     assert run["updates"] >= 1 and run["steps"] == steps
     assert [p[0] for p in run["loss"]][-1] == steps
     assert set(run["norms"]) == {"clip_l"} and run["mStar"]["clip_l"] > 0
-    assert run["done"]["name"] == "chart-test" and not run["done"]["reused"]
-    assert (server.embeddings / "chart-test.safetensors").is_file()
+    assert run["done"]["name"] == name and not run["done"]["reused"]
+    assert (ui_server.embeddings / f"{name}.safetensors").is_file()
     # DTI Train's summary shows on the node, above the chart (which stays at the bottom)
     page.page.wait_for_function(
-        "(id) => document.querySelector(`textarea[data-dti-result=\"${id}\"]`)?.value.startsWith('Saved embedding:chart-test')",
-        arg=node_id, timeout=30000, polling=250)
+        "([id, name]) => {" + RESULT_BOX_JS + "return !!resultBox(id)?.value.startsWith(`Saved embedding:${name}`); }",
+        arg=[node_id, name], timeout=30000, polling=250)
     order = page.evaluate("(id) => app.graph.getNodeById(id).widgets.map((w) => w.name).slice(-2)", node_id)
     assert order == ["dti_result", "dti_chart"], order
 
-    # Draw and photograph the node: the chart is the bottom CHART_H pixels of the node.
-    box = page.evaluate("""(id) => {
-        const node = app.graph.getNodeById(id);
-        app.canvas.setDirty(true, true);
-        app.canvas.draw(true, true);
-        const r = app.canvas.canvas.getBoundingClientRect();
-        const s = app.canvas.ds.scale, o = app.canvas.ds.offset;
-        const title = LiteGraph.NODE_TITLE_HEIGHT;
-        return { x: r.left + (node.pos[0] + o[0]) * s, y: r.top + (node.pos[1] - title + o[1]) * s,
-                 w: node.size[0] * s, h: (node.size[1] + title) * s, title: title * s, scale: s };
-    }""", node_id)
+    # Draw and photograph the chart where the page shows it.
+    box = page.evaluate(CHART_BOX_JS, node_id)
     time.sleep(0.5)
     artifacts = h.REPO_ROOT / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    shot = artifacts / "train_chart.png"
-    page.page.screenshot(path=str(shot), clip={"x": box["x"] - 10, "y": box["y"] - 10,
-                                                "width": box["w"] + 20, "height": box["h"] + 20})
-    page.page.screenshot(path=str(artifacts / "train_chart_page.png"))
+    shot = artifacts / f"train_chart_{frontend['name']}.png"
+    page.page.screenshot(path=str(shot), clip=box)
+    page.page.screenshot(path=str(artifacts / f"train_chart_page_{frontend['name']}.png"))
 
     from PIL import Image
-    img = Image.open(shot)
-    chart_top = 10 + box["h"] - (CHART_H + 8) * box["scale"]
-    chart = img.crop((10, int(chart_top), int(10 + box["w"]), int(chart_top + CHART_H * box["scale"])))
-    chart.save(artifacts / "train_chart_region.png")
+    chart = Image.open(shot)
     assert _count_near(chart, LOSS_RGB) >= 20, "no loss curve drawn in the chart region"
     assert _count_near(chart, CLIP_L_RGB) >= 20, "no clip_l norm line drawn in the chart region"
     assert page.dti_problems() == []
-    if h.update_docs_images():
+    if h.update_docs_images() and frontend["name"] == "pinned":
         dst = h.REPO_ROOT / "docs" / "images" / "train_chart.png"
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, dst)
+
+    # the axes carry values: the step range and the loss range
+    texts = page.evaluate(DRAWN_TEXTS_JS, node_id)
+    losses = [p[1] for p in run["loss"]]
+    assert f"step 1" in texts and str(steps) in texts, texts
+    nums = _numbers(texts)
+    for want in (max(losses), min(losses)):
+        assert any(abs(n - want) <= 0.006 * abs(want) + 1e-9 for n in nums), (want, texts)
+
+    # A real page reload: the frontend restores the open workflow, and the chart its last run
+    # (the points, the axis values) from the node's properties.
+    time.sleep(1.5)  # 1.5x writes the workflow to storage 0.5 s after a change
+    page.page.reload(wait_until="load", timeout=90000)
+    page.page.wait_for_function("window.app && window.app.graph && window.__dtiRuns instanceof Map", timeout=90000)
+    try:
+        page.page.wait_for_function("(id) => !!window.__dtiRuns.get(String(id))", arg=node_id, timeout=30000,
+                                    polling=250)
+    except Exception:
+        types = page.evaluate("() => app.graph._nodes.map((n) => [n.id, n.type])")
+        raise AssertionError(f"the chart's history did not come back after a reload; nodes: {types}") from None
+    again = page.evaluate("""(id) => {
+        const s = window.__dtiRuns.get(String(id));
+        return { steps: s.steps, loss: s.loss, norms: s.norms, mStar: s.mStar, done: s.done, running: s.running };
+    }""", node_id)
+    assert again["loss"] == run["loss"] and again["norms"] == run["norms"] and again["mStar"] == run["mStar"]
+    assert again["steps"] == steps and again["done"]["name"] == name and not again["running"]
+    texts_after = page.evaluate(DRAWN_TEXTS_JS, node_id)
+    assert "step 1" in texts_after and str(steps) in texts_after, texts_after
+    assert sorted(_numbers(texts_after)) == sorted(nums), (texts_after, texts)
+    box = page.evaluate(CHART_BOX_JS, node_id)
+    time.sleep(0.5)
+    shot = artifacts / f"train_chart_reloaded_{frontend['name']}.png"
+    page.page.screenshot(path=str(shot), clip=box)
+    assert _count_near(Image.open(shot), LOSS_RGB) >= 20, "no loss curve on the chart after the reload"
+    assert page.dti_problems() == []
+
 
 
 RESULT_TIMEOUT = 300.0
 
 
-def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, server):
+def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server, frontend):
     """ui.text (Slerp Concepts' summary, DTI Inspect's report) appears in the page after a run
     queued from the page, and stays out of the queued prompt and the saved workflow."""
-    ids = page.evaluate("""async ([ckpt, a, b]) => {
+    blend = f"ui-text-blend-{frontend['name']}"  # a name per frontend: the newest one's renderers share a server
+    ids = page.evaluate("""async ([ckpt, a, b, blend]) => {
 """ + CLEAR_AND_ADD_JS + """        const la = add("DTILoadEmbedding", [0, 0], { embedding: a });
         const lb = add("DTILoadEmbedding", [0, 160], { embedding: b });
         const ck = add("CheckpointLoaderSimple", [0, 320], { ckpt_name: ckpt });
-        const slerp = add("DTISlerpConcepts", [380, 0], { name: "ui-text-blend", t: 0.25 });
+        const slerp = add("DTISlerpConcepts", [380, 0], { name: blend, t: 0.25 });
         const insp = add("DTIInspect", [380, 300], { top_k: 3 });
         la.connect(1, slerp, 0);
         lb.connect(1, slerp, 1);
@@ -215,21 +314,24 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, server):
         app.canvas.setDirty(true, true);
         await app.queuePrompt(0, 1);
         return { slerp: slerp.id, inspect: insp.id };
-    }""", [h.SD15_CKPT, h.CONCEPT_A, h.CONCEPT_B])
+    }""", [h.SD15_CKPT, h.CONCEPT_A, h.CONCEPT_B, blend])
     try:
         page.page.wait_for_function(
-            """(ids) => {
-                const t = [...document.querySelectorAll('textarea[data-dti-result]')].map((e) => e.value);
-                const shown = [...document.querySelectorAll('textarea[data-dti-result]')].filter((e) => {
+            """([ids, blend]) => {""" + RESULT_BOX_JS + """
+                const boxes = [resultBox(ids.slerp), resultBox(ids.inspect)].filter((e) => e);
+                const t = boxes.map((e) => e.value);
+                const shown = boxes.filter((e) => {
                     const r = e.getBoundingClientRect(); return r.width > 50 && r.height > 20; });
-                return shown.length === 2 && t.some((v) => v.startsWith('Saved embedding:ui-text-blend'))
+                return shown.length === 2 && t.some((v) => v.startsWith(`Saved embedding:${blend}`))
                     && t.some((v) => v.includes('vocabulary norms'));
-            }""", arg=ids, timeout=RESULT_TIMEOUT * 1000, polling=500)
+            }""", arg=[ids, blend], timeout=RESULT_TIMEOUT * 1000, polling=500)
     except Exception as e:
         raise AssertionError(f"the result text never appeared in the page: {e}\n{page.toasts()}\n"
-                             f"--- server log ---\n{server.log_tail()}") from None
+                             f"--- server log ---\n{ui_server.log_tail()}") from None
     got = page.evaluate("""async (ids) => {
-        const box = (id) => document.querySelector(`textarea[data-dti-result="${id}"]`);
+""" + RESULT_BOX_JS + """
+        await new Promise((r) => setTimeout(r, 800));  // the nodes grow to fit their text
+        const box = resultBox;
         const visible = (el) => { const r = el.getBoundingClientRect(); return r.width > 50 && r.height > 20; };
         const rect = (el) => { const r = el.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; };
         const p = await app.graphToPrompt();
@@ -237,39 +339,42 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, server):
             slerp: box(ids.slerp).value, inspect: box(ids.inspect).value,
             shown: [visible(box(ids.slerp)), visible(box(ids.inspect))],
             rects: [rect(box(ids.slerp)), rect(box(ids.inspect))],
+            overflow: [box(ids.slerp), box(ids.inspect)].map((e) => e.scrollHeight - e.clientHeight),
             sizes: [app.graph.getNodeById(ids.slerp).size, app.graph.getNodeById(ids.inspect).size],
             readOnly: box(ids.slerp).readOnly,
             queued: Object.values(p.output).map((n) => Object.keys(n.inputs)),
             saved: JSON.stringify(app.graph.serialize()),
         };
     }""", ids)
-    assert got["slerp"] == "Saved embedding:ui-text-blend (t = 0.25)", got["slerp"]
-    assert "ui-text-blend.safetensors  [dti]" in got["inspect"].splitlines()[0] and "vector 0: norm" in got["inspect"], got["inspect"]
-    page.page.screenshot(path=str(h.REPO_ROOT / "test-artifacts" / "result_text.png"))
+    assert got["slerp"] == f"Saved embedding:{blend} (t = 0.25)", got["slerp"]
+    assert f"{blend}.safetensors  [dti]" in got["inspect"].splitlines()[0] and "vector 0: norm" in got["inspect"], got["inspect"]
+    page.page.screenshot(path=str(h.REPO_ROOT / "test-artifacts" / f"result_text_{frontend['name']}.png"))
     assert got["shown"] == [True, True] and got["readOnly"], (got["rects"], got["sizes"])
     # the whole report fits its box (no scrolling needed for a one-vector embedding)
     assert got["rects"][1][3] >= 13 * len(got["inspect"].splitlines()), got["rects"]
+    assert max(got["overflow"]) <= 2, (got["overflow"], got["rects"], got["sizes"])
     assert all("dti_result" not in inputs for inputs in got["queued"])
-    assert "Saved embedding:ui-text-blend" not in got["saved"] and "vocabulary norms" not in got["saved"]
+    assert f"Saved embedding:{blend}" not in got["saved"] and "vocabulary norms" not in got["saved"]
     # the new file is listed at once (no manual refresh): the DTI Load Embedding combos have it
     page.page.wait_for_function(
-        """() => app.graph._nodes.filter((n) => n.type === 'DTILoadEmbedding').every((n) =>
-               n.widgets.find((w) => w.name === 'embedding').options.values.includes('ui-text-blend.safetensors'))""",
-        timeout=30000, polling=250)
+        """(file) => app.graph._nodes.filter((n) => n.type === 'DTILoadEmbedding').every((n) =>
+               n.widgets.find((w) => w.name === 'embedding').options.values.includes(file))""",
+        arg=f"{blend}.safetensors", timeout=30000, polling=250)
     assert page.dti_problems() == []
 
 
 STOPPED_RGB = (0xFF, 0x90, 0x40)  # js/dti_train.js STOPPED_COLOR
 
 
-def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, server):
+def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, ui_server):
     """Cancel during training: the chart says 'cancelled at step K/N' and names the NAME-stepK
     checkpoint to resume from, which resume_from lists without a manual refresh."""
     steps, every = 60, 2
-    node_id = page.evaluate("""async ([ckpt, image, steps, every]) => {
+    name = f"cancel-test-{page.frontend['name']}"  # a name per frontend: the newest one's renderers share a server
+    node_id = page.evaluate("""async ([ckpt, image, steps, every, name]) => {
 """ + CLEAR_AND_ADD_JS + """        const ck = add("CheckpointLoaderSimple", [0, 0], { ckpt_name: ckpt });
         const img = add("LoadImage", [0, 200], { image });
-        const train = add("DTITrain", [380, 0], { name: "cancel-test", steps, save_every: every, resolution: 64,
+        const train = add("DTITrain", [380, 0], { name, steps, save_every: every, resolution: 64,
                                                  batch_size: 1, overwrite: true });
         ck.connect(0, train, 0);
         ck.connect(1, train, 1);
@@ -280,14 +385,14 @@ def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, server):
         app.canvas.setDirty(true, true);
         await app.queuePrompt(0, 1);
         return train.id;
-    }""", [h.SD15_CKPT, h.EXAMPLE_IMAGES[0], steps, every])
+    }""", [h.SD15_CKPT, h.EXAMPLE_IMAGES[0], steps, every, name])
     try:
         page.page.wait_for_function(
             "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.loss.length >= 5); }",
             arg=node_id, timeout=TRAIN_TIMEOUT * 1000, polling=250)
     except Exception as e:
-        raise AssertionError(f"training never got going: {e}\n--- server log ---\n{server.log_tail()}") from None
-    server.post_json("/interrupt", {})  # what the Cancel button sends
+        raise AssertionError(f"training never got going: {e}\n--- server log ---\n{ui_server.log_tail()}") from None
+    ui_server.post_json("/interrupt", {})  # what the Cancel button sends
     page.page.wait_for_function(
         "(id) => { const s = window.__dtiRuns.get(String(id)); return !!(s && s.stopped && s.stopped.checkpoint); }",
         arg=node_id, timeout=120000, polling=250)
@@ -298,28 +403,90 @@ def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, server):
     assert 5 <= stop["step"] < steps
     k = stop["checkpoint"]["step"]
     assert k % every == 0 and 0 < k <= stop["step"] + 1, stop
-    assert stop["checkpoint"]["file"] == f"cancel-test-step{k}.safetensors"
-    assert (server.embeddings / f"cancel-test-step{k}.safetensors").is_file()
-    assert not (server.embeddings / "cancel-test.safetensors").exists()
+    assert stop["checkpoint"]["file"] == f"{name}-step{k}.safetensors"
+    assert (ui_server.embeddings / f"{name}-step{k}.safetensors").is_file()
+    assert not (ui_server.embeddings / f"{name}.safetensors").exists()
     # resume_from lists it without pressing R
     page.page.wait_for_function(
         """([id, file]) => app.graph.getNodeById(id).widgets.find((w) => w.name === 'resume_from')
                .options.values.includes(file)""", arg=[node_id, stop["checkpoint"]["file"]], timeout=30000,
         polling=250)
     # and the chart shows it (the orange 'cancelled' lines)
-    box = page.evaluate("""(id) => {
-        const node = app.graph.getNodeById(id);
-        app.canvas.setDirty(true, true);
-        app.canvas.draw(true, true);
-        const r = app.canvas.canvas.getBoundingClientRect();
-        const s = app.canvas.ds.scale, o = app.canvas.ds.offset;
-        return { x: r.left + (node.pos[0] + o[0]) * s, y: r.top + (node.pos[1] + o[1]) * s + (node.size[1] - 160) * s,
-                 w: node.size[0] * s, h: 160 * s };
-    }""", node_id)
+    box = page.evaluate(CHART_BOX_JS, node_id)
     time.sleep(0.5)
-    shot = h.REPO_ROOT / "test-artifacts" / "train_cancelled.png"
+    shot = h.REPO_ROOT / "test-artifacts" / f"train_cancelled_{page.frontend['name']}.png"
     shot.parent.mkdir(exist_ok=True)
-    page.page.screenshot(path=str(shot), clip={"x": box["x"], "y": box["y"], "width": box["w"], "height": box["h"]})
+    page.page.screenshot(path=str(shot), clip=box)
     from PIL import Image
     assert _count_near(Image.open(shot), STOPPED_RGB, tol=30) >= 15, "no 'cancelled' text drawn on the chart"
+    assert page.dti_problems() == []
+
+
+def test_unused_inputs_are_hidden_until_chosen_and_still_saved(page):
+    """custom_templates shows only with templates = custom, magnitude_value only with magnitude =
+    number; hidden, both keep their values in the saved workflow and in the queued prompt."""
+    wf = h.load_workflow("dti_train_sd15.json")
+    got = page.evaluate("""async (wf) => {
+        await app.loadGraphData(wf);
+        await new Promise((r) => setTimeout(r, 500));
+        const node = app.graph._nodes.find((n) => n.type === 'DTITrain');
+        const w = (name) => node.widgets.find((x) => x.name === name);
+        const box = () => [...document.querySelectorAll('textarea')].find((t) => t.value === w('custom_templates').value);
+        const shown = () => {
+            const el = box();
+            const r = el ? el.getBoundingClientRect() : null;
+            return { templates: !!(r && r.width > 0 && r.height > 0 && el.checkVisibility()),
+                     templatesWidget: node.isWidgetVisible(w('custom_templates')),
+                     magnitude: node.isWidgetVisible(w('magnitude_value')) };
+        };
+        const state = async () => {
+            app.canvas.setDirty(true, true); app.canvas.draw(true, true);
+            await new Promise((r) => setTimeout(r, 400));
+            const p = await app.graphToPrompt();
+            return { shown: shown(), height: node.size[1], queued: p.output[String(node.id)].inputs,
+                     saved: p.workflow.nodes.find((n) => String(n.id) === String(node.id)).widgets_values };
+        };
+        const set = (name, value) => { const x = w(name); x.value = value; x.callback?.(value); };
+        const defaults = [w('templates').value, w('magnitude').value];
+        const before = await state();
+        set('templates', 'custom'); set('magnitude', 'number');
+        const after = await state();
+        w('custom_templates').value = 'a drawing of {}'; w('magnitude_value').value = 0.5;
+        set('templates', defaults[0]);
+        set('magnitude', 'mean');
+        const hiddenAgain = await state();
+        return { before, after, hiddenAgain, defaults };
+    }""", wf)
+    b, a, again = got["before"], got["after"], got["hiddenAgain"]
+    assert got["defaults"][0] != "custom" and got["defaults"][1] == "mean"
+    assert b["shown"] == {"templates": False, "templatesWidget": False, "magnitude": False}, b
+    assert a["shown"] == {"templates": True, "templatesWidget": True, "magnitude": True}, a
+    assert again["shown"] == b["shown"], again
+    # hidden, they are still queued and saved with their values
+    assert b["queued"]["custom_templates"] and "magnitude_value" in b["queued"]
+    assert again["queued"]["custom_templates"] == "a drawing of {}" and again["queued"]["magnitude_value"] == 0.5
+    assert "a drawing of {}" in again["saved"] and 0.5 in again["saved"]
+    assert len(b["saved"]) == len(next(n for n in wf["nodes"] if n["type"] == "DTITrain")["widgets_values"])
+    assert page.dti_problems() == []
+
+
+def test_template_browser_lists_the_workflows_with_thumbnails(page):
+    """Every shipped workflow is a template (ComfyUI serves the pack's workflows/ folder) with a JPEG
+    thumbnail beside it, at the URL the frontend builds for a custom node's template."""
+    got = page.evaluate("""async () => {
+        const list = await (await app.api.fetchApi('/workflow_templates')).json();
+        const module = Object.keys(list).find((k) => list[k].includes('dti_train_sd15'));
+        const out = {};
+        for (const name of list[module] || []) {
+            const url = app.api.apiURL(`/workflow_templates/${module}/${name}.jpg`);
+            const img = new Image();
+            const ok = await new Promise((r) => { img.onload = () => r(true); img.onerror = () => r(false); img.src = url; });
+            out[name] = ok ? [img.naturalWidth, img.naturalHeight] : null;
+        }
+        return { module, out };
+    }""")
+    assert got["module"], got
+    assert sorted(got["out"]) == sorted(n[:-5] for n in h.WORKFLOWS)
+    for name, size in got["out"].items():
+        assert size and size[0] >= 256 and size[1] >= 192, (name, size)
     assert page.dti_problems() == []
