@@ -47,16 +47,20 @@ NOTE = {"color": "#432", "bgcolor": "#653"}
 NEGATIVE = "blurry, low quality, watermark, text"
 
 
-# Three LoadImage -> two Batch Images: the training photos of both train workflows.
-PHOTO_NODES = [
-    {"key": "img1", "type": "LoadImage", "pos": [20, 40], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[0]}},
-    {"key": "img2", "type": "LoadImage", "pos": [20, 400], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[1]}},
-    {"key": "img3", "type": "LoadImage", "pos": [20, 760], "size": [300, 320], "widgets": {"image": h.EXAMPLE_IMAGES[2]}},
-    {"key": "batch1", "type": "ImageBatch", "pos": [360, 400], "size": [200, 46]},
-    {"key": "batch2", "type": "ImageBatch", "pos": [360, 760], "size": [200, 46]},
-]
-PHOTO_LINKS = [("img1", 0, "batch1", "image1"), ("img2", 0, "batch1", "image2"),
-               ("batch1", 0, "batch2", "image1"), ("img3", 0, "batch2", "image2")]
+# The training photos of the train workflows: a folder under ComfyUI/input named in DTI Train's
+# image_folder (each photo at its own size and aspect ratio; Batch Images would crop them to one size).
+PHOTOS_TEXT = (
+    f"Put 3-20 photos of your subject in the folder ComfyUI/input/{h.EXAMPLE_FOLDER} (create it; any sizes and "
+    "aspect ratios: each photo trains at its own shape). To use another folder there, write its name in DTI "
+    "Train's image_folder.\n\nA PNG with a transparent background trains on the subject only (opaque = "
+    "subject). You can also connect an IMAGE batch (e.g. Load Image) to DTI Train's images, with an optional "
+    "mask (Load Image's mask is 1 where transparent: put Invert Mask in between for a cut-out)."
+)
+
+
+def photos_note():
+    return {"key": "photos", "type": "Note", "pos": [20, 40], "size": [540, 360], "title": "Your photos",
+            "widgets": {"text": PHOTOS_TEXT}, **NOTE}
 
 
 def note(key, pos, size, text, title="Note"):
@@ -64,7 +68,7 @@ def note(key, pos, size, text, title="Note"):
 
 
 def train_graph(kind):
-    """LoadImage x3 -> Batch Images -> DTI Train -> Replace('...{}...') -> CLIPTextEncode -> KSampler -> SaveImage."""
+    """Photos folder (image_folder) -> DTI Train -> Replace('...{}...') -> CLIPTextEncode -> KSampler -> SaveImage."""
     xl = kind == "sdxl"
     ckpt = h.SDXL_CKPT if xl else h.SD15_CKPT
     name = "my-concept-xl" if xl else "my-concept"
@@ -79,8 +83,7 @@ def train_graph(kind):
     model_label = "SDXL" if xl else "SD1.5"
     readme = (
         f"DTI Train ({model_label}): teach the model a new word for your subject\n\n"
-        "1. Put 3-20 photos of your subject in ComfyUI/input and pick them in the Load Image nodes "
-        "(this example expects dti_example_1.png ... dti_example_3.png; add more with Batch Images).\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
         f"2. On DTI Train set name (the file models/embeddings/NAME.safetensors) and initializer: a word "
         "close to your subject (dog, mug, teddy bear, ...).\n"
         "3. Queue. The DTI Train node draws the loss and the vector length against m* while it trains. "
@@ -97,7 +100,7 @@ def train_graph(kind):
     )
     nodes = [
         note("readme", [0, -330], [560, 300], readme, "Read me"),
-        *PHOTO_NODES,
+        photos_note(),
         {"key": "ckpt", "type": "CheckpointLoaderSimple", "pos": [620, 40], "size": [360, 98],
          "widgets": {"ckpt_name": ckpt}},
         note("recipe", [620, 180], [360, 300], recipe, "Training settings"),
@@ -123,9 +126,7 @@ def train_graph(kind):
          "widgets": {"filename_prefix": f"DTI/{name}"}},
     ]
     links = [
-        *PHOTO_LINKS,
         ("ckpt", 0, "train", "model"), ("ckpt", 1, "train", "clip"), ("ckpt", 2, "train", "vae"),
-        ("batch2", 0, "train", "images"),
         ("train", 0, "prompt", "replace"),
         ("prompt", 0, "pos", "text"),
         ("ckpt", 1, "pos", "clip"), ("ckpt", 1, "neg", "clip"),
@@ -135,7 +136,7 @@ def train_graph(kind):
         ("decode", 0, "save", "images"),
     ]
     groups = [
-        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 1130], "color": GROUP_INPUT},
+        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 450], "color": GROUP_INPUT},
         {"title": f"2. Train the new word ({model_label})", "bounding": [600, -30, 850, 990], "color": GROUP_TRAIN},
         {"title": "3. Render it", "bounding": [1470, -30, 1390, 780], "color": GROUP_RENDER},
     ]
@@ -258,7 +259,7 @@ def flux_graph():
     name = "my-concept-flux"
     readme = (
         "DTI Train (Flux.1 dev): teach the model a new word for your subject\n\n"
-        "1. Put 3-20 photos of your subject in ComfyUI/input and pick them in the Load Image nodes.\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
         "2. Load Flux.1 dev the usual way: flux1-dev in models/diffusion_models, clip_l and t5xxl in "
         "models/text_encoders, ae in models/vae (fp8 files work: the weights are cast per layer, and "
         "training never keeps a second copy).\n"
@@ -269,7 +270,7 @@ def flux_graph():
     )
     nodes = [
         note("readme", [0, -330], [560, 300], readme, "Read me"),
-        *PHOTO_NODES,
+        photos_note(),
         {"key": "unet", "type": "UNETLoader", "pos": [620, 40], "size": [360, 82],
          "widgets": {"unet_name": h.FLUX_DIT, "weight_dtype": "default"}},
         {"key": "clip", "type": "DualCLIPLoader", "pos": [620, 170], "size": [360, 130],
@@ -300,9 +301,7 @@ def flux_graph():
          "widgets": {"filename_prefix": f"DTI/{name}"}},
     ]
     links = [
-        *PHOTO_LINKS,
         ("unet", 0, "train", "model"), ("clip", 0, "train", "clip"), ("vae", 0, "train", "vae"),
-        ("batch2", 0, "train", "images"),
         ("train", 0, "prompt", "replace"),
         ("prompt", 0, "pos", "text"), ("clip", 0, "pos", "clip"), ("clip", 0, "neg", "clip"),
         ("pos", 0, "guid", "conditioning"),
@@ -312,7 +311,7 @@ def flux_graph():
         ("decode", 0, "save", "images"),
     ]
     groups = [
-        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 1130], "color": GROUP_INPUT},
+        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 450], "color": GROUP_INPUT},
         {"title": "2. Train the new word (Flux.1 dev)", "bounding": [600, -30, 850, 1050], "color": GROUP_TRAIN},
         {"title": "3. Render it", "bounding": [1470, -30, 1390, 840], "color": GROUP_RENDER},
     ]
@@ -329,7 +328,7 @@ def lumina2_graph():
     name = "my-concept-lumina"
     readme = (
         "DTI Train (Lumina 2 / Neta Lumina): teach the model a new word for your subject\n\n"
-        "1. Put 3-20 photos of your subject in ComfyUI/input and pick them in the Load Image nodes.\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
         "2. Load Lumina 2 the usual way: the model in models/diffusion_models, gemma_2_2b in "
         "models/text_encoders (CLIPLoader type lumina2), ae in models/vae.\n"
         "3. DTI Train learns Gemma-2 vectors at Gemma's mean vocabulary length m*, on prompts that start "
@@ -341,7 +340,7 @@ def lumina2_graph():
     )
     nodes = [
         note("readme", [0, -330], [560, 300], readme, "Read me"),
-        *PHOTO_NODES,
+        photos_note(),
         {"key": "unet", "type": "UNETLoader", "pos": [620, 40], "size": [360, 82],
          "widgets": {"unet_name": h.LUMINA2_DIT, "weight_dtype": "default"}},
         {"key": "clip", "type": "CLIPLoader", "pos": [620, 170], "size": [360, 106],
@@ -372,9 +371,7 @@ def lumina2_graph():
          "widgets": {"filename_prefix": f"DTI/{name}"}},
     ]
     links = [
-        *PHOTO_LINKS,
         ("unet", 0, "train", "model"), ("clip", 0, "train", "clip"), ("vae", 0, "train", "vae"),
-        ("batch2", 0, "train", "images"),
         ("train", 0, "prompt", "replace"), ("clip", 0, "enable", "clip"),
         ("prompt", 0, "pos", "text"), ("enable", 0, "pos", "clip"), ("enable", 0, "neg", "clip"),
         ("unet", 0, "ksampler", "model"), ("pos", 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
@@ -383,7 +380,7 @@ def lumina2_graph():
         ("decode", 0, "save", "images"),
     ]
     groups = [
-        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 1130], "color": GROUP_INPUT},
+        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 450], "color": GROUP_INPUT},
         {"title": "2. Train the new word (Lumina 2)", "bounding": [600, -30, 850, 1050], "color": GROUP_TRAIN},
         {"title": "3. Render it", "bounding": [1470, -30, 1390, 900], "color": GROUP_RENDER},
     ]
@@ -455,10 +452,17 @@ def tidy(workflow):
     return wf
 
 
+def _with_photo_folder(graph):
+    for node in graph["nodes"]:
+        if node["type"] == "DTITrain":
+            node.setdefault("widgets", {})["image_folder"] = h.EXAMPLE_FOLDER
+    return graph
+
+
 def build_all(page):
     out = {}
     for filename, make in GRAPHS.items():
-        wf = tidy(page.evaluate(BUILD_JS, make()))
+        wf = tidy(page.evaluate(BUILD_JS, _with_photo_folder(make())))
         out[filename] = wf
     return out
 

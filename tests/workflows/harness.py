@@ -41,6 +41,7 @@ CHROMA_DIT = "chroma-unlocked.safetensors"
 LUMINA2_DIT = "lumina_2_model_bf16.safetensors"
 LUMINA2_GEMMA = "gemma_2_2b_fp16.safetensors"
 EXAMPLE_IMAGES = ("dti_example_1.png", "dti_example_2.png", "dti_example_3.png")
+EXAMPLE_FOLDER = "dti_example"  # under input/: the train workflows' image_folder
 CONCEPT_A = "concept_a.safetensors"
 CONCEPT_B = "concept_b.safetensors"
 
@@ -529,10 +530,12 @@ def set_inputs(prompt: dict, class_type: str, **values) -> None:
 
 def write_example_images(folder, names=EXAMPLE_IMAGES, size=96):
     """A simple 'subject' (an orange disc with a dark stripe) on different backgrounds and
-    positions, in different sizes (ImageBatch must resize), saved as PNG."""
+    positions, in different sizes, saved as PNG in ``folder`` (for LoadImage) and again in
+    ``folder/EXAMPLE_FOLDER`` (the train workflows' image_folder)."""
     from PIL import Image, ImageDraw
 
     folder = Path(folder)
+    (folder / EXAMPLE_FOLDER).mkdir(parents=True, exist_ok=True)
     backgrounds = [(40, 110, 200), (60, 160, 70), (210, 200, 180), (90, 60, 120)]
     out = []
     for i, name in enumerate(names):
@@ -544,6 +547,7 @@ def write_example_images(folder, names=EXAMPLE_IMAGES, size=96):
         d.rectangle([cx - r // 2, cy - 3, cx + r // 2, cy + 3], fill=(30, 30, 30))
         path = folder / name
         img.save(path)
+        img.save(folder / EXAMPLE_FOLDER / name)
         out.append(path)
     return out
 

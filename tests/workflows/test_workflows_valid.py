@@ -76,9 +76,10 @@ def test_workflows_use_the_public_file_names(object_info):
             continue
         assert ckpts == {h.SDXL_CKPT if "sdxl" in name else h.SD15_CKPT}
     for name in ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_train_flux_dev.json", "dti_train_lumina2.json"):
-        images = sorted(n["inputs"]["image"] for n in h.find_nodes(uses[name], "LoadImage"))
-        assert images == list(h.EXAMPLE_IMAGES)
         (train,) = h.find_nodes(uses[name], "DTITrain")
+        # photos from a folder, each at its own size (no Batch Images cropping them to one size)
+        assert train["inputs"]["image_folder"] == h.EXAMPLE_FOLDER and "images" not in train["inputs"]
+        assert not h.find_nodes(uses[name], "ImageBatch")
         # the render's prompt is linked to the training output, so training runs first
         (replace,) = h.find_nodes(uses[name], "StringReplace")
         assert replace["inputs"]["replace"][0] in {k for k, v in uses[name].items() if v["class_type"] == "DTITrain"}
