@@ -139,9 +139,9 @@ def test_latent_mask_is_the_subject_share_of_each_cell(dti_pack, sd15_loaded):
     assert tl.flipped_mean is not None and len(tl.flipped_mean) == 2
 
 
-def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, sd15_loaded, generator, monkeypatch):
+def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, fresh_sd15, generator, monkeypatch):
     ct = dti_pack.nodes.comfy_training
-    model, clip, _ = sd15_loaded
+    model, clip, _ = fresh_sd15
     with torch.inference_mode():
         init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
         prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
@@ -180,11 +180,11 @@ def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, sd15_loaded, generat
     assert not math.isclose(float(loss), float(plain), rel_tol=1e-3)
 
 
-def test_non_square_photo_reaches_sdxl_y_with_its_size_bucket_and_crop(dti_pack, sdxl_loaded, generator, monkeypatch):
+def test_non_square_photo_reaches_sdxl_y_with_its_size_bucket_and_crop(dti_pack, fresh_sdxl, generator, monkeypatch):
     """A 40 x 200 photo at 64 px trains in the 32 x 128 bucket (resized to 32 x 160): SDXL's y carries
     (40, 200) as original size, the crop's corner in the resized photo, and 32 x 128 as target."""
     ct = dti_pack.nodes.comfy_training
-    model, clip, vae = sdxl_loaded
+    model, clip, vae = fresh_sdxl
     with torch.inference_mode():
         init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
         prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
@@ -225,9 +225,9 @@ def test_non_square_photo_reaches_sdxl_y_with_its_size_bucket_and_crop(dti_pack,
     assert len(lefts) > 1, "the crop corner never moved"
 
 
-def test_batches_come_from_one_bucket_and_captions_follow_their_image(dti_pack, sd15_loaded, generator, monkeypatch):
+def test_batches_come_from_one_bucket_and_captions_follow_their_image(dti_pack, fresh_sd15, generator, monkeypatch):
     ct = dti_pack.nodes.comfy_training
-    model, clip, vae = sd15_loaded
+    model, clip, vae = fresh_sd15
     captions = ["a photo of {} on grass", "{} in the snow", "a drawing of {}"]
     g0 = torch.Generator().manual_seed(1)
     # image 0 and 2 are square, image 1 is 1:2: two buckets, image 1 alone in the second
@@ -316,7 +316,7 @@ def test_descent_through_buckets_and_masks(dti_pack, fresh_sd15):
     assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m_star["clip_l"]), atol=1e-5)
 
 
-def test_node_trains_from_a_folder_alone_and_refuses_no_images(dti_pack, sd15_loaded, comfy, embeddings_dir,
+def test_node_trains_from_a_folder_alone_and_refuses_no_images(dti_pack, fresh_sd15, comfy, embeddings_dir,
                                                                tmp_path, monkeypatch):
     """``images`` is optional: a folder of photos is enough; neither is a clear refusal, and so is a mask
     without the batch it belongs to."""
@@ -330,7 +330,7 @@ def test_node_trains_from_a_folder_alone_and_refuses_no_images(dti_pack, sd15_lo
     for i, size in enumerate([(64, 48), (48, 64)]):
         arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy()
         Image.fromarray(arr).save(tmp_path / "cat" / f"{i}.png")
-    model, clip, vae = sd15_loaded
+    model, clip, vae = fresh_sd15
     node = dti_pack.nodes.train_node.DTITrain()
     with torch.inference_mode():
         out = node.run(model, clip, vae, **train_args(name="folder-only", steps=1, batch_size=1, image_folder="cat"))
