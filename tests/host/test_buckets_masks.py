@@ -341,3 +341,64 @@ def test_node_trains_from_a_folder_alone_and_refuses_no_images(dti_pack, fresh_s
             node.run(model, clip, vae, mask=torch.ones(1, 8, 8), **train_args(name="mask-only", image_folder="cat"))
     assert (embeddings_dir / "folder-only.safetensors").is_file()
     assert not (embeddings_dir / "nothing.safetensors").exists()
+
+
+def test_teacher_student_through_the_training_step_with_the_new_defaults(dti_pack, fresh_sd15):
+    """Training still converges with the paper's defaults and this pack's additions: the node's own
+    DiffusionStep (a random bucket per batch, a fresh random crop, a fresh posterior sample, integer
+    DDPM timesteps, subject masks) with the model's call turned into a teacher-student objective. At
+    each of the step's own draws the model returns student - teacher + x0, so the step's (masked)
+    denoising loss becomes the distance between the student's prediction and the teacher's, whose
+    prompt holds "dog". The learned word, started at "car", must turn toward "dog"."""
+    from pathlib import Path
+
+    from dti_tests_support import load_by_path
+
+    # the same target and measure as the teacher-student test through the UNet
+    teacher_student = load_by_path("dti_test_learning", Path(__file__).parent / "test_learning.py").teacher_student
+
+    ct = dti_pack.nodes.comfy_training
+    core = dti_pack.dti_core.training
+    model, clip, vae = fresh_sd15
+    target, init, mu, m_star, _, cos_to_dog = teacher_student(dti_pack, fresh_sd15)
+    g0 = torch.Generator().manual_seed(2)
+    mask = torch.zeros(48, 96)
+    mask[8:40, 16:64] = 1.0
+    items = [ct.TrainingImage(torch.rand(64, 64, 3, generator=g0), torch.ones(64, 64), "sq"),
+             ct.TrainingImage(torch.rand(48, 96, 3, generator=g0), mask, "wide")]
+    with torch.inference_mode():
+        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+        latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, False)]
+    assert len(latents) == 2 and all(tl.std is not None for tl in latents)  # posterior sampling is on
+    seen_x0 = []
+    real_call, real_scaling = model.model.apply_model, None
+
+    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+        ds = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, 64, torch.device("cpu"))
+        real_scaling = ds.ms.noise_scaling
+
+        def scaling(sigma, noise, x0, *a, **k):
+            seen_x0.append(x0.detach())
+            return real_scaling(sigma, noise, x0, *a, **k)
+
+        def teacher_student_call(x, t, **kw):
+            student = real_call(x, t, **kw)
+            with torch.no_grad():
+                c = kw["c_crossattn"]
+                teacher = real_call(x, t, **dict(kw, c_crossattn=target.to(c).expand(c.shape[0], -1, -1)))
+            return student - teacher + seen_x0[-1]
+
+        ds.ms.noise_scaling = scaling
+        model.model.apply_model = teacher_student_call
+        try:
+            start = cos_to_dog(init["clip_l"])
+            result = core.train(init, mu, m_star, lambda e, s: ds(e, s), core.TrainConfig(steps=40, lr=0.04, kappa=0.0))
+        finally:
+            del ds.ms.noise_scaling, model.model.apply_model  # back to the class's methods
+    learned = cos_to_dog(result.vectors["clip_l"])
+    loss = result.history.loss
+    print(f"\nteacher-student through DiffusionStep (buckets, masks, crops, posterior, integer t): "
+          f"cos(v, dog) {start:.3f} -> {learned:.3f}; loss {sum(loss[:5]) / 5:.3g} -> {sum(loss[-5:]) / 5:.3g}")
+    assert learned > start + 0.1
+    v = result.vectors["clip_l"]
+    assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m_star["clip_l"]), atol=1e-5)
