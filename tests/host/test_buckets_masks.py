@@ -285,17 +285,22 @@ def test_masks_and_captions_change_the_fingerprint(dti_pack, sd15_loaded):
     assert len(set(f)) == 4
 
 
+def two_buckets_with_masks(ct):
+    """A square photo (all subject) and a wide one whose subject is a box: two buckets, masks."""
+    g0 = torch.Generator().manual_seed(2)
+    mask = torch.zeros(48, 96)
+    mask[8:40, 16:64] = 1.0
+    return [ct.TrainingImage(torch.rand(64, 64, 3, generator=g0), torch.ones(64, 64), "sq"),
+            ct.TrainingImage(torch.rand(48, 96, 3, generator=g0), mask, "wide")]
+
+
 def test_descent_through_buckets_and_masks(dti_pack, fresh_sd15):
     """kappa = 0 DTI through the node's DiffusionStep on photos of two aspect ratios with subject
     masks: on a fixed set of draws covering both buckets the objective must fall step after step."""
     ct = dti_pack.nodes.comfy_training
     core = dti_pack.dti_core.training
     model, clip, vae = fresh_sd15
-    g0 = torch.Generator().manual_seed(2)
-    mask = torch.zeros(48, 96)
-    mask[8:40, 16:64] = 1.0
-    items = [ct.TrainingImage(torch.rand(64, 64, 3, generator=g0), torch.ones(64, 64), "sq"),
-             ct.TrainingImage(torch.rand(48, 96, 3, generator=g0), mask, "wide")]
+    items = two_buckets_with_masks(ct)
     with torch.inference_mode():
         init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
         prompts = ct.tokenize_templates(clip, ["a photo of {}", "{} on a table"], 1)
@@ -361,11 +366,7 @@ def test_teacher_student_through_the_training_step_with_the_new_defaults(dti_pac
     core = dti_pack.dti_core.training
     model, clip, vae = fresh_sd15
     target, init, mu, m_star, _, cos_to_dog = teacher_student(dti_pack, fresh_sd15)
-    g0 = torch.Generator().manual_seed(2)
-    mask = torch.zeros(48, 96)
-    mask[8:40, 16:64] = 1.0
-    items = [ct.TrainingImage(torch.rand(64, 64, 3, generator=g0), torch.ones(64, 64), "sq"),
-             ct.TrainingImage(torch.rand(48, 96, 3, generator=g0), mask, "wide")]
+    items = two_buckets_with_masks(ct)
     with torch.inference_mode():
         prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
         latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, False)]
