@@ -22,7 +22,6 @@ from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_MODULE = "comfyui_dti_cli_pack"  # the pack's import name here (its folder name has a hyphen)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MODEL_KEYS = ("checkpoint", "diffusion_model", "text_encoders", "clip_type", "vae")
 JOB_ONLY_KEYS = ("images",)
 NOT_OPTIONS = ("model", "clip", "vae", "images", "image_folder")  # node inputs the CLI fills itself (--images)
@@ -91,50 +90,27 @@ def setup_comfyui(comfy_path: Path, cpu: bool):
 
 
 # --------------------------------------------------------------------------------------------
-# Images (as ComfyUI's LoadImage reads them)
+# Images: the folder trains through DTI Train's image_folder (each photo at its own aspect ratio,
+# a PNG's alpha as its subject mask), read by the node's own reader
 # --------------------------------------------------------------------------------------------
 
-def list_images(folder) -> list[Path]:
+def check_folder(folder, training) -> int:
+    """Read every photo of ``folder`` once, as DTI Train will, so that a missing folder or a broken
+    file is reported before the model loads. ``training`` is the pack's ``nodes.comfy_training``."""
     folder = Path(folder)
     if not folder.exists():
         raise UsageError(f"image folder {folder} does not exist")
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise UsageError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def load_image(path):
-    """``(H, W, 3)`` float32 in [0, 1], as LoadImage makes it: first frame, EXIF orientation applied, RGB."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as img:
-            img.seek(0)
-            img = ImageOps.exif_transpose(img)
-            if img.mode == "I":
-                img = img.point(lambda i: i * (1 / 255))
-            rgb = img.convert("RGB")
-            array = np.array(rgb).astype(np.float32) / 255.0
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UsageError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(array)
-
-
-def load_folder(folder):
-    """``(batch, note)``: an IMAGE batch ``(B, H, W, 3)`` of every png/jpg/webp in ``folder`` (sorted by
-    name) when they share one size; ``(None, note)`` when they do not: the folder then trains through
-    DTI Train's ``image_folder``, each image at its own aspect ratio (a PNG's alpha is its mask there)."""
-    import torch
-
-    images = [load_image(p) for p in list_images(folder)]
-    if len({tuple(im.shape) for im in images}) == 1:
-        return torch.stack(images), None
-    return None, "images of different sizes: each trains at its own aspect ratio (DTI Train's image_folder)"
+    names = training.image_files(str(folder))
+    if not names:
+        raise UsageError(f"no images in {folder} (looked for {', '.join(training.IMAGE_EXTENSIONS)})")
+    for name in names:
+        try:
+            training.read_image(str(folder / name))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    return len(names)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +176,7 @@ def build_parser(options: dict | None) -> argparse.ArgumentParser:
                         "(default: stable_diffusion for one file, flux for two)")
     g.add_argument("--vae", help="A VAE .safetensors (as VAELoader loads it).")
     g = p.add_argument_group("what to train")
-    g.add_argument("--images", help="Folder of png/jpg/webp images of the concept.")
+    g.add_argument("--images", help="Folder of images of the concept (png/jpg/webp/bmp/tif; a PNG's transparency is its subject mask).")
     g.add_argument("--jobs", help="A jobs file (.toml or .json): many concepts, one model load. See the README.")
     g.add_argument("--output", help="Folder for the embeddings (default: ComfyUI's embeddings folder).")
     g = p.add_argument_group("host")
@@ -453,6 +429,7 @@ def _run(argv) -> int:
     pack = setup_comfyui(comfy_path, cpu=pre.cpu)
     train_node = pack.nodes.train_node
     common = pack.nodes.common
+    training = pack.nodes.comfy_training
     check_name = sys.modules[f"{PACK_MODULE}.dti_core.names"].check_name
     options = node_options(train_node.DTITrain)
     args = build_parser(options).parse_args(argv)
@@ -475,7 +452,7 @@ def _run(argv) -> int:
             if name in names:
                 raise UsageError(f"name {name!r} is used by {names[name]} too")
             names[name] = job["where"]
-            job["batch"], job["note"] = load_folder(job["images"])
+            check_folder(job["images"], training)
         except (UsageError, ValueError) as e:
             problems.append(f"{job['where']}: {e}")
     try:
@@ -496,18 +473,14 @@ def _run(argv) -> int:
     failed = 0
     for i, job in enumerate(jobs, 1):
         inputs = job["inputs"]
-        if job["note"]:
-            print(f"dti_cli: {inputs['name']}: {job['note']}", file=sys.stderr)
         progress = TerminalProgress(f"[{i}/{len(jobs)}] {inputs['name']}")
         common.LISTENERS.append(progress)
         try:
-            if job["batch"] is None:
-                # The node reads image_folder under ComfyUI's input directory: make it this folder's parent.
-                folder = Path(job["images"]).resolve()
-                folder_paths.set_input_directory(str(folder.parent))
-                inputs = dict(inputs, image_folder=folder.name)
+            # The node reads image_folder under ComfyUI's input directory: make it this folder's parent.
+            folder = Path(job["images"]).resolve()
+            folder_paths.set_input_directory(str(folder.parent))
             with torch.inference_mode():
-                out = train_node.DTITrain().run(model, clip, vae, images=job["batch"], **inputs)
+                out = train_node.DTITrain().run(model, clip, vae, image_folder=folder.name, **inputs)
         except Exception as e:  # one job's failure (a clash, out of memory) leaves the others to run
             failed += 1
             print(f"\ndti_cli: {job['where']} ({inputs['name']}) failed: {e}", file=sys.stderr)

@@ -299,12 +299,40 @@ def load_training_images(images: torch.Tensor | None, mask: torch.Tensor | None 
     return items
 
 
+def read_image(path: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rgb (H, W, 3), alpha (H, W) or None)`` float32 in [0, 1], as ComfyUI's LoadImage reads a photo:
+    first frame, EXIF orientation applied, 16-bit grey ("I") scaled to 8 bits. ``alpha`` is the
+    transparency as stored (opaque = 1), where the file has one. ``ValueError`` if it cannot be read."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "I":
+                im = im.point(lambda i: i * (1 / 255))
+            alpha = None
+            if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+                alpha = torch.from_numpy(np.array(im.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0)
+            rgb = torch.from_numpy(np.array(im.convert("RGB"), dtype=np.float32) / 255.0)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return rgb, alpha
+
+
+def image_files(folder: str) -> list[str]:
+    """The photos in ``folder`` (not its subfolders), sorted by name."""
+    import os
+
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS)
+                  and os.path.isfile(os.path.join(folder, n)))
+
+
 def _folder_images(folder: str) -> list[TrainingImage]:
     import os
 
     import folder_paths
-    import numpy as np
-    from PIL import Image, ImageOps
 
     root = os.path.realpath(folder_paths.get_input_directory())
     path = os.path.realpath(os.path.join(root, folder))
@@ -312,25 +340,19 @@ def _folder_images(folder: str) -> list[TrainingImage]:
         raise ValueError(f"image_folder {folder!r} must be a folder inside ComfyUI's input directory")
     if not os.path.isdir(path):
         raise ValueError(f"image_folder {folder!r}: no such folder in ComfyUI's input directory ({root})")
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)
-                   and os.path.isfile(os.path.join(path, n)))
+    names = image_files(path)
     if not names:
         raise ValueError(f"image_folder {folder!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     items = []
     for name in names:
         src = f"{folder}/{name}"
         try:
-            with Image.open(os.path.join(path, name)) as im:
-                im = ImageOps.exif_transpose(im)
-                alpha = None
-                if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
-                    alpha = np.array(im.convert("RGBA").getchannel("A"), dtype=np.float32) / 255.0
-                rgb = np.array(im.convert("RGB"), dtype=np.float32) / 255.0
-        except (OSError, ValueError) as e:
-            raise ValueError(f"image_folder: cannot read {src}: {e}") from None
+            rgb, alpha = read_image(os.path.join(path, name))
+        except ValueError as e:
+            raise ValueError(f"image_folder: {e}".replace(os.path.join(path, name), src)) from None
         # alpha is the subject mask as it stands (opaque = subject), unlike LoadImage's 1 - alpha
-        mask = _check_mask(torch.from_numpy(alpha), src) if alpha is not None else None
-        items.append(TrainingImage(torch.from_numpy(rgb), mask, src))
+        mask = _check_mask(alpha, src) if alpha is not None else None
+        items.append(TrainingImage(rgb, mask, src))
     return items
 
 

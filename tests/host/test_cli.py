@@ -127,27 +127,6 @@ def test_cli_finds_the_comfyui_it_sits_in(tmp_path):
     assert r.stdout.strip() == str(root.resolve())
 
 
-def test_images_are_read_as_load_image_reads_them(tmp_path):
-    sys.path.insert(0, str(REPO))
-    try:
-        from dti_cli.main import load_folder
-    finally:
-        sys.path.remove(str(REPO))
-    # EXIF orientation 6 (rotate 90 degrees): a 40x20 stored image shows as 20 wide, 40 high.
-    img = Image.new("RGB", (40, 20), (255, 0, 0))
-    exif = img.getexif()
-    exif[0x0112] = 6
-    img.save(tmp_path / "a.jpg", exif=exif.tobytes())
-    Image.new("RGBA", (20, 40), (0, 255, 0, 10)).save(tmp_path / "b.png")
-    (tmp_path / "notes.txt").write_text("ignored")
-    batch, note = load_folder(tmp_path)
-    assert batch.shape == (2, 40, 20, 3) and note is None
-    assert batch[1, 0, 0].tolist() == [0.0, 1.0, 0.0]  # alpha dropped, as LoadImage's RGB convert does
-    Image.new("RGB", (30, 20), (0, 0, 255)).save(tmp_path / "c.png")  # another size: the folder trains as one
-    batch, note = load_folder(tmp_path)
-    assert batch is None and "own aspect ratio" in note
-
-
 # ---------------------------------------------------------------------------------------------
 # previews
 # ---------------------------------------------------------------------------------------------

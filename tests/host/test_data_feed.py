@@ -112,3 +112,53 @@ def test_wide_photos_train_at_their_aspect_ratio_through_the_node(dti_pack, fres
     assert [s.shape for s in tl.std] == [(1, 4, 6, 12)] * 2
     assert tl.original_size == [(48, 96), (48, 96)] and tl.flipped_mean is None and tl.mask is None
     assert (embeddings_dir / "wide.safetensors").exists()
+
+
+def test_photos_are_read_as_load_image_reads_them(dti_pack, comfy_nodes, tmp_path):
+    """image_folder and the CLI read a photo with the pack's read_image; ComfyUI's own LoadImage, on the
+    same files, is the reference: EXIF rotation, 16-bit grey, palette transparency, RGBA, the first frame
+    of an animation. LoadImage's mask is 1 - alpha; read_image returns alpha as stored."""
+    import folder_paths
+    import numpy as np
+    from PIL import Image
+
+    ct = dti_pack.nodes.comfy_training
+    rng = np.random.RandomState(0)
+    rgb = Image.fromarray((rng.rand(20, 40, 3) * 255).astype("uint8"))
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees: the 40 x 20 stored image shows 20 wide, 40 high
+    rgb.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    grey = (rng.rand(16, 24) * 65535).astype("uint16")
+    Image.fromarray(grey.astype("int32"), mode="I").save(tmp_path / "grey32.tif")  # opens as mode "I"
+    Image.fromarray(grey).save(tmp_path / "grey16.png")  # opens as "I;16" in current Pillow
+    rgba = np.concatenate([rng.rand(24, 16, 3) * 255, rng.rand(24, 16, 1) * 255], axis=-1).astype("uint8")
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "cutout.png")
+    pal = Image.fromarray((rng.rand(12, 12) * 4).astype("uint8"), mode="L").convert("P")
+    pal.info["transparency"] = 0
+    pal.save(tmp_path / "palette.png", transparency=0)
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+
+    old = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path))
+    try:
+        for name, has_alpha in (("rotated.jpg", False), ("grey32.tif", False), ("grey16.png", False),
+                                ("cutout.png", True),
+                                ("palette.png", True), ("anim.gif", False)):
+            ref_image, ref_mask = comfy_nodes.LoadImage().load_image(name)
+            image, alpha = ct.read_image(str(tmp_path / name))
+            assert torch.equal(image, ref_image[0]), name
+            if has_alpha:
+                # (1 - (1 - a) rounds in float32: equal to one ulp)
+                assert alpha is not None and torch.allclose(alpha, 1.0 - ref_mask[0], rtol=0, atol=1e-7), name
+                assert 0 < float(alpha.mean()) < 1, name
+            else:
+                assert alpha is None, name
+        assert ct.read_image(str(tmp_path / "rotated.jpg"))[0].shape == (40, 20, 3)
+        grey32 = ct.read_image(str(tmp_path / "grey32.tif"))[0]
+        assert 0.5 < float(grey32.max()) <= 1 and float(grey32.min()) < 0.1  # scaled by 1/255, not clipped to white
+        (tmp_path / "broken.png").write_bytes(b"not a png")
+        with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+            ct.read_image(str(tmp_path / "broken.png"))
+    finally:
+        folder_paths.set_input_directory(old)
