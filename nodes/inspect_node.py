@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -45,7 +47,8 @@ class DTIInspect:
         check_fits(embedding, ct.clip_widths(clip))
         word = initializer.strip() or embedding.metadata.get("dti.initializer", "")
         lines, charts = [], []
-        name = embedding.metadata.get("dti.name") or (embedding.path or "embedding")
+        # the file name, not its absolute path: the report's first line must fit a node's width
+        name = embedding.metadata.get("dti.name") or (os.path.basename(embedding.path) if embedding.path else "embedding")
         lines.append(f"{name}  [{embedding.source_format}]")
         for ci, (key, (_, tok, encoder)) in enumerate(sorted(encoders.items())):
             with torch.inference_mode(False):

@@ -217,6 +217,7 @@ def test_inspect_numbers_percentile_degrees_and_nearest_tokens(dti_pack, sd15_lo
     rows = re.findall(r"vector (\d+): norm ([\d.]+) \(([\d.]+)th percentile\), ([\d.]+) deg from 'cat'; nearest: (.*)",
                       report)
     assert len(rows) == 2, report
+    assert report.splitlines()[0].split()[0] == "insp-values.safetensors"  # the file's name, not its full path
     unit = vocab / vocab.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     for (i, norm, pct, deg, near), v, deg_ref in zip(rows, vectors, (0.0, 60.0)):
         n = float(v.norm())
