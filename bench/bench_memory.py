@@ -89,9 +89,9 @@ def one(kind: str, res: int, bs: int, grad_ckpt: bool, full: bool, steps: int) -
     images = torch.rand(4, res, res, 3)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        tn.DTITrain().run(model, clip, vae, images, name="bench-memory", initializer="dog", steps=steps,
+        tn.DTITrain().run(model, clip, vae, images=images, name="bench-memory", initializer="dog", steps=steps,
                           batch_size=bs, learning_rate=0.01, kappa=1e-4, magnitude="mean", magnitude_value=0.4,
-                          templates="object", custom_templates="", resolution=res, horizontal_flip=True, seed=0,
+                          templates="object", custom_templates="", resolution=res, horizontal_flip=False, seed=0,
                           save_every=0, resume_from="(none)", overwrite=True, gradient_checkpointing=bool(grad_ckpt))
     report["run_s"] = time.perf_counter() - t0
     report["retained_gib"] = proc.memory_info().rss / gib

@@ -3,7 +3,7 @@
 Builds an SD1.5 or SDXL checkpoint with the published layer sizes and random weights through
 ComfyUI's own classes (tests/host/checkpoints.py), loads it with ComfyUI's loader under
 torch.inference_mode() as the executor does, then runs exactly what DTI Train runs:
-``comfy_training.DiffusionStep`` inside ``dti_core.training.train``. Prints s/step, peak GPU
+``comfy_training.encode_buckets`` then ``DiffusionStep`` inside ``dti_core.training.train``. Prints s/step, peak GPU
 memory and the UNet's achieved TFLOP/s; writes a JSON report.
 
 Run beside ../shared/bench/reference_recipe_sdxl.py in the same call on the GPU machine
@@ -88,7 +88,8 @@ def main() -> None:
     with torch.inference_mode():
         t0 = time.perf_counter()
         mm.load_models_gpu([model, clip.patcher], force_full_load=True)
-        latents = ct.encode_latents(vae, model, images, True)
+        # as DTI Train feeds the step: per-bucket latents, flip off (the paper's and the node's default)
+        latents = ct.encode_buckets(vae, model, ct.load_training_images(images), a.res, False)
         sync()
         report["latent_cache_s"] = time.perf_counter() - t0
         init, mu, m_star = ct.initial_vectors(clip, "dog", 0, "mean")
@@ -100,8 +101,7 @@ def main() -> None:
         stamps.append(time.perf_counter())
 
     with torch.inference_mode(False), torch.enable_grad():
-        latents = ct.TrainingLatents(latents.mean.clone(), latents.std.clone(), latents.flipped_mean.clone(),
-                                     latents.flipped_std.clone(), (a.res, a.res))
+        latents = [tl.cloned() for tl in latents]  # normal tensors (the VAE ran under inference mode)
         with ct.differentiable(model, clip, a.grad_ckpt):
             step_fn = ct.DiffusionStep(model, clip, prompts, latents, None, a.bs, 0, a.res, dev)
             if cuda:

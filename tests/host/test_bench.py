@@ -1,0 +1,37 @@
+"""The benchmark entry points still run against the pack as it is (bench/gpu_check.sh spends scarce GPU
+minutes on them: a signature change must fail here, on the CPU, not there). Thin models, one step;
+the numbers they print are not checked (no timing in tests), only that they ran the node's own path."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(comfy_path, cache, *args):
+    env = dict(os.environ, COMFYUI_PATH=comfy_path, DTI_TEST_CACHE=str(cache))
+    r = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def test_train_step_benchmark_runs_the_node_step(comfy_path, checkpoint_cache_dir, tmp_path):
+    out = tmp_path / "step.json"
+    bench(comfy_path, checkpoint_cache_dir, "bench/bench_train_step.py", "--model", "sd15", "--thin", "--cpu",
+          "--res", 64, "--bs", 2, "--steps", 1, "--warmup", 1, "--out", out)
+    report = json.loads(out.read_text())
+    assert report["model"] == "sd15" and report["res"] == 64 and report["bs"] == 2
+    assert report["s_per_step"] > 0 and report["step_tflop"] > 0, report
+
+
+def test_memory_benchmark_reports_every_phase(comfy_path, checkpoint_cache_dir):
+    r = bench(comfy_path, checkpoint_cache_dir, "bench/bench_memory.py", "--one", "sd15", 64, 2, 1, "--steps", 1)
+    (line,) = [x for x in r.stdout.splitlines() if x.startswith("REPORT ")]
+    report = json.loads(line[len("REPORT "):])
+    assert report["model"] == "sd15-thin" and report["grad_ckpt"] is True
+    # resident memory only grows from the loaded weights to the phases' peaks
+    assert 0 < report["load_gib"] <= report["latents_gib"] and report["load_gib"] <= report["step_gib"], report
