@@ -66,6 +66,8 @@ def test_beta_zero_moves_each_vector_by_lr_along_the_tangent():
     opt.step()
     # before retraction the step had length lr exactly, so the angle is atan(lr)
     assert torch.allclose(angle(v.detach(), start), torch.full((4,), math.atan(0.01), dtype=torch.float64), atol=1e-9)
+    # and the retraction put it back on the sphere (unretracted, |v| = sqrt(1 + lr^2) = 1 + 5e-5)
+    assert torch.allclose(v.detach().norm(dim=-1), torch.ones(4, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def test_prior_alone_pulls_toward_mu():

@@ -27,7 +27,7 @@ def draws(step_generator, seed, step, b, n, n_prompts, sizes, crop, weights=None
     g = step_generator(seed, step)
     k = int(torch.multinomial(weights, 1, generator=g)) if weights is not None else 0
     idx = torch.randint(n, (b,), generator=g)
-    torch.rand(b, generator=g)  # flip
+    flip = torch.rand(b, generator=g) < 0.5
     which = torch.randint(n_prompts, (b,), generator=g)
     u = torch.rand(b, generator=g, dtype=torch.float64)
     noise = torch.randn(b, channels, *crop, generator=g)
@@ -38,7 +38,7 @@ def draws(step_generator, seed, step, b, n, n_prompts, sizes, crop, weights=None
     for i in range(b):
         lh, lw = sizes[int(idx[i])]
         corners.append((math.floor(float(ru[i]) * (lh - crop[0] + 1)), math.floor(float(rv[i]) * (lw - crop[1] + 1))))
-    return dict(k=k, idx=idx, which=which, u=u, noise=noise, corners=corners, eps=e)
+    return dict(k=k, idx=idx, flip=flip, which=which, u=u, noise=noise, corners=corners, eps=e)
 
 
 def test_buckets_are_sdxl_s_table_scaled_to_the_training_area(dti_pack):
@@ -166,6 +166,12 @@ def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, fresh_sd15, generato
                                  torch.device("cpu"))(embeds, step)
         ones = ct.DiffusionStep(model, clip, prompts, ct.TrainingLatents(mean, None, mask=torch.ones_like(mask)),
                                 None, b, seed, 64, torch.device("cpu"))(embeds, step)
+        # with mirror images: a draw that mixes flipped and unflipped samples
+        fmean = torch.randn(2, 4, 8, 8, generator=g0)
+        fstep = next(s for s in range(100) if len(set(draws(generator, seed, s, b, 2, 1, [(8, 8)] * 2, (8, 8),
+                                                            eps=False)["flip"].tolist())) == 2)
+        mirrored = ct.DiffusionStep(model, clip, prompts, ct.TrainingLatents(mean, None, fmean, None, mask=mask),
+                                    None, b, seed, 64, torch.device("cpu"))(embeds, fstep)
     d = draws(generator, seed, step, b, 2, 1, [(8, 8)] * 2, (8, 8), eps=False)
     x_t, sigma, x0_pred = seen[0]
     x0 = mean[d["idx"]]
@@ -178,6 +184,17 @@ def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, fresh_sd15, generato
     assert math.isclose(float(plain), float(err.mean()), rel_tol=1e-4)
     assert math.isclose(float(ones), float(plain), rel_tol=1e-6)  # a full mask changes nothing
     assert not math.isclose(float(loss), float(plain), rel_tol=1e-3)
+    # a mirrored photo is weighted by its mirrored mask
+    d = draws(generator, seed, fstep, b, 2, 1, [(8, 8)] * 2, (8, 8), eps=False)
+    x_t, sigma, x0_pred = seen[3]
+    f = d["flip"].view(-1, 1, 1, 1)
+    x0 = torch.where(f, fmean[d["idx"]], mean[d["idx"]])
+    assert torch.allclose(x_t, x0 + sigma.view(-1, 1, 1, 1) * d["noise"], atol=1e-5)
+    err = ((x_t - x0_pred) / sigma.view(-1, 1, 1, 1) - d["noise"]) ** 2
+    w = torch.where(f, mask[d["idx"]].flip(-1), mask[d["idx"]])
+    assert math.isclose(float(mirrored), float((err * w).sum() / (w.sum() * 4)), rel_tol=1e-4)
+    unmirrored = mask[d["idx"]]
+    assert not math.isclose(float(mirrored), float((err * unmirrored).sum() / (unmirrored.sum() * 4)), rel_tol=1e-3)
 
 
 def test_non_square_photo_reaches_sdxl_y_with_its_size_bucket_and_crop(dti_pack, fresh_sdxl, generator, monkeypatch):

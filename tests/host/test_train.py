@@ -77,6 +77,16 @@ def test_one_step_turns_the_vector_by_the_batch_scaled_rate(dti_pack, fresh_sd15
     assert torch.allclose(angle(v, init["clip_l"]), torch.tensor(math.atan(0.02)), atol=1e-4)
     assert out["result"][2]["steps"] == [1] and math.isfinite(out["result"][2]["loss"][0])
     assert out["result"][2]["m_star"]["clip_l"] == pytest.approx(m_star["clip_l"])
+    # m* ("mean") is the mean norm of the vocabulary's non-zero rows, read here from the CLIP-L
+    # token table itself, and the file records it
+    with torch.inference_mode(False):
+        table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.detach().float()
+        norms = table.norm(dim=-1)
+        expected = float(norms[norms > 0].mean())
+    assert m_star["clip_l"] == pytest.approx(expected, rel=1e-5)
+    meta = load_embedding(str(embeddings_dir / "one-step.safetensors")).metadata
+    assert float(meta["dti.m_star.clip_l"]) == pytest.approx(expected, rel=1e-5)
+    assert torch.allclose(v.norm(dim=-1), torch.tensor(expected), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("hflip", [True, False])
