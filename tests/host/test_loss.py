@@ -1,8 +1,9 @@
 """DiffusionStep's loss and the inputs it hands the denoiser, recomputed independently.
 
 The reference rebuilds every input of ``apply_model`` from the documented draw order of
-``step_generator`` and from the host alone: sigma by log-linear interpolation in the model's own
-``model_sampling.sigmas`` table over its whole range (not from the object under test), the
+``step_generator`` and from the host alone: sigma as the entry of the model's own
+``model_sampling.sigmas`` table at an integer timestep drawn over its whole range (the paper's
+integer DDPM timesteps; not from the object under test), the
 mirrored latents where a flip was drawn, one CLIPTextEncode-style encode per prompt, and SDXL's
 vector conditioning from the pooled output of that encode.
 """
