@@ -496,6 +496,8 @@ def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) 
     cond = cond.reshape(b, -1, cond.shape[-1])
     if first_pooled is None or not want_pooled:
         return cond, None
+    if b == 1:
+        return cond, first_pooled  # one prompt: the wrapper's own pooled output is its row
     for outs in captured.values():
         rows = outs[0][1] if isinstance(outs[0], tuple) and len(outs[0]) > 1 else None
         if rows is not None and rows.shape[-1] == first_pooled.shape[-1] and torch.allclose(
