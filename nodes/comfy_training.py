@@ -486,6 +486,11 @@ def encode_tokens(clip, tokens):
     return cond, pooled
 
 
+class PooledNotFound(RuntimeError):
+    """The batched pass gave no encoder output whose rows are the pooled vector (SD3's pooled joins
+    CLIP-L's and CLIP-G's): encode one prompt at a time instead."""
+
+
 def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode several one-chunk prompts in one text-encoder pass: ``(B, L, width)`` and pooled ``(B, ...)``.
 
@@ -513,12 +518,14 @@ def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) 
     cond = cond.reshape(b, -1, cond.shape[-1])
     if first_pooled is None or not want_pooled:
         return cond, None
+    if b == 1:
+        return cond, first_pooled  # one prompt: the wrapper's own pooled output is its row
     for outs in captured.values():
         rows = outs[0][1] if isinstance(outs[0], tuple) and len(outs[0]) > 1 else None
         if rows is not None and rows.shape[-1] == first_pooled.shape[-1] and torch.allclose(
                 rows[0:1].to(first_pooled.device, first_pooled.dtype), first_pooled, rtol=0, atol=0, equal_nan=True):
             return cond, rows[:b]
-    raise RuntimeError("could not find the pooled output of the batched prompts")
+    raise PooledNotFound("could not find the pooled output of the batched prompts")
 
 
 def encode_each(clip, token_dicts: list[dict], want_pooled: bool = True):
@@ -566,7 +573,12 @@ class TextPath:
     def __call__(self, token_dicts: list[dict]):
         """``(conds, pooled)``: conds a ``(B, L, width)`` tensor, or a list of ``(1, L_k, width)``."""
         if self.batched:
-            return encode_token_batch(self.clip, token_dicts, self.want_pooled)
+            try:
+                return encode_token_batch(self.clip, token_dicts, self.want_pooled)
+            except PooledNotFound:
+                # one training prompt (nothing was probed) on a wrapper whose pooled vector no single
+                # encoder gives, e.g. SD3 with one custom template: one encode per prompt from now on
+                self.batched = False
         return encode_each(self.clip, token_dicts, self.want_pooled)
 
 

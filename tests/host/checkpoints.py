@@ -827,21 +827,25 @@ def ensure_component(component, folder, seed=DEFAULT_SEED, dtype=torch.float16, 
     return path
 
 
-def ensure_sd3_checkpoint(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+def ensure_sd3_checkpoint(folder, seed=DEFAULT_SEED, dtype=torch.float16, clips=True):
     """Single-file SD3.5 checkpoint "incl. clips" (CheckpointLoaderSimple): the
     SD3_CHECKPOINT_DIT MMDiT under ``model.diffusion_model.``, CLIP-L / CLIP-G under
     ``text_encoders.clip_{l,g}.transformer.``, the 16-channel VAE under
     ``first_stage_model.``; no T5 (as in the published sd3_medium_incl_clips: the
-    loader then builds SD3's text encoder without T5).  Copied tensor by tensor from
-    the component files, so the weights are the same as the separate files'."""
+    loader then builds SD3's text encoder without T5).  ``clips=False``: MMDiT + VAE only,
+    like the published sd3.5_medium / sd3.5_large files (text encoders from TripleCLIPLoader).
+    Copied tensor by tensor from the component files, so the weights are the same as the
+    separate files'."""
     from safetensors import safe_open
-    path = Path(folder) / component_filename("sd3-checkpoint", seed, dtype)
+    component = "sd3-checkpoint" if clips else "sd3-checkpoint-noclips"
+    path = Path(folder) / component_filename(component, seed, dtype)
     if path.exists():
         return path
-    parts = [("model.diffusion_model.", ensure_component(SD3_CHECKPOINT_DIT, folder, seed, dtype)),
-             ("text_encoders.clip_l.transformer.", ensure_component("clip-l", folder, seed, dtype)),
-             ("text_encoders.clip_g.transformer.", ensure_component("clip-g", folder, seed, dtype)),
-             ("first_stage_model.", ensure_component("vae16", folder, seed, dtype))]
+    parts = [("model.diffusion_model.", ensure_component(SD3_CHECKPOINT_DIT, folder, seed, dtype))]
+    if clips:
+        parts += [("text_encoders.clip_l.transformer.", ensure_component("clip-l", folder, seed, dtype)),
+                  ("text_encoders.clip_g.transformer.", ensure_component("clip-g", folder, seed, dtype))]
+    parts.append(("first_stage_model.", ensure_component("vae16", folder, seed, dtype)))
     entries = []
     for prefix, src in parts:
         with safe_open(str(src), framework="pt") as f:
@@ -855,7 +859,7 @@ def ensure_sd3_checkpoint(folder, seed=DEFAULT_SEED, dtype=torch.float16):
                         return g.get_tensor(k)
                 entries.append((prefix + k, tuple(sl.get_shape()), dt, produce))
     write_safetensors_streaming(path, entries, {"dti_test_generator": FAMILY_GENERATOR_VERSION,
-                                                "dti_test_component": "sd3-checkpoint",
+                                                "dti_test_component": component,
                                                 "dti_test_dit": SD3_CHECKPOINT_DIT,
                                                 "dti_test_seed": str(seed), "dti_test_dtype": str(dtype)})
     return path

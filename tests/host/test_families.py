@@ -56,6 +56,19 @@ def test_family_trains_every_encoder_and_the_stock_encode_reads_the_file(kind, r
     assert warned == []
 
 
+def test_sd3_trains_on_one_custom_template(dti_pack, fresh_sd3, embeddings_dir):
+    """One training prompt: nothing is probed at the start, and SD3's pooled vector (CLIP-L's joined to
+    CLIP-G's) is no single encoder's output, so the batched encode falls back to one encode per prompt
+    (it raised "could not find the pooled output" before)."""
+    out = run_train(dti_pack, fresh_sd3, name="fam-sd3-one-template", initializer="cat", steps=2, batch_size=2,
+                    resolution=64, templates="custom", custom_templates="a photo of a {}")
+    emb = load_embedding(str(embeddings_dir / "fam-sd3-one-template.safetensors"))
+    assert set(emb.vectors) == {"clip_l", "clip_g", "t5xxl"}
+    for k, v in emb.vectors.items():
+        assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(k)), rtol=0, atol=1e-5)
+    assert out["ui"]["text"][0].startswith("Saved embedding:fam-sd3-one-template")
+
+
 def test_flux_flow_loss_equals_an_independent_computation(dti_pack, fresh_flux_dev):
     """Flux dev: x_t = (1 - s) x0 + s n, target n - x0, the transformer called directly with the T5
     conditioning, the CLIP-L pooled vector and the guidance; equal to the node's step."""

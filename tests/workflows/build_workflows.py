@@ -253,10 +253,97 @@ def strip_graph():
     return {"nodes": nodes, "links": links, "groups": groups}
 
 
+DIT_TRAIN_DEFAULTS = {"name": "", "initializer": "dog", "steps": 400, "batch_size": 4, "learning_rate": 0.01,
+                      "kappa": 0.0001, "magnitude": "mean", "templates": "object", "resolution": 0,
+                      "horizontal_flip": False, "seed": 0, "save_every": 0, "resume_from": "(none)",
+                      "overwrite": False, "num_vectors": 0, "gradient_checkpointing": False, "guidance": 3.5,
+                      "train_encoders": "all"}
+RENDER_X = 1490
+
+
+def _column(nodes, x=RENDER_X, y=300, gap=40):
+    """Stack nodes (dicts with a size, no pos) from y down at x, each at least gap below the last,
+    on a 20 px grid; returns where a next one would go."""
+    for n in nodes:
+        n["pos"] = [x, y]
+        y = -(-(y + n["size"][1] + gap) // 20) * 20
+    return y
+
+
+def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, sampler, train=None, text_clip=None,
+                    before_text=(), positive=None, negative=("CLIP Text Encode (Negative)", NEGATIVE, 140),
+                    extra_links=(), height=1050):
+    """One DiT train workflow: photos note + loader nodes -> DTI Train -> Replace('...{}...') -> [before_text]
+    -> CLIPTextEncode (+ negative) -> [positive] -> KSampler (EmptySD3LatentImage) -> VAEDecode -> SaveImage.
+
+    ``model`` / ``clip`` / ``vae``: (loader key, output slot).  ``text_clip``: the CLIP the render's
+    encoders read (default ``clip``).  ``before_text``: nodes stacked above the positive encoder
+    (DTI Enable Embeddings); ``positive``: a node between the positive encoder and the sampler
+    (FluxGuidance), reading ``conditioning``.  ``negative``: (title, text, height).
+    ``sampler``: KSampler's steps, cfg, sampler_name, scheduler."""
+    text_clip = text_clip or clip
+    neg_title, neg_text, neg_height = negative
+    column = list(before_text) + [
+        {"key": "pos", "type": "CLIPTextEncode", "size": [420, 100], "title": "CLIP Text Encode (Positive)",
+         "widgets": {"text": ""}},
+    ] + ([positive] if positive else []) + [
+        {"key": "neg", "type": "CLIPTextEncode", "size": [420, neg_height], "title": neg_title,
+         "widgets": {"text": neg_text}},
+        {"key": "latent", "type": "EmptySD3LatentImage", "size": [420, 106],
+         "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
+    ]
+    bottom = _column(column)
+    nodes = [
+        note("readme", [0, -330], [560, 300], readme, "Read me"),
+        photos_note(),
+        *loaders,
+        {"key": "train", "type": "DTITrain", "pos": [1010, 40], "size": [420, 960],
+         "widgets": {**DIT_TRAIN_DEFAULTS, "name": name, **(train or {})}},
+        {"key": "prompt", "type": "StringReplace", "pos": [RENDER_X, 40], "size": [420, 220],
+         "title": "Prompt ({} = the new word)", "widgets": {"string": prompt, "find": "{}", "replace": ""}},
+        *column,
+        {"key": "ksampler", "type": "KSampler", "pos": [1960, 40], "size": [320, 262],
+         "widgets": {"seed": 42, "control_after_generate": "fixed", "denoise": 1.0, **sampler}},
+        {"key": "decode", "type": "VAEDecode", "pos": [1960, 350], "size": [320, 46]},
+        {"key": "save", "type": "SaveImage", "pos": [2320, 40], "size": [520, 580],
+         "widgets": {"filename_prefix": f"DTI/{name}"}},
+    ]
+    pos_out = positive["key"] if positive else "pos"
+    links = [
+        (*model, "train", "model"), (*clip, "train", "clip"), (*vae, "train", "vae"),
+        ("train", 0, "prompt", "replace"),
+        *extra_links,
+        ("prompt", 0, "pos", "text"), (*text_clip, "pos", "clip"), (*text_clip, "neg", "clip"),
+        *([("pos", 0, positive["key"], "conditioning")] if positive else []),
+        (*model, "ksampler", "model"), (pos_out, 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
+        ("latent", 0, "ksampler", "latent_image"),
+        ("ksampler", 0, "decode", "samples"), (*vae, "decode", "vae"),
+        ("decode", 0, "save", "images"),
+    ]
+    groups = [
+        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 450], "color": GROUP_INPUT},
+        {"title": f"2. Train the new word ({label})", "bounding": [600, -30, 850, height], "color": GROUP_TRAIN},
+        {"title": "3. Render it", "bounding": [RENDER_X - 20, -30, 1390, bottom], "color": GROUP_RENDER},
+    ]
+    return {"nodes": nodes, "links": links, "groups": groups}
+
+
+def _unet(name):
+    return {"key": "unet", "type": "UNETLoader", "pos": [620, 40], "size": [360, 82],
+            "widgets": {"unet_name": name, "weight_dtype": "default"}}
+
+
+def _vae(name=None):
+    return {"key": "vae", "type": "VAELoader", "pos": [620, 340], "size": [360, 58],
+            "widgets": {"vae_name": name or h.FLUX_VAE}}
+
+
+PIER = "a photo of {} sitting on a wooden pier at a mountain lake, morning mist"
+
+
 def flux_graph():
     """Flux.1 dev from its three files: UNETLoader + DualCLIPLoader (flux) + VAELoader -> DTI Train ->
     Replace -> CLIPTextEncode -> FluxGuidance -> KSampler (cfg 1) -> SaveImage."""
-    name = "my-concept-flux"
     readme = (
         "DTI Train (Flux.1 dev): teach the model a new word for your subject\n\n"
         f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
@@ -268,54 +355,17 @@ def flux_graph():
         "4. Queue. The render uses FluxGuidance 3.5 and cfg 1, as Flux dev is meant to run.\n\n"
         "Short of memory? Turn gradient_checkpointing on, lower resolution (512 by default) or batch_size."
     )
-    nodes = [
-        note("readme", [0, -330], [560, 300], readme, "Read me"),
-        photos_note(),
-        {"key": "unet", "type": "UNETLoader", "pos": [620, 40], "size": [360, 82],
-         "widgets": {"unet_name": h.FLUX_DIT, "weight_dtype": "default"}},
-        {"key": "clip", "type": "DualCLIPLoader", "pos": [620, 170], "size": [360, 130],
-         "widgets": {"clip_name1": h.FLUX_CLIP_L, "clip_name2": h.FLUX_T5, "type": "flux", "device": "default"}},
-        {"key": "vae", "type": "VAELoader", "pos": [620, 340], "size": [360, 58], "widgets": {"vae_name": h.FLUX_VAE}},
-        {"key": "train", "type": "DTITrain", "pos": [1010, 40], "size": [420, 960],
-         "widgets": {"name": name, "initializer": "dog", "steps": 400, "batch_size": 4, "learning_rate": 0.01,
-                     "kappa": 0.0001, "magnitude": "mean", "templates": "object", "resolution": 0,
-                     "horizontal_flip": False, "seed": 0, "save_every": 0, "resume_from": "(none)",
-                     "overwrite": False, "num_vectors": 0, "gradient_checkpointing": False, "guidance": 3.5,
-                     "train_encoders": "all"}},
-        {"key": "prompt", "type": "StringReplace", "pos": [1490, 40], "size": [420, 220],
-         "title": "Prompt ({} = the new word)",
-         "widgets": {"string": "a photo of {} sitting on a wooden pier at a mountain lake, morning mist", "find": "{}",
-                     "replace": ""}},
-        {"key": "pos", "type": "CLIPTextEncode", "pos": [1490, 300], "size": [420, 100],
-         "title": "CLIP Text Encode (Positive)", "widgets": {"text": ""}},
-        {"key": "guid", "type": "FluxGuidance", "pos": [1490, 440], "size": [420, 58], "widgets": {"guidance": 3.5}},
-        {"key": "neg", "type": "CLIPTextEncode", "pos": [1490, 540], "size": [420, 100],
-         "title": "CLIP Text Encode (Negative, unused at cfg 1)", "widgets": {"text": ""}},
-        {"key": "latent", "type": "EmptySD3LatentImage", "pos": [1490, 680], "size": [420, 106],
-         "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
-        {"key": "ksampler", "type": "KSampler", "pos": [1960, 40], "size": [320, 262],
-         "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 20, "cfg": 1.0,
-                     "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
-        {"key": "decode", "type": "VAEDecode", "pos": [1960, 350], "size": [320, 46]},
-        {"key": "save", "type": "SaveImage", "pos": [2320, 40], "size": [520, 580],
-         "widgets": {"filename_prefix": f"DTI/{name}"}},
-    ]
-    links = [
-        ("unet", 0, "train", "model"), ("clip", 0, "train", "clip"), ("vae", 0, "train", "vae"),
-        ("train", 0, "prompt", "replace"),
-        ("prompt", 0, "pos", "text"), ("clip", 0, "pos", "clip"), ("clip", 0, "neg", "clip"),
-        ("pos", 0, "guid", "conditioning"),
-        ("unet", 0, "ksampler", "model"), ("guid", 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
-        ("latent", 0, "ksampler", "latent_image"),
-        ("ksampler", 0, "decode", "samples"), ("vae", 0, "decode", "vae"),
-        ("decode", 0, "save", "images"),
-    ]
-    groups = [
-        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 450], "color": GROUP_INPUT},
-        {"title": "2. Train the new word (Flux.1 dev)", "bounding": [600, -30, 850, 1050], "color": GROUP_TRAIN},
-        {"title": "3. Render it", "bounding": [1470, -30, 1390, 840], "color": GROUP_RENDER},
-    ]
-    return {"nodes": nodes, "links": links, "groups": groups}
+    return dit_train_graph(
+        label="Flux.1 dev", name="my-concept-flux", readme=readme,
+        loaders=[_unet(h.FLUX_DIT),
+                 {"key": "clip", "type": "DualCLIPLoader", "pos": [620, 170], "size": [360, 130],
+                  "widgets": {"clip_name1": h.FLUX_CLIP_L, "clip_name2": h.FLUX_T5, "type": "flux",
+                              "device": "default"}},
+                 _vae()],
+        model=("unet", 0), clip=("clip", 0), vae=("vae", 0), prompt=PIER,
+        positive={"key": "guid", "type": "FluxGuidance", "size": [420, 58], "widgets": {"guidance": 3.5}},
+        negative=("CLIP Text Encode (Negative, unused at cfg 1)", "", 100),
+        sampler={"steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"})
 
 
 LUMINA2_SYSTEM = ("You are an assistant designed to generate superior images with the superior degree of "
@@ -325,7 +375,6 @@ LUMINA2_SYSTEM = ("You are an assistant designed to generate superior images wit
 def lumina2_graph():
     """Lumina 2 from its three files: UNETLoader + CLIPLoader (lumina2) + VAELoader -> DTI Train ->
     Replace -> DTI Enable Embeddings -> CLIPTextEncode (with the system prompt) -> KSampler -> SaveImage."""
-    name = "my-concept-lumina"
     readme = (
         "DTI Train (Lumina 2 / Neta Lumina): teach the model a new word for your subject\n\n"
         f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
@@ -338,53 +387,73 @@ def lumina2_graph():
         "Embeddings first, then a stock CLIP Text Encode reads the word.\n\n"
         "Short of memory? Turn gradient_checkpointing on, lower resolution or batch_size."
     )
-    nodes = [
-        note("readme", [0, -330], [560, 300], readme, "Read me"),
-        photos_note(),
-        {"key": "unet", "type": "UNETLoader", "pos": [620, 40], "size": [360, 82],
-         "widgets": {"unet_name": h.LUMINA2_DIT, "weight_dtype": "default"}},
-        {"key": "clip", "type": "CLIPLoader", "pos": [620, 170], "size": [360, 106],
-         "widgets": {"clip_name": h.LUMINA2_GEMMA, "type": "lumina2", "device": "default"}},
-        {"key": "vae", "type": "VAELoader", "pos": [620, 340], "size": [360, 58], "widgets": {"vae_name": h.FLUX_VAE}},
-        {"key": "train", "type": "DTITrain", "pos": [1010, 40], "size": [420, 960],
-         "widgets": {"name": name, "initializer": "dog", "steps": 500, "batch_size": 4, "learning_rate": 0.01,
-                     "kappa": 0.00005, "magnitude": "mean", "templates": "object", "resolution": 0,
-                     "horizontal_flip": False, "seed": 0, "save_every": 0, "resume_from": "(none)",
-                     "overwrite": False, "num_vectors": 0, "gradient_checkpointing": False, "guidance": 3.5,
-                     "train_encoders": "all"}},
-        {"key": "prompt", "type": "StringReplace", "pos": [1490, 40], "size": [420, 220],
-         "title": "Prompt ({} = the new word)",
-         "widgets": {"string": LUMINA2_SYSTEM + "a photo of {} sitting on a wooden pier at a mountain lake, morning mist",
-                     "find": "{}", "replace": ""}},
-        {"key": "enable", "type": "DTIEnableEmbeddings", "pos": [1490, 300], "size": [420, 80]},
-        {"key": "pos", "type": "CLIPTextEncode", "pos": [1490, 420], "size": [420, 100],
-         "title": "CLIP Text Encode (Positive)", "widgets": {"text": ""}},
-        {"key": "neg", "type": "CLIPTextEncode", "pos": [1490, 560], "size": [420, 140],
-         "title": "CLIP Text Encode (Negative)", "widgets": {"text": LUMINA2_SYSTEM + NEGATIVE}},
-        {"key": "latent", "type": "EmptySD3LatentImage", "pos": [1490, 740], "size": [420, 106],
-         "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
-        {"key": "ksampler", "type": "KSampler", "pos": [1960, 40], "size": [320, 262],
-         "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 25, "cfg": 4.0,
-                     "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}},
-        {"key": "decode", "type": "VAEDecode", "pos": [1960, 350], "size": [320, 46]},
-        {"key": "save", "type": "SaveImage", "pos": [2320, 40], "size": [520, 580],
-         "widgets": {"filename_prefix": f"DTI/{name}"}},
-    ]
-    links = [
-        ("unet", 0, "train", "model"), ("clip", 0, "train", "clip"), ("vae", 0, "train", "vae"),
-        ("train", 0, "prompt", "replace"), ("clip", 0, "enable", "clip"),
-        ("prompt", 0, "pos", "text"), ("enable", 0, "pos", "clip"), ("enable", 0, "neg", "clip"),
-        ("unet", 0, "ksampler", "model"), ("pos", 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
-        ("latent", 0, "ksampler", "latent_image"),
-        ("ksampler", 0, "decode", "samples"), ("vae", 0, "decode", "vae"),
-        ("decode", 0, "save", "images"),
-    ]
-    groups = [
-        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 450], "color": GROUP_INPUT},
-        {"title": "2. Train the new word (Lumina 2)", "bounding": [600, -30, 850, 1050], "color": GROUP_TRAIN},
-        {"title": "3. Render it", "bounding": [1470, -30, 1390, 900], "color": GROUP_RENDER},
-    ]
-    return {"nodes": nodes, "links": links, "groups": groups}
+    return dit_train_graph(
+        label="Lumina 2", name="my-concept-lumina", readme=readme,
+        loaders=[_unet(h.LUMINA2_DIT),
+                 {"key": "clip", "type": "CLIPLoader", "pos": [620, 170], "size": [360, 106],
+                  "widgets": {"clip_name": h.LUMINA2_GEMMA, "type": "lumina2", "device": "default"}},
+                 _vae()],
+        model=("unet", 0), clip=("clip", 0), vae=("vae", 0), train={"steps": 500, "kappa": 0.00005},
+        prompt=LUMINA2_SYSTEM + PIER,
+        before_text=[{"key": "enable", "type": "DTIEnableEmbeddings", "size": [420, 80]}],
+        extra_links=[("clip", 0, "enable", "clip")], text_clip=("enable", 0),
+        negative=("CLIP Text Encode (Negative)", LUMINA2_SYSTEM + NEGATIVE, 140),
+        sampler={"steps": 25, "cfg": 4.0, "sampler_name": "res_multistep", "scheduler": "simple"})
+
+
+def sd35_graph():
+    """SD3.5 as ComfyUI's SD3.5 examples load it: CheckpointLoaderSimple (MMDiT + VAE) + TripleCLIPLoader
+    (clip_l, clip_g, t5xxl) -> DTI Train (all three encoders) -> Replace -> CLIPTextEncode -> KSampler -> SaveImage."""
+    readme = (
+        "DTI Train (SD3.5): teach the model a new word for your subject\n\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
+        "2. Load SD3.5 as ComfyUI's SD3.5 examples do: sd3.5_medium (or sd3.5_large) in models/checkpoints "
+        "for the model and VAE; clip_l, clip_g and t5xxl in models/text_encoders (Triple CLIP Loader).\n"
+        "3. On DTI Train set name and initializer. It learns a CLIP-L, a CLIP-G and a T5-XXL vector for "
+        "the word, each at its own vocabulary's length m* (train_encoders picks fewer).\n"
+        "4. Queue. The render uses SD3.5's usual settings: cfg 4, euler, sgm_uniform.\n\n"
+        "A single file with the CLIPs built in (no T5) also trains, from Load Checkpoint alone: the word "
+        "then lives in CLIP-L/G only.\n"
+        "Short of memory? Turn gradient_checkpointing on, lower resolution (768 by default) or batch_size."
+    )
+    return dit_train_graph(
+        label="SD3.5", name="my-concept-sd35", readme=readme,
+        loaders=[{"key": "ckpt", "type": "CheckpointLoaderSimple", "pos": [620, 40], "size": [360, 98],
+                  "widgets": {"ckpt_name": h.SD35_MEDIUM_CKPT}},
+                 {"key": "clip", "type": "TripleCLIPLoader", "pos": [620, 180], "size": [360, 130],
+                  "widgets": {"clip_name1": h.FLUX_CLIP_L, "clip_name2": h.SD35_CLIP_G, "clip_name3": h.FLUX_T5}}],
+        model=("ckpt", 0), clip=("clip", 0), vae=("ckpt", 2), prompt=PIER,
+        sampler={"steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "sgm_uniform"})
+
+
+# Chroma reads natural sentences, negative prompt included (as in ComfyUI's Chroma template).
+CHROMA_NEGATIVE = ("This low quality image is blurry and unfinished, with artifacts, oversaturated colors, "
+                   "bold outlines and a watermark.")
+
+
+def chroma_graph():
+    """Chroma from its three files: UNETLoader + CLIPLoader (chroma, T5-XXL) + VAELoader -> DTI Train ->
+    Replace -> CLIPTextEncode + negative -> KSampler (real cfg) -> SaveImage."""
+    readme = (
+        "DTI Train (Chroma): teach the model a new word for your subject\n\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
+        "2. Load Chroma as ComfyUI's Chroma template does: Chroma1-HD in models/diffusion_models, t5xxl in "
+        "models/text_encoders (Load CLIP, type chroma), ae in models/vae (fp8 files work).\n"
+        "3. On DTI Train set name and initializer. It learns a T5-XXL vector for the word at T5's mean "
+        "vocabulary length m*.\n"
+        "4. Queue. Chroma is not guidance-distilled: the render uses real cfg (3.5) with a negative prompt, "
+        "26 steps, euler, beta, as ComfyUI's Chroma template.\n\n"
+        "Short of memory? Turn gradient_checkpointing on, lower resolution (512 by default) or batch_size."
+    )
+    return dit_train_graph(
+        label="Chroma", name="my-concept-chroma", readme=readme,
+        loaders=[_unet(h.CHROMA_DIT),
+                 {"key": "clip", "type": "CLIPLoader", "pos": [620, 170], "size": [360, 106],
+                  "widgets": {"clip_name": h.FLUX_T5, "type": "chroma", "device": "default"}},
+                 _vae()],
+        model=("unet", 0), clip=("clip", 0), vae=("vae", 0), prompt=PIER,
+        negative=("CLIP Text Encode (Negative)", CHROMA_NEGATIVE, 140),
+        sampler={"steps": 26, "cfg": 3.5, "sampler_name": "euler", "scheduler": "beta"})
 
 
 GRAPHS = {
@@ -394,7 +463,10 @@ GRAPHS = {
     "dti_interpolation_strip.json": strip_graph,
     "dti_train_flux_dev.json": flux_graph,
     "dti_train_lumina2.json": lumina2_graph,
+    "dti_train_sd35.json": sd35_graph,
+    "dti_train_chroma.json": chroma_graph,
 }
+
 
 BUILD_JS = r"""
 async (spec) => {
@@ -478,11 +550,12 @@ def main(argv=None):
         server = h.ComfyServer(args.comfyui, tmp)
         server.prepare()
         # Only the names matter while building (nothing runs): empty placeholder files.
-        for name in (h.SD15_CKPT, h.SDXL_CKPT):
+        for name in (h.SD15_CKPT, h.SDXL_CKPT, h.SD35_MEDIUM_CKPT):
             (server.checkpoints / name).write_bytes(b"")
         for folder, name in (("diffusion_models", h.FLUX_DIT), ("text_encoders", h.FLUX_CLIP_L),
                              ("text_encoders", h.FLUX_T5), ("vae", h.FLUX_VAE),
-                             ("diffusion_models", h.LUMINA2_DIT), ("text_encoders", h.LUMINA2_GEMMA)):
+                             ("diffusion_models", h.LUMINA2_DIT), ("text_encoders", h.LUMINA2_GEMMA),
+                             ("text_encoders", h.SD35_CLIP_G), ("diffusion_models", h.CHROMA_DIT)):
             (server.folder("models", folder) / name).write_bytes(b"")
         h.write_example_images(server.input)
         h.write_concept_embeddings(server.embeddings)

@@ -75,8 +75,14 @@ def _start_server(base, comfy_path, test_checkpoints, flux_files, extra_args=())
     srv.link_model(flux_files["clip_l"], "text_encoders", h.FLUX_CLIP_L)
     srv.link_model(flux_files["t5xxl"], "text_encoders", h.FLUX_T5)
     srv.link_model(flux_files["vae"], "vae", h.FLUX_VAE)
-    srv.link_checkpoint(ck.ensure_sd3_checkpoint(Path(test_checkpoints["sd15"]).parent), h.SD35_CKPT)
-    lumina = ck.ensure_lumina2_files(Path(test_checkpoints["sd15"]).parent)  # names for the Lumina 2 workflow
+    cache = Path(test_checkpoints["sd15"]).parent
+    srv.link_checkpoint(ck.ensure_sd3_checkpoint(cache), h.SD35_CKPT)
+    # SD3.5 as its workflow loads it: MMDiT + VAE in the checkpoint, CLIP-G beside Flux's CLIP-L and T5
+    srv.link_checkpoint(ck.ensure_sd3_checkpoint(cache, clips=False), h.SD35_MEDIUM_CKPT)
+    srv.link_model(ck.ensure_component("clip-g", cache), "text_encoders", h.SD35_CLIP_G)
+    # names for the Chroma workflow (it runs on a server of its own, see test_workflows_run.py)
+    srv.link_model(ck.ensure_component("chroma", cache), "diffusion_models", h.CHROMA_DIT)
+    lumina = ck.ensure_lumina2_files(cache)  # names for the Lumina 2 workflow
     srv.link_model(lumina["diffusion_model"], "diffusion_models", h.LUMINA2_DIT)
     srv.link_model(lumina["text_encoder"], "text_encoders", h.LUMINA2_GEMMA)
     h.write_example_images(srv.input)

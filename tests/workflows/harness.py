@@ -25,7 +25,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json",
-             "dti_train_flux_dev.json", "dti_train_lumina2.json")
+             "dti_train_flux_dev.json", "dti_train_lumina2.json", "dti_train_sd35.json", "dti_train_chroma.json")
 PACK_DIR_NAME = "ComfyUI-DTI"
 
 # File names the shipped workflows use (the common public names of the base checkpoints).
@@ -36,8 +36,14 @@ FLUX_DIT = "flux1-dev.safetensors"
 FLUX_CLIP_L = "clip_l.safetensors"
 FLUX_T5 = "t5xxl_fp8_e4m3fn.safetensors"
 FLUX_VAE = "ae.safetensors"
+# SD3.5 as ComfyUI's SD3.5 examples load it: CheckpointLoaderSimple (MMDiT + VAE) + TripleCLIPLoader
+# (FLUX_CLIP_L, SD35_CLIP_G, FLUX_T5: the same public text-encoder files as Flux).
+SD35_MEDIUM_CKPT = "sd3.5_medium.safetensors"
+SD35_CLIP_G = "clip_g.safetensors"
+# A single file with CLIP-L/G and no T5 (CheckpointLoaderSimple alone).
 SD35_CKPT = "sd3.5_medium_incl_clips.safetensors"
-CHROMA_DIT = "chroma-unlocked.safetensors"
+# Chroma as ComfyUI's Chroma template loads it: UNETLoader + CLIPLoader(type chroma, FLUX_T5) + VAELoader (FLUX_VAE).
+CHROMA_DIT = "Chroma1-HD.safetensors"
 LUMINA2_DIT = "lumina_2_model_bf16.safetensors"
 LUMINA2_GEMMA = "gemma_2_2b_fp16.safetensors"
 EXAMPLE_IMAGES = ("dti_example_1.png", "dti_example_2.png", "dti_example_3.png")

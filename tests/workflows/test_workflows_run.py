@@ -2,6 +2,7 @@
 /history), on the small generated checkpoints, with steps and sizes cut down for the CPU."""
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -60,26 +61,58 @@ def test_train_workflow_trains_and_renders(kind, server, object_info):
     check_images(server, entry, 1, f"DTI/{concept}")
 
 
-def test_flux_dev_workflow_trains_and_renders(server, object_info):
-    """Flux.1 dev from UNETLoader + DualCLIPLoader (full-depth fp8 T5) + VAELoader on the real server:
-    CLIP-L and T5-XXL vectors at their m*, and the render's stock CLIPTextEncode reads the file silently."""
-    prompt = h.ui_to_api(h.load_workflow("dti_train_flux_dev.json"), object_info)
+# ComfyUI's own warnings when a word is missing, unreadable or of the wrong width (comfy/sd1_clip.py)
+LOG_PROBLEMS = ("Traceback", "does not exist, ignoring", "error loading embedding", "shape mismatch")
+
+
+def dit_workflow_prompt(name, object_info):
+    """A shipped DiT train workflow cut to CPU size: 2 steps of one prompt ("a photo of a {}") at 64 px, batch 1,
+    a 64 px latent and 1 sampler step (each full-depth T5 encode costs most of a minute on this CPU)."""
+    prompt = h.ui_to_api(h.load_workflow(name), object_info)
     h.set_inputs(prompt, "EmptySD3LatentImage", width=64, height=64)
     h.set_inputs(prompt, "KSampler", steps=1)
-    # one training prompt and batch 1: each full-depth T5 encode costs most of a minute on this CPU
     h.set_inputs(prompt, "DTITrain", steps=2, resolution=64, batch_size=1, templates="custom",
                  custom_templates="a photo of a {}")
     assert h.validate_prompt(prompt, object_info) == []
+    return prompt
+
+
+def run_dit_workflow(server, prompt, concept, keys, family):
+    """Queue it; the file has ``keys`` at their m* (fp32), the ``family`` metadata, one saved render, and the
+    server log of this run (training and the render's stock CLIPTextEncode) has no error or embedding warning."""
     started = len(server.log_tail(10**9))
+    t0 = time.monotonic()
     entry = server.run(prompt, timeout=RUN_TIMEOUT * 2)
-    emb = load_embedding(str(server.embeddings / "my-concept-flux.safetensors"))
-    assert set(emb.vectors) == {"clip_l", "t5xxl"} and emb.metadata["dti.model_family"] == "Flux.1"
-    assert emb.metadata["dti.guidance"] == "3.5"
+    print(f"\n{concept}: workflow ran in {time.monotonic() - t0:.0f} s")
+    emb = load_embedding(str(server.embeddings / f"{concept}.safetensors"))
+    assert set(emb.vectors) == set(keys) and emb.metadata["dti.model_family"] == family
+    assert emb.metadata["dti.steps"] == "2" and emb.metadata["dti.initializer"] == "dog"
     for key, v in emb.vectors.items():
+        assert v.dtype == torch.float32
         assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(key)), atol=1e-5)
-    check_images(server, entry, 1, "DTI/my-concept-flux")
+    text = node_output(entry, prompt, "DTITrain").get("text", [""])[0]
+    assert text.startswith(f"Saved embedding:{concept}"), text
+    check_images(server, entry, 1, f"DTI/{concept}")
     log = server.log_tail(10**9)[started:]
-    assert "Traceback" not in log and "shape mismatch" not in log and "embedding" not in log.lower(), log[-4000:]
+    for bad in LOG_PROBLEMS:
+        assert bad not in log, log[-4000:]
+    assert "embedding" not in log.lower(), log[-4000:]
+    return emb
+
+
+def test_flux_dev_workflow_trains_and_renders(server, object_info):
+    """Flux.1 dev from UNETLoader + DualCLIPLoader (full-depth fp8 T5) + VAELoader on the real server:
+    CLIP-L and T5-XXL vectors at their m*, and the render's stock CLIPTextEncode reads the file silently."""
+    prompt = dit_workflow_prompt("dti_train_flux_dev.json", object_info)
+    emb = run_dit_workflow(server, prompt, "my-concept-flux", {"clip_l", "t5xxl"}, "Flux.1")
+    assert emb.metadata["dti.guidance"] == "3.5"
+
+
+def test_sd35_workflow_trains_and_renders(server, object_info):
+    """SD3.5 as ComfyUI's examples load it: CheckpointLoaderSimple (MMDiT + VAE, no text encoders) +
+    TripleCLIPLoader (CLIP-L, CLIP-G, full-depth fp8 T5-XXL): all three learn, each at its own m*."""
+    prompt = dit_workflow_prompt("dti_train_sd35.json", object_info)
+    run_dit_workflow(server, prompt, "my-concept-sd35", {"clip_l", "clip_g", "t5xxl"}, "SD3 / SD3.5")
 
 
 def train_only_prompt(object_info, loaders: dict, wire: dict, **train) -> dict:
@@ -96,6 +129,8 @@ def train_only_prompt(object_info, loaders: dict, wire: dict, **train) -> dict:
 
 
 def test_sd35_single_file_trains_on_the_server(server, object_info):
+    """The single file with CLIP-L/G built in and no T5 (CheckpointLoaderSimple alone): the word lives in
+    CLIP-L/G only."""
     prompt = train_only_prompt(object_info, {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": h.SD35_CKPT})},
                                {"model": ["ckpt", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2]},
                                name="sd35-concept", initializer="dog", steps=2, batch_size=2, resolution=64)
@@ -106,9 +141,11 @@ def test_sd35_single_file_trains_on_the_server(server, object_info):
         assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(key)), atol=1e-5)
 
 
-def test_chroma_trains_on_a_server_with_fp8_text_encoder(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
-    """Chroma from UNETLoader + CLIPLoader(type chroma, full-depth fp8 T5) + VAELoader, on a server started
-    with --fp8_e4m3fn-text-enc (without it ComfyUI builds Chroma's T5 in fp16: 9 GiB on the CPU)."""
+def test_chroma_workflow_trains_and_renders_on_a_server_with_fp8_text_encoder(comfy_path, test_checkpoints,
+                                                                              flux_files, tmp_path_factory):
+    """The shipped Chroma workflow: UNETLoader + CLIPLoader(type chroma, full-depth fp8 T5) + VAELoader, real
+    cfg with a negative prompt, on a server started with --fp8_e4m3fn-text-enc (without it ComfyUI builds
+    Chroma's T5 in fp16: 9 GiB on the CPU)."""
     folder = Path(test_checkpoints["sd15"]).parent
     dit = ck.ensure_family_files("chroma", folder)["diffusion_model"]
     srv = h.ComfyServer(comfy_path, tmp_path_factory.mktemp("comfyui_chroma"), extra_args=["--fp8_e4m3fn-text-enc"])
@@ -119,20 +156,8 @@ def test_chroma_trains_on_a_server_with_fp8_text_encoder(comfy_path, test_checkp
     h.write_example_images(srv.input)
     srv.start(timeout=240)
     try:
-        info = srv.object_info()
-        prompt = train_only_prompt(
-            info, {"unet": ("UNETLoader", {"unet_name": h.CHROMA_DIT, "weight_dtype": "default"}),
-                   "clip": ("CLIPLoader", {"clip_name": h.FLUX_T5, "type": "chroma"}),
-                   "vae": ("VAELoader", {"vae_name": h.FLUX_VAE})},
-            {"model": ["unet", 0], "clip": ["clip", 0], "vae": ["vae", 0]},
-            name="chroma-concept", initializer="dog", steps=2, batch_size=1, resolution=64, templates="custom",
-            custom_templates="a photo of a {}")
-        srv.run(prompt, timeout=RUN_TIMEOUT * 2)
-        emb = load_embedding(str(srv.embeddings / "chroma-concept.safetensors"))
-        assert set(emb.vectors) == {"t5xxl"} and emb.metadata["dti.model_family"] == "Chroma"
-        v = emb.vectors["t5xxl"]
-        assert v.dtype == torch.float32
-        assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star("t5xxl")), atol=1e-5)
+        prompt = dit_workflow_prompt("dti_train_chroma.json", srv.object_info())
+        run_dit_workflow(srv, prompt, "my-concept-chroma", {"t5xxl"}, "Chroma")
     finally:
         srv.stop()
 

@@ -12,7 +12,7 @@ PACK_MODULE = "custom_nodes.ComfyUI-DTI"
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 
 
-def test_the_four_workflows_are_shipped():
+def test_the_workflows_are_shipped():
     present = {p.name for p in h.WORKFLOWS_DIR.glob("*.json")}
     assert set(WORKFLOWS) <= present
 
@@ -67,15 +67,30 @@ def test_workflows_use_the_public_file_names(object_info):
                 (h.FLUX_CLIP_L, h.FLUX_T5, "flux")
             assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX_VAE]
             continue
-        if "lumina" in name:
+        if "lumina" in name or "chroma" in name:
+            dit, te, clip_type = (h.LUMINA2_DIT, h.LUMINA2_GEMMA, "lumina2") if "lumina" in name else \
+                (h.CHROMA_DIT, h.FLUX_T5, "chroma")
             assert ckpts == set()
-            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [h.LUMINA2_DIT]
+            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [dit]
             (clip,) = h.find_nodes(prompt, "CLIPLoader")
-            assert (clip["inputs"]["clip_name"], clip["inputs"]["type"]) == (h.LUMINA2_GEMMA, "lumina2")
+            assert (clip["inputs"]["clip_name"], clip["inputs"]["type"]) == (te, clip_type)
             assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX_VAE]
             continue
+        if "sd35" in name:
+            # ComfyUI's SD3.5 examples: the checkpoint gives MODEL and VAE, TripleCLIPLoader the CLIP
+            assert ckpts == {h.SD35_MEDIUM_CKPT}
+            (clip,) = h.find_nodes(prompt, "TripleCLIPLoader")
+            assert [clip["inputs"][f"clip_name{i}"] for i in (1, 2, 3)] == [h.FLUX_CLIP_L, h.SD35_CLIP_G, h.FLUX_T5]
+            (ckpt_id,) = [k for k, v in prompt.items() if v["class_type"] == "CheckpointLoaderSimple"]
+            (clip_id,) = [k for k, v in prompt.items() if v["class_type"] == "TripleCLIPLoader"]
+            (train,) = h.find_nodes(prompt, "DTITrain")
+            assert (train["inputs"]["model"], train["inputs"]["clip"], train["inputs"]["vae"]) == \
+                ([ckpt_id, 0], [clip_id, 0], [ckpt_id, 2])
+            assert train["inputs"]["train_encoders"] == "all"
+            assert all(n["inputs"]["clip"] == [clip_id, 0] for n in h.find_nodes(prompt, "CLIPTextEncode"))
+            continue
         assert ckpts == {h.SDXL_CKPT if "sdxl" in name else h.SD15_CKPT}
-    for name in ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_train_flux_dev.json", "dti_train_lumina2.json"):
+    for name in [n for n in WORKFLOWS if n.startswith("dti_train_")]:
         (train,) = h.find_nodes(uses[name], "DTITrain")
         # photos from a folder, each at its own size (no Batch Images cropping them to one size)
         assert train["inputs"]["image_folder"] == h.EXAMPLE_FOLDER and "images" not in train["inputs"]
@@ -90,6 +105,17 @@ def test_workflows_use_the_public_file_names(object_info):
     (strip,) = h.find_nodes(uses["dti_interpolation_strip.json"], "DTIInterpolationStrip")
     (latent,) = h.find_nodes(uses["dti_interpolation_strip.json"], "EmptyLatentImage")
     assert strip["inputs"]["count"] == latent["inputs"]["batch_size"] == 5
+
+
+@pytest.mark.parametrize("name", ["dti_train_sd35.json", "dti_train_chroma.json"])
+def test_sd35_and_chroma_render_with_real_cfg_and_a_negative_prompt(name, object_info):
+    """Neither is guidance-distilled: cfg above 1 and a negative prompt that the sampler reads."""
+    prompt = h.ui_to_api(h.load_workflow(name), object_info)
+    (ks,) = h.find_nodes(prompt, "KSampler")
+    assert ks["inputs"]["cfg"] > 1
+    negative = prompt[ks["inputs"]["negative"][0]]
+    assert negative["class_type"] == "CLIPTextEncode" and negative["inputs"]["text"].strip()
+    assert h.find_nodes(prompt, "EmptySD3LatentImage") and not h.find_nodes(prompt, "FluxGuidance")
 
 
 def test_validator_catches_bad_values(object_info):
