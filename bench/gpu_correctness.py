@@ -309,10 +309,9 @@ def main() -> int:
             err_text, err_type = None, None
             try:
                 run_node(model, clip, vae, images, f"gc-{kind}-oom", res)
-            except Exception as err:  # what ComfyUI's executor would catch
-                err_text, err_type = str(err), err
+            except Exception as err:  # what ComfyUI's executor would catch (it is dropped at the block's end)
+                err_text, err_type = str(err), type(err).__name__
                 ok = isinstance(err, mm.OOM_EXCEPTION) and "batch_size or resolution" in err_text
-                err_type = type(err).__name__
             else:
                 ok = False
             finally:
