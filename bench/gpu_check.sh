@@ -85,7 +85,7 @@ run() {
 
 DRY=${GPU_CHECK_DRY:-0}
 CORRECTNESS_ARGS=()
-(( DRY )) && CORRECTNESS_ARGS=(--thin --cpu --models sd15 --steps 2 --bs 1 --ts-steps 2)
+(( DRY )) && CORRECTNESS_ARGS=(--thin --cpu --models sd15 --steps 2 --bs 1 --ts-steps 1)
 
 # (a) correctness, real size (~2.5-3.5 min)
 run 270 python3 bench/gpu_correctness.py "${CORRECTNESS_ARGS[@]}" --out "$OUT/gpu_correctness.json"
