@@ -413,7 +413,9 @@ def grad_vs_fp32(ct, mm, templates, path, model, clip, vae, images, res, bs, dev
 def teacher_student(pack, ct, loaded, steps, res, dev) -> dict:
     """tests/host/test_learning.py's target and measure, through the node's DiffusionStep at ``res`` on
     ``dev``: the model's call returns student - teacher + x0, so the denoising loss is the distance of the
-    student's prediction (the learned word) from the teacher's ("a photo of a dog")."""
+    student's prediction (the learned word) from the teacher's ("a photo of a dog").
+    The CPU's numbers to hold the GPU's against (thin SD1.5, 64 px, 40 steps, 2026-11-27): cos to "dog"
+    -0.019 -> 0.133, loss (5-step means) 1.3e-4 -> 8.8e-6."""
     import comfy.model_management as mm
 
     core = importlib.import_module("ComfyUI_DTI_gc.dti_core.training")
