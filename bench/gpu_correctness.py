@@ -419,7 +419,8 @@ def teacher_student(pack, ct, loaded, steps, res, dev) -> dict:
     import comfy.model_management as mm
 
     core = importlib.import_module("ComfyUI_DTI_gc.dti_core.training")
-    setup = load_by_path("dti_test_learning", ROOT / "tests" / "host" / "test_learning.py").teacher_student
+    learning = load_by_path("dti_test_learning", ROOT / "tests" / "host" / "test_learning.py")
+    setup, teacher_student_denoiser = learning.teacher_student, learning.teacher_student_denoiser
     model, clip, _ = loaded
     mm.load_models_gpu([model, clip.patcher], force_full_load=True)
     target, init, mu, m_star, _, cos_to_dog = setup(pack, loaded)
@@ -428,31 +429,12 @@ def teacher_student(pack, ct, loaded, steps, res, dev) -> dict:
     with torch.inference_mode():
         prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
     latents = torch.randn(4, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(5))
-    seen_x0 = []
-    real_call = model.model.apply_model
     with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
         ds = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, res, dev)
-        real_scaling = ds.ms.noise_scaling
-
-        def scaling(sigma, noise, x0, *args, **kwargs):
-            seen_x0.append(x0.detach())
-            return real_scaling(sigma, noise, x0, *args, **kwargs)
-
-        def teacher_student_call(x, t, **kw):
-            student = real_call(x, t, **kw)
-            with torch.no_grad():
-                c = kw["c_crossattn"]
-                teacher = real_call(x, t, **dict(kw, c_crossattn=target.to(c).expand(c.shape[0], -1, -1)))
-            return student - teacher + seen_x0[-1]
-
-        ds.ms.noise_scaling = scaling
-        model.model.apply_model = teacher_student_call
-        try:
+        with teacher_student_denoiser(ds, model, target):
             start = cos_to_dog(init["clip_l"].to(vocab_dev))
             result = core.train(init, mu, m_star, lambda e, s: ds(e, s),
                                 core.TrainConfig(steps=steps, lr=0.04, kappa=0.0), device=dev)
-        finally:
-            del ds.ms.noise_scaling, model.model.apply_model
     learned = cos_to_dog(result.vectors["clip_l"].to(vocab_dev))
     loss = result.history.loss
     first, last = sum(loss[:5]) / len(loss[:5]), sum(loss[-5:]) / len(loss[-5:])

@@ -376,8 +376,9 @@ def test_teacher_student_through_the_training_step_with_the_new_defaults(dti_pac
 
     from dti_tests_support import load_by_path
 
-    # the same target and measure as the teacher-student test through the UNet
-    teacher_student = load_by_path("dti_test_learning", Path(__file__).parent / "test_learning.py").teacher_student
+    # the same target, measure and model call as the teacher-student test through the UNet
+    learning = load_by_path("dti_test_learning", Path(__file__).parent / "test_learning.py")
+    teacher_student, teacher_student_denoiser = learning.teacher_student, learning.teacher_student_denoiser
 
     ct = dti_pack.nodes.comfy_training
     core = dti_pack.dti_core.training
@@ -388,31 +389,11 @@ def test_teacher_student_through_the_training_step_with_the_new_defaults(dti_pac
         prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
         latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, False)]
     assert len(latents) == 2 and all(tl.std is not None for tl in latents)  # posterior sampling is on
-    seen_x0 = []
-    real_call, real_scaling = model.model.apply_model, None
-
     with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
         ds = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, 64, torch.device("cpu"))
-        real_scaling = ds.ms.noise_scaling
-
-        def scaling(sigma, noise, x0, *a, **k):
-            seen_x0.append(x0.detach())
-            return real_scaling(sigma, noise, x0, *a, **k)
-
-        def teacher_student_call(x, t, **kw):
-            student = real_call(x, t, **kw)
-            with torch.no_grad():
-                c = kw["c_crossattn"]
-                teacher = real_call(x, t, **dict(kw, c_crossattn=target.to(c).expand(c.shape[0], -1, -1)))
-            return student - teacher + seen_x0[-1]
-
-        ds.ms.noise_scaling = scaling
-        model.model.apply_model = teacher_student_call
-        try:
+        with teacher_student_denoiser(ds, model, target):
             start = cos_to_dog(init["clip_l"])
             result = core.train(init, mu, m_star, lambda e, s: ds(e, s), core.TrainConfig(steps=40, lr=0.04, kappa=0.0))
-        finally:
-            del ds.ms.noise_scaling, model.model.apply_model  # back to the class's methods
     learned = cos_to_dog(result.vectors["clip_l"])
     loss = result.history.loss
     print(f"\nteacher-student through DiffusionStep (buckets, masks, crops, posterior, integer t): "

@@ -6,6 +6,7 @@ starting from "car". On random weights the signal is weaker than on a trained CL
 test asserts a clear rise of the cosine to "dog", not convergence.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -33,6 +34,34 @@ def teacher_student(dti_pack, loaded):
         return float((v / v.norm(dim=-1, keepdim=True) * dog_dir).sum())
 
     return target, init, mu, m_star, prompt, cos_to_dog
+
+
+@contextlib.contextmanager
+def teacher_student_denoiser(ds, model, target):
+    """Turn DiffusionStep ``ds``'s model call into a teacher-student objective: at each of the step's
+    own draws (crop, posterior sample, timestep, noise) the model returns student - teacher + x0, so the
+    step's denoising loss becomes the distance between the student's prediction (the learned word) and
+    the teacher's (the conditioning ``target``, e.g. "a photo of a dog"). Restored on exit."""
+    seen_x0 = []
+    real_call, real_scaling = model.model.apply_model, ds.ms.noise_scaling
+
+    def scaling(sigma, noise, x0, *args, **kwargs):
+        seen_x0.append(x0.detach())
+        return real_scaling(sigma, noise, x0, *args, **kwargs)
+
+    def teacher_student_call(x, t, **kw):
+        student = real_call(x, t, **kw)
+        with torch.no_grad():
+            c = kw["c_crossattn"]
+            teacher = real_call(x, t, **dict(kw, c_crossattn=target.to(c).expand(c.shape[0], -1, -1)))
+        return student - teacher + seen_x0[-1]
+
+    ds.ms.noise_scaling = scaling
+    model.model.apply_model = teacher_student_call
+    try:
+        yield
+    finally:
+        del ds.ms.noise_scaling, model.model.apply_model  # back to the class's methods
 
 
 def test_dti_recovers_target_word_direction_and_plain_ti_norm_drifts(dti_pack, fresh_sd15):

@@ -333,6 +333,11 @@ def _unet(name):
             "widgets": {"unet_name": name, "weight_dtype": "default"}}
 
 
+def _clip_loader(name, clip_type):
+    return {"key": "clip", "type": "CLIPLoader", "pos": [620, 170], "size": [360, 106],
+            "widgets": {"clip_name": name, "type": clip_type, "device": "default"}}
+
+
 def _vae(name=None):
     return {"key": "vae", "type": "VAELoader", "pos": [620, 340], "size": [360, 58],
             "widgets": {"vae_name": name or h.FLUX_VAE}}
@@ -390,8 +395,7 @@ def lumina2_graph():
     return dit_train_graph(
         label="Lumina 2", name="my-concept-lumina", readme=readme,
         loaders=[_unet(h.LUMINA2_DIT),
-                 {"key": "clip", "type": "CLIPLoader", "pos": [620, 170], "size": [360, 106],
-                  "widgets": {"clip_name": h.LUMINA2_GEMMA, "type": "lumina2", "device": "default"}},
+                 _clip_loader(h.LUMINA2_GEMMA, "lumina2"),
                  _vae()],
         model=("unet", 0), clip=("clip", 0), vae=("vae", 0), train={"steps": 500, "kappa": 0.00005},
         prompt=LUMINA2_SYSTEM + PIER,
@@ -448,8 +452,7 @@ def chroma_graph():
     return dit_train_graph(
         label="Chroma", name="my-concept-chroma", readme=readme,
         loaders=[_unet(h.CHROMA_DIT),
-                 {"key": "clip", "type": "CLIPLoader", "pos": [620, 170], "size": [360, 106],
-                  "widgets": {"clip_name": h.FLUX_T5, "type": "chroma", "device": "default"}},
+                 _clip_loader(h.FLUX_T5, "chroma"),
                  _vae()],
         model=("unet", 0), clip=("clip", 0), vae=("vae", 0), prompt=PIER,
         negative=("CLIP Text Encode (Negative)", CHROMA_NEGATIVE, 140),
