@@ -1,5 +1,7 @@
 """Helpers shared by host tests: call DTI Train the way ComfyUI's executor does."""
 
+import math
+
 import torch
 
 
@@ -46,3 +48,26 @@ def rounding_tolerance(dtypes, scale, ulps=32):
     It is not a bit-identity check: a different kernel may order its sums differently."""
     eps = max(torch.finfo(d).eps for d in dtypes)
     return ulps * eps * float(scale)
+
+
+def replay_draws(step_generator, seed, step, b, n, n_prompts, sizes, crop, weights=None, channels=4, eps=True):
+    """DiffusionStep's random draws for ``step``, replayed in its documented order from
+    ``dti_core.training.step_generator``: the bucket (when there are several, ``weights``), the images,
+    the flips, the prompts, the timesteps, the noise, the crop corners (``sizes``: each image's latent
+    size; ``crop``: the bucket's), and the posterior sample (``eps``). The one description of the
+    stream the host tests rebuild the step's inputs from."""
+    g = step_generator(seed, step)
+    k = int(torch.multinomial(weights, 1, generator=g)) if weights is not None else 0
+    idx = torch.randint(n, (b,), generator=g)
+    flip = torch.rand(b, generator=g) < 0.5
+    which = torch.randint(n_prompts, (b,), generator=g)
+    u = torch.rand(b, generator=g, dtype=torch.float64)
+    noise = torch.randn(b, channels, *crop, generator=g)
+    ru = torch.rand(b, generator=g, dtype=torch.float64)
+    rv = torch.rand(b, generator=g, dtype=torch.float64)
+    e = torch.randn(b, channels, *crop, generator=g) if eps else None
+    corners = []
+    for i in range(b):
+        lh, lw = sizes[int(idx[i])]
+        corners.append((math.floor(float(ru[i]) * (lh - crop[0] + 1)), math.floor(float(rv[i]) * (lw - crop[1] + 1))))
+    return dict(k=k, idx=idx, flip=flip, which=which, u=u, noise=noise, corners=corners, eps=e)

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from tests_host_helpers import replay_draws as draws
+
 # SDXL report, appendix I: the (height, width) buckets at 1024 px, typed out again here.
 SDXL_TABLE = """512 2048, 512 1984, 512 1920, 512 1856, 576 1792, 576 1728, 576 1664, 640 1600, 640 1536,
 704 1472, 704 1408, 704 1344, 768 1344, 768 1280, 832 1216, 832 1152, 896 1152, 896 1088, 960 1088,
@@ -21,24 +23,6 @@ def sdxl_table():
 @pytest.fixture
 def generator(dti_pack):
     return dti_pack.dti_core.training.step_generator
-
-
-def draws(step_generator, seed, step, b, n, n_prompts, sizes, crop, weights=None, channels=4, eps=True):
-    g = step_generator(seed, step)
-    k = int(torch.multinomial(weights, 1, generator=g)) if weights is not None else 0
-    idx = torch.randint(n, (b,), generator=g)
-    flip = torch.rand(b, generator=g) < 0.5
-    which = torch.randint(n_prompts, (b,), generator=g)
-    u = torch.rand(b, generator=g, dtype=torch.float64)
-    noise = torch.randn(b, channels, *crop, generator=g)
-    ru = torch.rand(b, generator=g, dtype=torch.float64)
-    rv = torch.rand(b, generator=g, dtype=torch.float64)
-    e = torch.randn(b, channels, *crop, generator=g) if eps else None
-    corners = []
-    for i in range(b):
-        lh, lw = sizes[int(idx[i])]
-        corners.append((math.floor(float(ru[i]) * (lh - crop[0] + 1)), math.floor(float(rv[i]) * (lw - crop[1] + 1))))
-    return dict(k=k, idx=idx, flip=flip, which=which, u=u, noise=noise, corners=corners, eps=e)
 
 
 def test_buckets_are_sdxl_s_table_scaled_to_the_training_area(dti_pack):

@@ -5,6 +5,8 @@ each step, the photo's real size and crop corner as SDXL micro-conditioning)."""
 import pytest
 import torch
 
+from tests_host_helpers import replay_draws
+
 
 def test_bucket_resize_is_antialiased(dti_pack, comfy):
     """The live resize (each photo to cover its bucket): a one-pixel checkerboard downscaled 8x is
@@ -69,15 +71,10 @@ def test_step_samples_a_random_crop_of_the_posterior_and_conditions_on_its_corne
                                          return_pooled=True)[1]
     (x_t, t, y), = seen
 
-    g = training.step_generator(seed, step)
-    idx = torch.randint(3, (b,), generator=g)
-    torch.rand(b, generator=g)
-    torch.randint(1, (b,), generator=g)
-    u = torch.rand(b, generator=g, dtype=torch.float64)
-    noise = torch.randn(b, 4, 8, 8, generator=g)
-    torch.rand(b, generator=g, dtype=torch.float64)  # the crop's top: no margin on the short side
-    left = (torch.rand(b, generator=g, dtype=torch.float64) * (13 - 8 + 1)).floor().long()
-    eps = torch.randn(b, 4, 8, 8, generator=g)
+    d = replay_draws(training.step_generator, seed, step, b, 3, 1, [(8, 13)] * 3, (8, 8))
+    idx, u, noise, eps = d["idx"], d["u"], d["noise"], d["eps"]
+    assert all(top == 0 for top, _ in d["corners"])  # no margin on the short side
+    left = torch.tensor([lft for _, lft in d["corners"]])
     assert len(set(left.tolist())) > 1, "pick a step whose crops differ"
     table = model.get_model_object("model_sampling").sigmas
     sigma = table[(u * len(table)).floor().long()]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dti_core.embedding_file import load_embedding
-from tests_host_helpers import run_train
+from tests_host_helpers import replay_draws, run_train
 
 FAMILIES = {
     # fixture: (family name, trained keys)
@@ -88,12 +88,8 @@ def test_flux_flow_loss_equals_an_independent_computation(dti_pack, fresh_flux_d
         assert all(float(e.grad.abs().max()) > 0 for e in embeds.values()), "an encoder got no gradient"
 
         with torch.no_grad():
-            g = training.step_generator(5, 7)
-            idx = torch.randint(3, (2,), generator=g)
-            torch.rand(2, generator=g)  # flips (none cached)
-            torch.randint(1, (2,), generator=g)  # prompt choice: one template
-            u = torch.rand(2, generator=g, dtype=torch.float64)
-            noise = torch.randn(2, 16, 8, 8, generator=g)
+            d = replay_draws(training.step_generator, 5, 7, 2, 3, 1, [(8, 8)] * 3, (8, 8), channels=16, eps=False)
+            idx, u, noise = d["idx"], d["u"], d["noise"]
             ms = model.get_model_object("model_sampling")
             # Flux's schedule: sigma(t) = shift-warped t on [0, 1] (ModelSamplingFlux)
             t = (float(ms.timestep(ms.sigma_min)) + u * (float(ms.timestep(ms.sigma_max)) - float(ms.timestep(ms.sigma_min)))).float()

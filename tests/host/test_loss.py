@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from tests_host_helpers import rounding_tolerance, text_compute_dtypes
+from tests_host_helpers import replay_draws, rounding_tolerance, text_compute_dtypes
 
 RES = 64
 
@@ -25,13 +25,9 @@ def sigma_from_table(ms, u):
 
 
 def draws(training, seed, step, n, prompts, b, shape):
-    g = training.step_generator(seed, step)
-    idx = torch.randint(n, (b,), generator=g)
-    flip = torch.rand(b, generator=g) < 0.5
-    which = torch.randint(prompts, (b,), generator=g)
-    u = torch.rand(b, generator=g, dtype=torch.float64)
-    noise = torch.randn((b,) + shape, generator=g)
-    return idx, flip, which, u, noise
+    d = replay_draws(training.step_generator, seed, step, b, n, prompts, [shape[1:]] * n, shape[1:],
+                     channels=shape[0], eps=False)
+    return d["idx"], d["flip"], d["which"], d["u"], d["noise"]
 
 
 @pytest.mark.parametrize("kind, sampling", [("sd15", "eps"), ("sd15", "v_prediction"), ("sdxl", "eps")])
