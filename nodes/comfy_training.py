@@ -486,11 +486,6 @@ def encode_tokens(clip, tokens):
     return cond, pooled
 
 
-class PooledNotFound(RuntimeError):
-    """The batched pass gave no encoder output whose rows are the pooled vector (SD3's pooled joins
-    CLIP-L's and CLIP-G's): encode one prompt at a time instead."""
-
-
 def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Encode several one-chunk prompts in one text-encoder pass: ``(B, L, width)`` and pooled ``(B, ...)``.
 
@@ -525,7 +520,7 @@ def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) 
         if rows is not None and rows.shape[-1] == first_pooled.shape[-1] and torch.allclose(
                 rows[0:1].to(first_pooled.device, first_pooled.dtype), first_pooled, rtol=0, atol=0, equal_nan=True):
             return cond, rows[:b]
-    raise PooledNotFound("could not find the pooled output of the batched prompts")
+    raise RuntimeError("could not find the pooled output of the batched prompts")
 
 
 def encode_each(clip, token_dicts: list[dict], want_pooled: bool = True):
@@ -540,19 +535,17 @@ def encode_each(clip, token_dicts: list[dict], want_pooled: bool = True):
 class TextPath:
     """Encodes a step's prompts the way CLIPTextEncode would, batched where that is exact.
 
-    At the start of a run, two different training prompts are encoded both ways (no gradient):
-    if the one-pass batch equals one encode per prompt to the precision of the encoder's dtype,
-    the batched pass is used; otherwise (wrappers that join encoders along the sequence, like
-    SD3's, or unpadded T5 prompts of different lengths) one encode per prompt.
+    At the start of a run, two training prompts (different ones where there are two; the one
+    prompt twice otherwise) are encoded both ways (no gradient): if the one-pass batch equals one
+    encode per prompt to the precision of the encoder's dtype, the batched pass is used; otherwise
+    (wrappers that join encoders along the sequence or whose pooled vector no single encoder gives,
+    like SD3's, or unpadded T5 prompts of different lengths) one encode per prompt.
     """
 
     def __init__(self, clip, prompts: list[PromptTokens], embeds_by_token_key: dict, want_pooled: bool):
         self.clip, self.want_pooled = clip, want_pooled
         self.batched = False
-        if len(prompts) < 2:
-            self.batched = True  # every row is the same prompt: no mixing possible
-            return
-        probe = [prompts[0].with_vectors(embeds_by_token_key), prompts[1].with_vectors(embeds_by_token_key)]
+        probe = [p.with_vectors(embeds_by_token_key) for p in (prompts[0], prompts[min(1, len(prompts) - 1)])]
         with torch.no_grad():
             try:
                 cond, pooled = encode_token_batch(clip, probe, want_pooled)
@@ -573,12 +566,7 @@ class TextPath:
     def __call__(self, token_dicts: list[dict]):
         """``(conds, pooled)``: conds a ``(B, L, width)`` tensor, or a list of ``(1, L_k, width)``."""
         if self.batched:
-            try:
-                return encode_token_batch(self.clip, token_dicts, self.want_pooled)
-            except PooledNotFound:
-                # one training prompt (nothing was probed) on a wrapper whose pooled vector no single
-                # encoder gives, e.g. SD3 with one custom template: one encode per prompt from now on
-                self.batched = False
+            return encode_token_batch(self.clip, token_dicts, self.want_pooled)
         return encode_each(self.clip, token_dicts, self.want_pooled)
 
 
