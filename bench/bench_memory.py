@@ -60,7 +60,9 @@ def one(kind: str, res: int, bs: int, grad_ckpt: bool, full: bool, steps: int) -
     folder_paths.add_model_folder_path("embeddings", emb_dir, is_default=True)
     load_by_path("ComfyUI_DTI_bench", ROOT / "__init__.py")
     tn = importlib.import_module("ComfyUI_DTI_bench.nodes.train_node")
-    ct = importlib.import_module("ComfyUI_DTI_bench.nodes.comfy_training")
+    ct = importlib.import_module("ComfyUI_DTI_bench.comfy_host")
+    for sub in ("images", "latents", "step", "text", "autograd"):
+        importlib.import_module(f"ComfyUI_DTI_bench.comfy_host.{sub}")
     cuda = torch.cuda.is_available()
     gib = 2**30
     report = {"model": kind + ("-full" if full else "-thin"), "res": res, "bs": bs, "grad_ckpt": bool(grad_ckpt),
@@ -84,8 +86,8 @@ def one(kind: str, res: int, bs: int, grad_ckpt: bool, full: bool, steps: int) -
             return out
         return wrapped
 
-    ct.encode_buckets = phase("latents", ct.encode_buckets)
-    ct.DiffusionStep.__call__ = phase("step", ct.DiffusionStep.__call__)
+    ct.latents.encode_buckets = phase("latents", ct.latents.encode_buckets)
+    ct.step.DiffusionStep.__call__ = phase("step", ct.step.DiffusionStep.__call__)
     images = torch.rand(4, res, res, 3)
     t0 = time.perf_counter()
     with torch.inference_mode():

@@ -3,7 +3,7 @@
 Builds an SD1.5 or SDXL checkpoint with the published layer sizes and random weights through
 ComfyUI's own classes (tests/host/checkpoints.py), loads it with ComfyUI's loader under
 torch.inference_mode() as the executor does, then runs exactly what DTI Train runs:
-``comfy_training.encode_buckets`` then ``DiffusionStep`` inside ``dti_core.training.train``. Prints s/step, peak GPU
+``comfy_host.latents.encode_buckets`` then ``DiffusionStep`` inside ``dti_core.training.train``. Prints s/step, peak GPU
 memory and the UNet's achieved TFLOP/s; writes a JSON report.
 
 Run beside ../shared/bench/reference_recipe_sdxl.py in the same call on the GPU machine
@@ -62,7 +62,9 @@ def main() -> None:
     load_by_path("ComfyUI_DTI_bench", ROOT / "__init__.py")  # the pack as ComfyUI imports it
     import importlib
 
-    ct = importlib.import_module("ComfyUI_DTI_bench.nodes.comfy_training")
+    ct = importlib.import_module("ComfyUI_DTI_bench.comfy_host")
+    for sub in ("images", "latents", "step", "text", "autograd"):
+        importlib.import_module(f"ComfyUI_DTI_bench.comfy_host.{sub}")
     training = importlib.import_module("ComfyUI_DTI_bench.dti_core.training")
     templates = importlib.import_module("ComfyUI_DTI_bench.dti_core.templates")
 
@@ -89,11 +91,11 @@ def main() -> None:
         t0 = time.perf_counter()
         mm.load_models_gpu([model, clip.patcher], force_full_load=True)
         # as DTI Train feeds the step: per-bucket latents, flip off (the paper's and the node's default)
-        latents = ct.encode_buckets(vae, model, ct.load_training_images(images), a.res, False)
+        latents = ct.latents.encode_buckets(vae, model, ct.images.load_training_images(images), a.res, False)
         sync()
         report["latent_cache_s"] = time.perf_counter() - t0
-        init, mu, m_star = ct.initial_vectors(clip, "dog", 0, "mean")
-        prompts = ct.tokenize_templates(clip, templates.OBJECT, next(iter(init.values())).shape[0])
+        init, mu, m_star = ct.text.initial_vectors(clip, "dog", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, templates.OBJECT, next(iter(init.values())).shape[0])
     stamps = []
 
     def on_step(step, loss, norms):
@@ -102,8 +104,8 @@ def main() -> None:
 
     with torch.inference_mode(False), torch.enable_grad():
         latents = [tl.cloned() for tl in latents]  # normal tensors (the VAE ran under inference mode)
-        with ct.differentiable(model, clip, a.grad_ckpt):
-            step_fn = ct.DiffusionStep(model, clip, prompts, latents, None, a.bs, 0, a.res, dev)
+        with ct.autograd.differentiable(model, clip, a.grad_ckpt):
+            step_fn = ct.step.DiffusionStep(model, clip, prompts, latents, None, a.bs, 0, a.res, dev)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             sync()

@@ -104,7 +104,7 @@ class Recorder:
         self.ct, self.model, self.steps = ct, model, []
 
     def __enter__(self):
-        real_call = self.real_call = self.ct.DiffusionStep.__call__
+        real_call = self.real_call = self.ct.step.DiffusionStep.__call__
         rec = self
 
         def recording_call(step_self, embeds, step):
@@ -136,12 +136,12 @@ class Recorder:
                 c.register_hook(hook)
             return real_apply(*args, **kwargs)
 
-        self.ct.DiffusionStep.__call__ = recording_call
+        self.ct.step.DiffusionStep.__call__ = recording_call
         self.model.model.apply_model = apply_model
         return self
 
     def __exit__(self, *exc):
-        self.ct.DiffusionStep.__call__ = self.real_call
+        self.ct.step.DiffusionStep.__call__ = self.real_call
         del self.model.model.apply_model  # back to the class's method
         return False
 
@@ -175,7 +175,9 @@ def main() -> int:
     folder_paths.add_model_folder_path("embeddings", emb_dir, is_default=True)
     pack = load_by_path("ComfyUI_DTI_gc", ROOT / "__init__.py")  # the pack as ComfyUI imports it
     tn = importlib.import_module("ComfyUI_DTI_gc.nodes.train_node")
-    ct = importlib.import_module("ComfyUI_DTI_gc.nodes.comfy_training")
+    ct = importlib.import_module("ComfyUI_DTI_gc.comfy_host")
+    for sub in ("images", "latents", "step", "text", "autograd"):
+        importlib.import_module(f"ComfyUI_DTI_gc.comfy_host.{sub}")
     ef = importlib.import_module("ComfyUI_DTI_gc.dti_core.embedding_file")
     templates = importlib.import_module("ComfyUI_DTI_gc.dti_core.templates")
     dev = mm.get_torch_device()
@@ -220,7 +222,7 @@ def main() -> int:
             t0 = time.perf_counter()
             (model, clip, vae), _ = ck.load_checkpoint(path, embedding_directory=folder_paths.get_folder_paths("embeddings"))
             info["load_s"] = time.perf_counter() - t0
-            encs = ct.text_encoders(clip)
+            encs = ct.text.text_encoders(clip)
             info["dtypes"] = {"unet_weights": str(model.model.get_dtype()), "unet_manual_cast": str(model.model.manual_cast_dtype),
                               "text_weights": {k: str(next(e.parameters()).dtype) for k, (_, _, e) in encs.items()},
                               "vae": str(vae.vae_dtype)}
@@ -246,7 +248,7 @@ def main() -> int:
             losses = [s["loss"] for s in steps]
             report.check(f"{kind}.loss_finite", len(steps) == a.steps and all(math.isfinite(x) for x in losses),
                          losses=losses)
-            keys = set(ct.text_encoders(clip))
+            keys = set(ct.text.text_encoders(clip))
             grads_ok = len(steps) == a.steps and all(
                 set(s["grad"]) == keys and all(g["finite"] and g["norm"] > 0 and g["min_row_norm"] > 0
                                                for g in s["grad"].values()) for s in steps)
@@ -306,7 +308,7 @@ def main() -> int:
 
         # Run 3: an OOM injected at step 2, after that step's forward built its graph.
         try:
-            real_call = ct.DiffusionStep.__call__
+            real_call = ct.step.DiffusionStep.__call__
 
             def oom_call(self, embeds, step):
                 loss = real_call(self, embeds, step)
@@ -315,7 +317,7 @@ def main() -> int:
                 return loss
 
             before = mem()
-            ct.DiffusionStep.__call__ = oom_call
+            ct.step.DiffusionStep.__call__ = oom_call
             err_text, err_type = None, None
             try:
                 run_node(model, clip, vae, images, f"gc-{kind}-oom", res)
@@ -325,7 +327,7 @@ def main() -> int:
             else:
                 ok = False
             finally:
-                ct.DiffusionStep.__call__ = real_call
+                ct.step.DiffusionStep.__call__ = real_call
             after = mem()
             written = os.path.exists(os.path.join(emb_dir, f"gc-{kind}-oom.safetensors"))
             report.check(f"{kind}.oom_refused_clearly", ok and not written, error_type=err_type,
@@ -383,14 +385,14 @@ def grad_vs_fp32(ct, mm, templates, path, model, clip, vae, images, res, bs, dev
     with torch.inference_mode():
         model32 = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False,
                                                         model_options={"dtype": torch.float32})[0]
-        latents = ct.encode_buckets(vae, model, ct.load_training_images(images), res, False)
-        init, mu, m_star = ct.initial_vectors(clip, "dog", 0, "mean")
-        prompts = ct.tokenize_templates(clip, templates.OBJECT, {k: v.shape[0] for k, v in init.items()})
+        latents = ct.latents.encode_buckets(vae, model, ct.images.load_training_images(images), res, False)
+        init, mu, m_star = ct.text.initial_vectors(clip, "dog", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, templates.OBJECT, {k: v.shape[0] for k, v in init.items()})
     grads, losses = {}, {}
     for label, m in (("as_loaded", model), ("fp32", model32)):
         mm.load_models_gpu([m, clip.patcher], force_full_load=True)
-        with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(m, clip):
-            ds = ct.DiffusionStep(m, clip, prompts, [tl.cloned() for tl in latents], None, bs, 0, res, dev)
+        with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(m, clip):
+            ds = ct.step.DiffusionStep(m, clip, prompts, [tl.cloned() for tl in latents], None, bs, 0, res, dev)
             e = {k: (m_star[k] * init[k]).to(dev).requires_grad_() for k in sorted(init)}
             loss = ds(e, 0)
             g = torch.autograd.grad(loss, [e[k] for k in sorted(init)])
@@ -424,13 +426,13 @@ def teacher_student(pack, ct, loaded, steps, res, dev) -> dict:
     model, clip, _ = loaded
     mm.load_models_gpu([model, clip.patcher], force_full_load=True)
     target, init, mu, m_star, _, cos_to_dog = setup(pack, loaded)
-    (_, _, encoder), = ct.text_encoders(clip).values()
-    vocab_dev = ct.vocabulary(encoder).device
+    (_, _, encoder), = ct.text.text_encoders(clip).values()
+    vocab_dev = ct.text.vocabulary(encoder).device
     with torch.inference_mode():
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
     latents = torch.randn(4, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        ds = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, res, dev)
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        ds = ct.step.DiffusionStep(model, clip, prompts, latents, None, 2, 3, res, dev)
         with teacher_student_denoiser(ds, model, target):
             start = cos_to_dog(init["clip_l"].to(vocab_dev))
             result = core.train(init, mu, m_star, lambda e, s: ds(e, s),

@@ -62,21 +62,17 @@ def find_comfyui(explicit: str | None) -> Path:
 
 
 def setup_comfyui(comfy_path: Path, cpu: bool):
-    """Make ComfyUI importable (its ``nodes.py`` ahead of this pack's ``nodes/``), then import the
-    pack as a package the way ComfyUI's custom-node loader does. Returns the pack module."""
-    root = str(PACK_ROOT)
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != root]
-    for name in [n for n in sys.modules if n == "nodes" or n.startswith("nodes.")]:
-        del sys.modules[name]
-    sys.path.insert(0, str(comfy_path))
-    from comfy.cli_args import args  # parses no command line unless ComfyUI's main enabled it
-
-    if cpu:
-        args.cpu = True
-    import comfy.model_management  # noqa: F401  (chooses the device from args)
+    """ComfyUI made importable and its device chosen (``comfy_host/startup.py``, loaded by path: the
+    pack cannot be imported before ComfyUI is), then the pack imported as a package the way
+    ComfyUI's custom-node loader does. Returns the pack module."""
+    spec = importlib.util.spec_from_file_location("dti_comfy_startup", PACK_ROOT / "comfy_host" / "startup.py")
+    startup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup)
+    startup.start(comfy_path, cpu, pack_root=PACK_ROOT)
 
     if PACK_MODULE in sys.modules:
         return sys.modules[PACK_MODULE]
+    root = str(PACK_ROOT)
     spec = importlib.util.spec_from_file_location(PACK_MODULE, PACK_ROOT / "__init__.py",
                                                   submodule_search_locations=[root])
     pack = importlib.util.module_from_spec(spec)
@@ -84,7 +80,8 @@ def setup_comfyui(comfy_path: Path, cpu: bool):
     spec.loader.exec_module(pack)
     import importlib as _il
 
-    for sub in ("nodes", "nodes.train_node", "nodes.common", "dti_core.names"):
+    for sub in ("nodes", "nodes.train_node", "nodes.common", "dti_core.names", "comfy_host.images",
+                "comfy_host.loaders", "comfy_host.paths"):
         _il.import_module(f"{PACK_MODULE}.{sub}")
     return pack
 
@@ -96,7 +93,7 @@ def setup_comfyui(comfy_path: Path, cpu: bool):
 
 def check_folder(folder, training) -> int:
     """Read every photo of ``folder`` once, as DTI Train will, so that a missing folder or a broken
-    file is reported before the model loads. ``training`` is the pack's ``nodes.comfy_training``."""
+    file is reported before the model loads. ``training`` is the pack's ``comfy_host.images``."""
     folder = Path(folder)
     if not folder.exists():
         raise UsageError(f"image folder {folder} does not exist")
@@ -317,39 +314,6 @@ def check_model_paths(model: dict) -> None:
     _safetensors(model["vae"], "VAE")
 
 
-def load_model(model: dict):
-    """``(MODEL, CLIP, VAE)`` through the calls ComfyUI's loader nodes make, under inference mode
-    as ComfyUI's executor runs them."""
-    import torch
-
-    import comfy.sd
-    import comfy.utils
-    import folder_paths
-
-    embeddings = folder_paths.get_folder_paths("embeddings")
-    with torch.inference_mode():
-        if model.get("checkpoint"):
-            out = comfy.sd.load_checkpoint_guess_config(model["checkpoint"], output_vae=True, output_clip=True,
-                                                        embedding_directory=embeddings)
-            m, clip, vae = out[:3]
-            if clip is None or vae is None:
-                raise UsageError(f"{model['checkpoint']} has no text encoder or no VAE; give --diffusion-model, "
-                                 f"--text-encoder and --vae instead")
-            return m, clip, vae
-        encoders = model["text_encoders"] if isinstance(model["text_encoders"], list) else [model["text_encoders"]]
-        type_name = model.get("clip_type") or ("stable_diffusion" if len(encoders) == 1 else "flux")
-        clip_type = getattr(comfy.sd.CLIPType, str(type_name).upper(), None)
-        if clip_type is None:
-            raise UsageError(f"unknown --clip-type {type_name!r}; one of "
-                             f"{', '.join(t.name.lower() for t in comfy.sd.CLIPType)}")
-        m = comfy.sd.load_diffusion_model(model["diffusion_model"], model_options={})
-        clip = comfy.sd.load_clip(ckpt_paths=list(encoders), embedding_directory=embeddings, clip_type=clip_type,
-                                  model_options={})
-        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(model["vae"]))
-        vae.throw_exception_if_invalid()
-        return m, clip, vae
-
-
 # --------------------------------------------------------------------------------------------
 # Progress in the terminal
 # --------------------------------------------------------------------------------------------
@@ -429,20 +393,19 @@ def _run(argv) -> int:
     pack = setup_comfyui(comfy_path, cpu=pre.cpu)
     train_node = pack.nodes.train_node
     common = pack.nodes.common
-    training = pack.nodes.comfy_training
+    host = pack.comfy_host
+    training = host.images
     check_name = sys.modules[f"{PACK_MODULE}.dti_core.names"].check_name
     options = node_options(train_node.DTITrain)
     args = build_parser(options).parse_args(argv)
     model_paths, jobs = plan_jobs(args, options)
-
-    import folder_paths
 
     if args.output:
         out = Path(args.output)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--output {out} is not a folder")
         out.mkdir(parents=True, exist_ok=True)
-        folder_paths.add_model_folder_path("embeddings", str(out.resolve()), is_default=True)
+        host.paths.add_embedding_folder(str(out.resolve()))
 
     # Every input is checked before the model loads: a typo in job 7 must not cost a model load.
     problems, names = [], {}
@@ -465,7 +428,10 @@ def _run(argv) -> int:
     label = model_paths.get("checkpoint") or model_paths.get("diffusion_model")
     print(f"dti_cli: loading model {label}", file=sys.stderr)
     started = time.monotonic()
-    model, clip, vae = load_model(model_paths)
+    try:
+        model, clip, vae = host.loaders.load_model(model_paths)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(f"dti_cli: model loaded in {time.monotonic() - started:.1f} s; {len(jobs)} job(s)", file=sys.stderr)
 
     import torch
@@ -478,7 +444,7 @@ def _run(argv) -> int:
         try:
             # The node reads image_folder under ComfyUI's input directory: make it this folder's parent.
             folder = Path(job["images"]).resolve()
-            folder_paths.set_input_directory(str(folder.parent))
+            host.paths.set_input_directory(str(folder.parent))
             with torch.inference_mode():
                 out = train_node.DTITrain().run(model, clip, vae, image_folder=folder.name, **inputs)
         except Exception as e:  # one job's failure (a clash, out of memory) leaves the others to run

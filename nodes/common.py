@@ -1,14 +1,13 @@
-"""Small host helpers shared by the pack's nodes: folders, the embedding handle, UI messages."""
+"""What the pack's nodes share: type names, the embedding-file guard, the result text."""
 
 from __future__ import annotations
 
 import logging
 import os
 
-import folder_paths
-
+from ..comfy_host.paths import embedding_folders, embeddings_root, load_listed, prompt_name, target_path  # noqa: F401
+from ..comfy_host.ui import LISTENERS, send_to_client  # noqa: F401
 from ..dti_core.embedding_file import Embedding, EmbeddingFileError, load_embedding
-from ..dti_core.names import resolve_inside
 
 log = logging.getLogger("ComfyUI-DTI")
 
@@ -18,19 +17,6 @@ HISTORY_TYPE = "DTI_HISTORY"
 CATEGORY = "DTI"
 
 
-def embeddings_root() -> str:
-    """The first ``embeddings`` folder: where this pack writes (ComfyUI reads all of them)."""
-    paths = folder_paths.get_folder_paths("embeddings")
-    if not paths:
-        raise RuntimeError("ComfyUI has no 'embeddings' folder configured (see extra_model_paths.yaml)")
-    return paths[0]
-
-
-def target_path(name: str) -> str:
-    """Checked path of ``embeddings/NAME.safetensors`` (raises on an unsafe name)."""
-    return resolve_inside(embeddings_root(), name)
-
-
 def file_state(path: str) -> str:
     """A cheap fingerprint of a file's presence and content, for IS_CHANGED."""
     try:
@@ -38,25 +24,6 @@ def file_state(path: str) -> str:
     except OSError:
         return "missing"
     return f"{st.st_mtime_ns}:{st.st_size}"
-
-
-def prompt_name(path: str) -> str:
-    """The ``NAME`` to write after ``embedding:`` for a file inside an embeddings folder."""
-    for root in folder_paths.get_folder_paths("embeddings"):
-        root = os.path.realpath(root)
-        real = os.path.realpath(path)
-        if os.path.commonpath([root, real]) == root:
-            rel = os.path.relpath(real, root).replace(os.sep, "/")
-            return os.path.splitext(rel)[0]
-    raise ValueError(f"{path} is not inside a ComfyUI embeddings folder, so prompts cannot name it")
-
-
-def load_listed(filename: str) -> Embedding:
-    """Load one of the files ``folder_paths`` lists under ``embeddings`` (a dropdown value)."""
-    path = folder_paths.get_full_path("embeddings", filename)
-    if path is None:
-        raise FileNotFoundError(f"embedding {filename!r} is not in any ComfyUI embeddings folder")
-    return load_embedding(path)
 
 
 def existing_result(path: str, name: str, fingerprint: str) -> Embedding | None:
@@ -74,31 +41,6 @@ def existing_result(path: str, name: str, fingerprint: str) -> Embedding | None:
         f"embeddings/{name}.safetensors already exists and was not made from these inputs. "
         f"Choose another name, or enable 'overwrite' to replace it."
     )
-
-
-# In-process listeners ``fn(event, data)`` of everything send_to_client sends (the command line's
-# terminal progress bar uses them; a browser gets the same events through the server).
-LISTENERS: list = []
-
-
-def send_to_client(event: str, data: dict) -> None:
-    """Push a message to the browser tab that queued the prompt; silent when no server runs."""
-    for listener in list(LISTENERS):
-        try:
-            listener(event, data)
-        except Exception as e:  # a progress display must never fail a training run
-            log.debug("DTI: listener failed on %s: %s", event, e)
-    try:
-        from server import PromptServer
-    except Exception:  # no server: tests, scripts
-        return
-    instance = getattr(PromptServer, "instance", None)
-    if instance is None:
-        return
-    try:
-        instance.send_sync(event, data, instance.client_id)
-    except Exception as e:  # a UI message must never fail a training run
-        log.debug("DTI: could not send %s: %s", event, e)
 
 
 class WritesEmbeddingFile:

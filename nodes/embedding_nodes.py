@@ -8,13 +8,12 @@ import os
 
 import torch
 
-import folder_paths
-
 from ..dti_core import __version__
 from ..dti_core.embedding_file import Embedding, check_fits, save_embedding
 from ..dti_core.interpolate import T_MAX, T_MIN, check_t, slerp_embeddings
 from ..dti_core.names import check_name
-from . import comfy_training as ct
+from ..comfy_host import paths
+from ..comfy_host import text as host_text
 from .common import (CATEGORY, EMBEDDING_TYPE, WritesEmbeddingFile, embeddings_root, existing_result, file_state,
                      load_listed, log, prompt_name, target_path)
 
@@ -32,7 +31,7 @@ class DTILoadEmbedding:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "embedding": (sorted(folder_paths.get_filename_list("embeddings")),
+                "embedding": (paths.embedding_files(),
                               {"tooltip": "A file from models/embeddings (subfolders included). Pickled .pt/.bin files are read with torch.load(weights_only=True): code inside them is refused, never run."}),
             },
             "optional": {
@@ -42,13 +41,13 @@ class DTILoadEmbedding:
 
     @classmethod
     def IS_CHANGED(cls, embedding, clip=None):
-        path = folder_paths.get_full_path("embeddings", embedding)
+        path = paths.embedding_path(embedding)
         return file_state(path) if path else float("nan")
 
     def load(self, embedding, clip=None):
         emb = load_listed(embedding)
         if clip is not None:
-            check_fits(emb, ct.clip_widths(clip))
+            check_fits(emb, host_text.clip_widths(clip))
         return (f"embedding:{prompt_name(emb.path)}", emb)
 
 
@@ -134,19 +133,19 @@ class DTIInterpolationStrip:
                     f"count is {count} but the latent batch is {batch}: the sampler would silently "
                     f"{'repeat' if batch > count else 'drop'} blends. Set count and the latent's batch_size "
                     f"(e.g. Empty Latent Image) to the same number.")
-        widths = ct.clip_widths(clip)
+        widths = host_text.clip_widths(clip)
         for emb in (embedding_a, embedding_b):
             check_fits(emb, widths)
         ts = [k / (count - 1) for k in range(count)]
         blends = [slerp_embeddings(embedding_a.vectors, embedding_b.vectors, t)[0] for t in ts]
         n = next(iter(blends[0].values())).shape[0]
-        (prompt,) = ct.tokenize_templates(clip, [text], n)
-        encoders = ct.text_encoders(clip)
+        (prompt,) = host_text.tokenize_templates(clip, [text], n)
+        encoders = host_text.text_encoders(clip)
         conds, pooled = [], []
         for vectors in blends:
             by_token_key = {tkey: vectors[key] for key, (tkey, _, _) in encoders.items()}
             # The same call CLIPTextEncode makes, so each entry equals a separate encode of that blend.
-            ((cond, extra),) = clip.encode_from_tokens_scheduled(prompt.with_vectors(by_token_key))
+            ((cond, extra),) = host_text.encode_conditioning(clip, prompt.with_vectors(by_token_key))
             conds.append(cond)
             pooled.append(extra.get("pooled_output"))
         out = {"pooled_output": torch.cat(pooled)} if pooled[0] is not None else {}
@@ -181,7 +180,7 @@ class DTIEnableEmbeddings:
         return {"required": {"clip": ("CLIP", {"tooltip": "Any CLIP. For ones that already read embeddings this is a no-op."})}}
 
     def enable(self, clip):
-        out, enabled = with_embeddings_folder(clip, folder_paths.get_folder_paths("embeddings"))
+        out, enabled = host_text.with_embeddings_folder(clip, paths.embedding_folders())
         if enabled:
             note = ("embedding:NAME enabled for " + ", ".join(enabled)
                     + " (this CLIP's ComfyUI tokenizer ignored it).")
@@ -189,27 +188,3 @@ class DTIEnableEmbeddings:
             note = "Nothing to do: every text encoder of this CLIP already reads embedding:NAME."
         log.info("DTI Enable Embeddings: %s", note)
         return {"ui": {"text": [note]}, "result": (out,)}
-
-
-def with_embeddings_folder(clip, folders: list[str]):
-    """``(clip', enabled keys)``: a clone whose tokenizers without an embeddings folder get ``folders``.
-
-    ``CLIP.clone()`` shares its tokenizer object, so the outer tokenizer and each changed inner one
-    are copied; the input CLIP keeps its own (unchanged) tokenizers.
-    """
-    import copy
-
-    enabled, changes = [], {}
-    for attr, inner in vars(clip.tokenizer).items():
-        if hasattr(inner, "_try_get_embedding") and getattr(inner, "embedding_directory", "") is None:
-            new = copy.copy(inner)
-            new.embedding_directory = list(folders)
-            changes[attr] = new
-            enabled.append(getattr(inner, "embedding_key", attr))
-    if not changes:
-        return clip, []
-    out = clip.clone()
-    out.tokenizer = copy.copy(clip.tokenizer)
-    for attr, new in changes.items():
-        setattr(out.tokenizer, attr, new)
-    return out, enabled

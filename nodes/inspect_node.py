@@ -12,7 +12,7 @@ from ..dti_core.embedding_file import check_fits
 from ..dti_core.inspect import inspect_vectors
 from ..dti_core.magnitude import vocabulary_norms
 from ..dti_core.sphere import normalize
-from . import comfy_training as ct
+from ..comfy_host import text as host_text
 from .common import CATEGORY, EMBEDDING_TYPE
 
 CHART_W, CHART_H, BINS = 640, 220, 64
@@ -43,8 +43,8 @@ class DTIInspect:
         }
 
     def inspect(self, embedding, clip, top_k, initializer=""):
-        encoders = ct.text_encoders(clip)
-        check_fits(embedding, ct.clip_widths(clip))
+        encoders = host_text.text_encoders(clip)
+        check_fits(embedding, host_text.clip_widths(clip))
         word = initializer.strip() or embedding.metadata.get("dti.initializer", "")
         lines, charts = [], []
         # the file name, not its absolute path: the report's first line must fit a node's width
@@ -52,10 +52,10 @@ class DTIInspect:
         lines.append(f"{name}  [{embedding.source_format}]")
         for ci, (key, (_, tok, encoder)) in enumerate(sorted(encoders.items())):
             with torch.inference_mode(False):
-                vocab = ct.vocabulary(encoder).detach().float().cpu().clone()
+                vocab = host_text.vocabulary(encoder).detach().float().cpu().clone()
             init_dir = None
             if word:
-                ids = ct.initializer_ids(tok, word)
+                ids = host_text.initializer_ids(tok, word)
                 if ids:
                     init_dir = normalize(vocab[ids].mean(0, keepdim=True)) if len(ids) != embedding.vectors[key].shape[0] else normalize(vocab[ids])
             reports, summary = inspect_vectors(vocab, embedding.vectors[key], init_dir, int(top_k))

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import hashlib
 import json
 import math
 import os
-import sys
 
 import torch
 
-import comfy.model_management as mm
-import comfy.utils
-
+from ..comfy_host import images as host_images
+from ..comfy_host import latents as host_latents
+from ..comfy_host import memory, paths, ui
+from ..comfy_host import text as host_text
+from ..comfy_host.autograd import differentiable
+from ..comfy_host.families import family_of, supported_text, trained_encoders
+from ..comfy_host import step as host_step
 from ..dti_core import __version__
 from ..dti_core.embedding_file import Embedding, EmbeddingFileError, dti_metadata, load_embedding, save_embedding
 from ..dti_core.names import check_name
 from ..dti_core.templates import parse_captions, resolve_templates
 from ..dti_core.training import NonFiniteError, TrainConfig, train
-from . import comfy_training as ct
 from . import previews
-from .embedding_nodes import with_embeddings_folder
-from .families import family_of, supported_text, trained_encoders
 from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, existing_result,
                      log, send_to_client, target_path, train_summary)
 
@@ -33,9 +31,7 @@ TEMPLATES = ["object", "style", "custom"]
 
 
 def _resume_choices() -> list[str]:
-    import folder_paths
-
-    return [NONE] + sorted(folder_paths.get_filename_list("embeddings"))
+    return [NONE] + paths.embedding_files()
 
 
 class DTITrain(WritesEmbeddingFile):
@@ -112,11 +108,9 @@ class DTITrain(WritesEmbeddingFile):
         family = family_of(model, clip)  # refuses unsupported models and mismatched CLIPs early
         if family.enable_embeddings:
             # (Gemma's ComfyUI tokenizer never has an embeddings folder; the input CLIP is untouched)
-            import folder_paths
-
-            clip = with_embeddings_folder(clip, folder_paths.get_folder_paths("embeddings"))[0]
+            clip = host_text.with_embeddings_folder(clip, paths.embedding_folders())[0]
         learn = trained_encoders(family, train_encoders)
-        items = ct.load_training_images(images, mask, image_folder or "")
+        items = host_images.load_training_images(images, mask, image_folder or "")
         per_image = bool(captions and captions.strip())
         prompts_text = (parse_captions(captions, len(items)) if per_image
                         else resolve_templates(templates, custom_templates))
@@ -159,7 +153,7 @@ class DTITrain(WritesEmbeddingFile):
         config = TrainConfig(steps=int(steps), lr=rate, kappa=float(kappa), seed=int(seed), checkpoint_every=int(save_every))
         config.validate()
 
-        init, mu, m_star = ct.initial_vectors(clip, initializer, int(num_vectors), mag, keys=family.encoders)
+        init, mu, m_star = host_text.initial_vectors(clip, initializer, int(num_vectors), mag, keys=family.encoders)
         start_step, opt_state = 0, None
         if resume_from and resume_from != NONE:
             init, start_step, opt_state = _resume(resume_from, init, int(steps))
@@ -173,7 +167,7 @@ class DTITrain(WritesEmbeddingFile):
                          templates=templates, magnitude=str(mag), name=name,
                          guidance=float(guidance) if family.guidance else None, trained_encoders=",".join(learn))
 
-        pbar = comfy.utils.ProgressBar(int(steps), node_id=unique_id)
+        pbar = ui.progress_bar(int(steps), node_id=unique_id)
         pbar.update_absolute(start_step, int(steps))
         counts = {k: v.shape[0] for k, v in init.items()}
         send_to_client("dti.start", {"node": unique_id, "name": name, "steps": int(steps), "start": start_step,
@@ -183,10 +177,9 @@ class DTITrain(WritesEmbeddingFile):
             pbar.update_absolute(step, int(steps))
             send_to_client("dti.progress", {"node": unique_id, "step": step, "steps": int(steps), "loss": loss,
                                             "norms": {k: sum(v) / len(v) for k, v in norms.items()}})
-            mm.throw_exception_if_processing_interrupted()
+            memory.check_interrupted()
 
         last_preview = [previews.blank()]
-        full_load = mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
 
         def on_vectors(step, vectors):
             if not preview_every or (step % int(preview_every) and step != int(steps)):
@@ -195,48 +188,52 @@ class DTITrain(WritesEmbeddingFile):
             last_preview[0] = image
             pbar.update_absolute(step, int(steps), preview=("JPEG", previews.to_pil(image), previews.MAX_SIZE))
             # Sampling and decoding may have moved models; training needs the UNet and encoders loaded.
-            mm.load_models_gpu([model, clip.patcher], force_full_load=full_load)
+            memory.load_for_training(model, clip)
 
         def on_checkpoint(step, result):
             meta = dti_metadata(**base_meta, step=step, checkpoint_of=name,
                                 ema_sq_norm={k: json.dumps(v) for k, v in result.optimizer_state.items()})
             _save_checkpoint(name, step, {**frozen, **result.vectors}, meta)
 
-        device = mm.get_torch_device()
+        device = memory.torch_device()
         step_fn = None
         try:
             # Latents first: the VAE's own load may evict other models, and the UNet and
             # text encoders must then stay fully loaded for the whole run.
-            latents = ct.encode_buckets(vae, model, items, resolution, bool(horizontal_flip))
+            # A dynamic-VRAM model (0.33) trains as a classic one: see memory.trainable.
+            model, clip = memory.trainable(model, clip)
+            latents = host_latents.encode_buckets(vae, model, items, resolution, bool(horizontal_flip))
             # Fully loaded unless the user launched with --lowvram/--novram: then ComfyUI keeps part
             # of the weights off the GPU and casts them per layer, which training follows (the
             # cast layers recast in backward, see differentiable.py).
-            mm.load_models_gpu([model, clip.patcher], force_full_load=full_load)
-            prompts = ct.tokenize_templates(clip, [family.prompt_prefix + t for t in prompts_text], counts)
+            memory.load_for_training(model, clip)
+            prompts = host_text.tokenize_templates(clip, [family.prompt_prefix + t for t in prompts_text], counts)
             with torch.inference_mode(False), torch.enable_grad():
                 # normal tensors (the VAE ran under ComfyUI's inference mode)
                 latents = [tl.cloned() for tl in latents]
-                with ct.differentiable(model, clip, bool(gradient_checkpointing)):
-                    step_fn = ct.DiffusionStep(model, clip, prompts, latents, None, int(batch_size),
-                                               int(seed), resolution, device,
-                                               guidance=float(guidance) if family.guidance else None,
-                                               per_image_prompts=per_image, text_mask=family.text_mask)
+                with differentiable(model, clip, bool(gradient_checkpointing)):
+                    step_fn = host_step.DiffusionStep(model, clip, prompts, latents, None, int(batch_size),
+                                                    int(seed), resolution, device,
+                                                    guidance=float(guidance) if family.guidance else None,
+                                                    per_image_prompts=per_image, text_mask=family.text_mask)
                     fixed = {k: v.to(device) for k, v in frozen.items()}
                     result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
                                    lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,
                                    start_step=start_step, optimizer_state=opt_state, on_step=on_step,
                                    on_checkpoint=on_checkpoint, on_vectors=on_vectors)
-        except torch.OutOfMemoryError:
+        except NonFiniteError as e:
+            raise RuntimeError(f"DTI Train stopped: {e}. Lower the learning rate or check the images.") from None
+        except Exception as e:
+            if not memory.is_oom(e):
+                raise
             # `finally` below drops the step and frees the memory before this propagates.
-            raise mm.OOM_EXCEPTION(
+            raise memory.oom_error(
                 "DTI Train ran out of GPU memory. Lower batch_size or resolution, or enable "
                 "gradient_checkpointing; nothing was written."
             ) from None
-        except NonFiniteError as e:
-            raise RuntimeError(f"DTI Train stopped: {e}. Lower the learning rate or check the images.") from None
         finally:
             step_fn = None
-            _release()
+            memory.release()
 
         meta = dti_metadata(**base_meta, step=int(steps))
         vectors = {**frozen, **result.vectors}
@@ -281,8 +278,8 @@ def _fingerprint(settings: dict, pixels, model, clip) -> str:
         for key in sorted(patcher.patches):
             h.update(f"{key}:{[(p[0], p[2]) for p in patcher.patches[key]]}".encode())
     with torch.inference_mode(False):
-        for _, _, encoder in ct.text_encoders(clip).values():
-            h.update(ct.vocabulary(encoder)[:4].detach().float().cpu().numpy().tobytes())
+        for _, _, encoder in host_text.text_encoders(clip).values():
+            h.update(host_text.vocabulary(encoder)[:4].detach().float().cpu().numpy().tobytes())
         first = next(model.model.diffusion_model.parameters())
         h.update(first.detach().flatten()[:4096].float().cpu().numpy().tobytes())
     return h.hexdigest()[:32]
@@ -296,9 +293,7 @@ def _try_load(path: str) -> Embedding | None:
 
 
 def _resume(filename: str, init: dict, steps: int):
-    from .common import load_listed
-
-    emb = load_listed(filename)
+    emb = paths.load_listed(filename)
     missing = set(init) - set(emb.vectors)
     if missing:
         raise ValueError(f"resume_from {filename}: it has no vectors for {', '.join(sorted(missing))}")
@@ -329,15 +324,3 @@ def _save_checkpoint(name: str, step: int, vectors: dict, meta: dict) -> None:
         if old is None or old.metadata.get("dti.checkpoint_of") != name:
             raise FileExistsError(f"embeddings/{ck_name}.safetensors exists and is not a DTI checkpoint of {name}; rename one of them")
     save_embedding(embeddings_root(), ck_name, vectors, meta, overwrite=True)
-
-
-def _release() -> None:
-    gc.collect()
-    mm.soft_empty_cache()
-    if sys.platform.startswith("linux"):
-        # glibc keeps freed activations mapped; hand them back so a long-lived server's resident
-        # memory falls after a run (cheap, and a no-op where unsupported).
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass

@@ -6,7 +6,7 @@ import torch
 from dti_core.embedding_file import Embedding, EmbeddingFileError, check_fits, family_of_keys
 
 WIDTH = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096}
-CLIPS = {  # what nodes.comfy_training.clip_widths gives for each family's CLIP
+CLIPS = {  # what comfy_host.text.clip_widths gives for each family's CLIP
     "SD1.x": {"clip_l": 768},
     "SD2.x": {"clip_h": 1024},
     "SDXL": {"clip_l": 768, "clip_g": 1280},

@@ -168,6 +168,11 @@ def fresh_sdxl(comfy, embeddings_dir, sdxl_checkpoint):
     return _load(comfy, sdxl_checkpoint).out
 
 
+# Every module of the host layer (comfy_host/), imported by the dti_pack fixture.
+HOST_MODULES = ("contracts", "images", "text", "latents", "step", "sampling", "families", "autograd", "ops",
+                "memory", "paths", "ui", "loaders")
+
+
 @pytest.fixture(scope="session")
 def dti_pack(comfy):
     """This repository imported as a ComfyUI custom node package, the way ComfyUI's
@@ -183,8 +188,11 @@ def dti_pack(comfy):
     spec.loader.exec_module(pack)
     import importlib as _il
     pack.nodes = _il.import_module(name + ".nodes")
-    for sub in ("train_node", "embedding_nodes", "inspect_node", "comfy_training", "common"):
+    for sub in ("train_node", "embedding_nodes", "inspect_node", "common", "previews"):
         _il.import_module(f"{name}.nodes.{sub}")
+    for sub in HOST_MODULES:
+        _il.import_module(f"{name}.comfy_host.{sub}")
+    _il.import_module(f"{name}.dti_core.buckets")
     return pack
 
 

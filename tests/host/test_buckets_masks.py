@@ -26,59 +26,59 @@ def generator(dti_pack):
 
 
 def test_buckets_are_sdxl_s_table_scaled_to_the_training_area(dti_pack):
-    ct = dti_pack.nodes.comfy_training
-    assert ct.buckets_for(1024) == sdxl_table()
+    ct = dti_pack.comfy_host
+    assert dti_pack.dti_core.buckets.buckets_for(1024) == sdxl_table()
     for res in (512, 768):
-        got = ct.buckets_for(res)
+        got = dti_pack.dti_core.buckets.buckets_for(res)
         assert all(h % 64 == 0 and w % 64 == 0 for h, w in got)
         # every scaled entry, rounded to 64 px, is there; the areas stay near res^2
         s = res / 1024
         assert got == sorted({(round(h * s / 64) * 64, round(w * s / 64) * 64) for h, w in sdxl_table()})
         assert all(0.8 < h * w / res ** 2 < 1.2 for h, w in got)
-    assert all(h % 8 == 0 and w % 8 == 0 for h, w in ct.buckets_for(64))
+    assert all(h % 8 == 0 and w % 8 == 0 for h, w in dti_pack.dti_core.buckets.buckets_for(64))
     # a 3:4 photo: 896/1152 = 0.778 vs 832/1152 = 0.722 around 0.75: |ln .778/.75| = .036 < .038
-    assert ct.choose_bucket(3000, 4000, 1024) == (896, 1152)
-    assert ct.choose_bucket(4000, 3000, 1024) == (1152, 896)
-    assert ct.choose_bucket(500, 500, 1024) == (1024, 1024)
-    assert ct.choose_bucket(100, 1000, 1024) == (512, 2048)  # beyond the table: its widest entry
+    assert dti_pack.dti_core.buckets.choose_bucket(3000, 4000, 1024) == (896, 1152)
+    assert dti_pack.dti_core.buckets.choose_bucket(4000, 3000, 1024) == (1152, 896)
+    assert dti_pack.dti_core.buckets.choose_bucket(500, 500, 1024) == (1024, 1024)
+    assert dti_pack.dti_core.buckets.choose_bucket(100, 1000, 1024) == (512, 2048)  # beyond the table: its widest entry
     for h, w in [(37, 91), (300, 299), (1000, 1500), (91, 37)]:
         best = min(abs(math.log(bh / bw) - math.log(h / w)) for bh, bw in sdxl_table())
-        bh, bw = ct.choose_bucket(h, w, 1024)
+        bh, bw = dti_pack.dti_core.buckets.choose_bucket(h, w, 1024)
         assert abs(abs(math.log(bh / bw) - math.log(h / w)) - best) < 1e-9
 
 
 def test_each_photo_is_resized_to_cover_its_bucket(dti_pack):
-    ct = dti_pack.nodes.comfy_training
-    item = ct.TrainingImage(torch.rand(30, 40, 3), None, "t")
-    bucket, px, mask = ct.bucket_resize(item, 1024)
+    ct = dti_pack.comfy_host
+    item = ct.images.TrainingImage(torch.rand(30, 40, 3), None, "t")
+    bucket, px, mask = ct.images.bucket_resize(item, 1024)
     # (896, 1152): scale max(896/30, 1152/40) = 29.87 -> 896 x 1194.7, 8 px steps -> 896 x 1192
     assert bucket == (896, 1152) and px.shape == (1, 896, 1192, 3) and mask is None
-    item = ct.TrainingImage(torch.rand(40, 200, 3), torch.ones(40, 200), "t")
-    bucket, px, mask = ct.bucket_resize(item, 64)
+    item = ct.images.TrainingImage(torch.rand(40, 200, 3), torch.ones(40, 200), "t")
+    bucket, px, mask = ct.images.bucket_resize(item, 64)
     # 1:5 at 64 px: SDXL's 512 x 2048 / 16 = 32 x 128 is the widest; scale 0.8 -> 32 x 160
     assert bucket == (32, 128) and px.shape == (1, 32, 160, 3) and mask.shape == (32, 160)
 
 
 def test_masks_loaded_from_comfy_s_convention_and_checked(dti_pack):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     imgs = torch.rand(2, 16, 24, 3)
     subject = torch.zeros(1, 8, 12)
     subject[:, :, :6] = 1.0  # resized to the images' 16 x 24
-    items = ct.load_training_images(imgs, subject)
+    items = ct.images.load_training_images(imgs, subject)
     assert [tuple(it.mask.shape) for it in items] == [(16, 24)] * 2
     assert float(items[0].mask[:, :11].min()) == 1.0 and float(items[0].mask[:, 13:].max()) == 0.0
     # LoadImage on a photo without alpha gives a 64 x 64 MASK of zeros: no subject, a clear error
     with pytest.raises(ValueError, match="InvertMask"):
-        ct.load_training_images(imgs, torch.zeros(1, 64, 64))
+        ct.images.load_training_images(imgs, torch.zeros(1, 64, 64))
     with pytest.raises(ValueError, match="one mask for all images or one per image"):
-        ct.load_training_images(imgs, torch.ones(3, 16, 24))
+        ct.images.load_training_images(imgs, torch.ones(3, 16, 24))
 
 
 def test_folder_images_keep_their_sizes_and_alpha_is_the_subject(dti_pack, comfy, tmp_path, monkeypatch):
     import folder_paths
     from PIL import Image
 
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
     (tmp_path / "dog").mkdir()
     rgba = Image.new("RGBA", (30, 20), (255, 0, 0, 0))
@@ -86,14 +86,14 @@ def test_folder_images_keep_their_sizes_and_alpha_is_the_subject(dti_pack, comfy
     rgba.save(tmp_path / "dog" / "b.png")
     Image.new("RGB", (16, 48), (0, 0, 255)).save(tmp_path / "dog" / "a.jpg")
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
-    items = ct.load_training_images(torch.rand(1, 8, 8, 3), None, "dog")
+    items = ct.images.load_training_images(torch.rand(1, 8, 8, 3), None, "dog")
     assert [tuple(it.pixels.shape) for it in items] == [(8, 8, 3), (48, 16, 3), (20, 30, 3)]
     assert items[1].mask is None and items[2].mask.shape == (20, 30)
     assert float(items[2].mask[:, :10].min()) == 1.0 and float(items[2].mask[:, 10:].max()) == 0.0
     assert torch.allclose(items[2].pixels[0, 0], torch.tensor([0.0, 1.0, 0.0]))
     for bad in ("../", "/etc", "dog/../../x", "nothere"):
         with pytest.raises(ValueError, match="image_folder"):
-            ct.load_training_images(None, None, bad)
+            ct.images.load_training_images(None, None, bad)
 
 
 def test_captions_are_validated(dti_pack):
@@ -108,13 +108,13 @@ def test_captions_are_validated(dti_pack):
 
 
 def test_latent_mask_is_the_subject_share_of_each_cell(dti_pack, sd15_loaded):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, _, vae = sd15_loaded
     mask = torch.zeros(64, 64)
     mask[:, :20] = 1.0  # 20 px = 2.5 latent cells
-    items = [ct.TrainingImage(torch.rand(64, 64, 3), mask, "a"), ct.TrainingImage(torch.rand(64, 64, 3), None, "b")]
+    items = [ct.images.TrainingImage(torch.rand(64, 64, 3), mask, "a"), ct.images.TrainingImage(torch.rand(64, 64, 3), None, "b")]
     with torch.inference_mode():
-        (tl,) = ct.encode_buckets(vae, model, items, 64, True)
+        (tl,) = ct.latents.encode_buckets(vae, model, items, 64, True)
     ref = torch.zeros(1, 1, 8, 8)
     ref[..., :2], ref[..., 2] = 1.0, 0.5
     assert tl.crop == (8, 8) and tl.index == [0, 1] and tl.original_size == [(64, 64), (64, 64)]
@@ -124,11 +124,11 @@ def test_latent_mask_is_the_subject_share_of_each_cell(dti_pack, sd15_loaded):
 
 
 def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, fresh_sd15, generator, monkeypatch):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, _ = fresh_sd15
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
     g0 = torch.Generator().manual_seed(3)
     mean = torch.randn(2, 4, 8, 8, generator=g0)
     mask = (torch.rand(2, 1, 8, 8, generator=g0) > 0.6).float() * torch.rand(2, 1, 8, 8, generator=g0)
@@ -142,19 +142,19 @@ def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, fresh_sd15, generato
 
     monkeypatch.setattr(model.model, "apply_model", spy)
     b, seed, step = 3, 5, 1
-    with torch.inference_mode(False), torch.no_grad(), ct.differentiable(model, clip):
+    with torch.inference_mode(False), torch.no_grad(), ct.autograd.differentiable(model, clip):
         embeds = {k: m_star[k] * init[k] for k in init}
-        masked = ct.TrainingLatents(mean, None, mask=mask)
-        loss = ct.DiffusionStep(model, clip, prompts, masked, None, b, seed, 64, torch.device("cpu"))(embeds, step)
-        plain = ct.DiffusionStep(model, clip, prompts, ct.TrainingLatents(mean, None), None, b, seed, 64,
+        masked = ct.latents.TrainingLatents(mean, None, mask=mask)
+        loss = ct.step.DiffusionStep(model, clip, prompts, masked, None, b, seed, 64, torch.device("cpu"))(embeds, step)
+        plain = ct.step.DiffusionStep(model, clip, prompts, ct.latents.TrainingLatents(mean, None), None, b, seed, 64,
                                  torch.device("cpu"))(embeds, step)
-        ones = ct.DiffusionStep(model, clip, prompts, ct.TrainingLatents(mean, None, mask=torch.ones_like(mask)),
+        ones = ct.step.DiffusionStep(model, clip, prompts, ct.latents.TrainingLatents(mean, None, mask=torch.ones_like(mask)),
                                 None, b, seed, 64, torch.device("cpu"))(embeds, step)
         # with mirror images: a draw that mixes flipped and unflipped samples
         fmean = torch.randn(2, 4, 8, 8, generator=g0)
         fstep = next(s for s in range(100) if len(set(draws(generator, seed, s, b, 2, 1, [(8, 8)] * 2, (8, 8),
                                                             eps=False)["flip"].tolist())) == 2)
-        mirrored = ct.DiffusionStep(model, clip, prompts, ct.TrainingLatents(mean, None, fmean, None, mask=mask),
+        mirrored = ct.step.DiffusionStep(model, clip, prompts, ct.latents.TrainingLatents(mean, None, fmean, None, mask=mask),
                                     None, b, seed, 64, torch.device("cpu"))(embeds, fstep)
     d = draws(generator, seed, step, b, 2, 1, [(8, 8)] * 2, (8, 8), eps=False)
     x_t, sigma, x0_pred = seen[0]
@@ -184,13 +184,13 @@ def test_masked_loss_equals_the_hand_weighted_mse(dti_pack, fresh_sd15, generato
 def test_non_square_photo_reaches_sdxl_y_with_its_size_bucket_and_crop(dti_pack, fresh_sdxl, generator, monkeypatch):
     """A 40 x 200 photo at 64 px trains in the 32 x 128 bucket (resized to 32 x 160): SDXL's y carries
     (40, 200) as original size, the crop's corner in the resized photo, and 32 x 128 as target."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, vae = fresh_sdxl
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
-        items = [ct.TrainingImage(torch.rand(40, 200, 3, generator=torch.Generator().manual_seed(0)), None, "w")]
-        latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, False)]
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
+        items = [ct.images.TrainingImage(torch.rand(40, 200, 3, generator=torch.Generator().manual_seed(0)), None, "w")]
+        latents = [tl.cloned() for tl in ct.latents.encode_buckets(vae, model, items, 64, False)]
     (tl,) = latents
     assert tl.crop == (4, 16) and tl.mean[0].shape == (1, 4, 4, 20) and tl.original_size == [(40, 200)]
     seen = []
@@ -202,9 +202,9 @@ def test_non_square_photo_reaches_sdxl_y_with_its_size_bucket_and_crop(dti_pack,
 
     monkeypatch.setattr(model.model, "apply_model", spy)
     b, seed = 3, 2
-    with torch.inference_mode(False), torch.no_grad(), ct.differentiable(model, clip):
+    with torch.inference_mode(False), torch.no_grad(), ct.autograd.differentiable(model, clip):
         embeds = {k: m_star[k] * init[k] for k in init}
-        ds = ct.DiffusionStep(model, clip, prompts, latents, None, b, seed, 64, torch.device("cpu"))
+        ds = ct.step.DiffusionStep(model, clip, prompts, latents, None, b, seed, 64, torch.device("cpu"))
         pooled = clip.encode_from_tokens(prompts[0].with_vectors({"l": embeds["clip_l"], "g": embeds["clip_g"]}),
                                          return_pooled=True)[1]
         lefts = set()
@@ -227,17 +227,17 @@ def test_non_square_photo_reaches_sdxl_y_with_its_size_bucket_and_crop(dti_pack,
 
 
 def test_batches_come_from_one_bucket_and_captions_follow_their_image(dti_pack, fresh_sd15, generator, monkeypatch):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, vae = fresh_sd15
     captions = ["a photo of {} on grass", "{} in the snow", "a drawing of {}"]
     g0 = torch.Generator().manual_seed(1)
     # image 0 and 2 are square, image 1 is 1:2: two buckets, image 1 alone in the second
-    items = [ct.TrainingImage(torch.rand(*s, 3, generator=g0), None, str(k))
+    items = [ct.images.TrainingImage(torch.rand(*s, 3, generator=g0), None, str(k))
              for k, s in enumerate([(64, 64), (48, 96), (80, 80)])]
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
-        prompts = ct.tokenize_templates(clip, captions, 1)
-        latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, False)]
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, captions, 1)
+        latents = [tl.cloned() for tl in ct.latents.encode_buckets(vae, model, items, 64, False)]
     assert [tl.index for tl in latents] == [[0, 2], [1]] and [tl.crop for tl in latents] == [(8, 8), (6, 12)]
     used, shapes = [], []
     for k, p in enumerate(prompts):
@@ -247,9 +247,9 @@ def test_batches_come_from_one_bucket_and_captions_follow_their_image(dti_pack, 
     monkeypatch.setattr(model.model, "apply_model",
                         lambda x, t, **kw: (shapes.append(tuple(x.shape[-2:])), real_apply(x, t, **kw))[1])
     b, seed = 2, 9
-    with torch.inference_mode(False), torch.no_grad(), ct.differentiable(model, clip):
+    with torch.inference_mode(False), torch.no_grad(), ct.autograd.differentiable(model, clip):
         embeds = {k: m_star[k] * init[k] for k in init}
-        ds = ct.DiffusionStep(model, clip, prompts, latents, None, b, seed, 64, torch.device("cpu"),
+        ds = ct.step.DiffusionStep(model, clip, prompts, latents, None, b, seed, 64, torch.device("cpu"),
                               per_image_prompts=True)
         chosen = set()
         pick = {s: int(torch.multinomial(torch.tensor([2.0, 1.0]), 1, generator=generator(seed, s))) for s in range(40)}
@@ -291,24 +291,24 @@ def two_buckets_with_masks(ct):
     g0 = torch.Generator().manual_seed(2)
     mask = torch.zeros(48, 96)
     mask[8:40, 16:64] = 1.0
-    return [ct.TrainingImage(torch.rand(64, 64, 3, generator=g0), torch.ones(64, 64), "sq"),
-            ct.TrainingImage(torch.rand(48, 96, 3, generator=g0), mask, "wide")]
+    return [ct.images.TrainingImage(torch.rand(64, 64, 3, generator=g0), torch.ones(64, 64), "sq"),
+            ct.images.TrainingImage(torch.rand(48, 96, 3, generator=g0), mask, "wide")]
 
 
 def test_descent_through_buckets_and_masks(dti_pack, fresh_sd15):
     """kappa = 0 DTI through the node's DiffusionStep on photos of two aspect ratios with subject
     masks: on a fixed set of draws covering both buckets the objective must fall step after step."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     core = dti_pack.dti_core.training
     model, clip, vae = fresh_sd15
     items = two_buckets_with_masks(ct)
     with torch.inference_mode():
-        init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
-        prompts = ct.tokenize_templates(clip, ["a photo of {}", "{} on a table"], 1)
-        latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, True)]
+        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of {}", "{} on a table"], 1)
+        latents = [tl.cloned() for tl in ct.latents.encode_buckets(vae, model, items, 64, True)]
     assert len(latents) == 2
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        ds = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, 64, torch.device("cpu"),
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        ds = ct.step.DiffusionStep(model, clip, prompts, latents, None, 2, 3, 64, torch.device("cpu"),
                               per_image_prompts=True)
         fixed = [0, 1, 2, 3]
         picks = {int(torch.multinomial(torch.tensor([1.0, 1.0]), 1, generator=core.step_generator(3, k))) for k in fixed}
@@ -364,17 +364,17 @@ def test_teacher_student_through_the_training_step_with_the_new_defaults(dti_pac
     learning = load_by_path("dti_test_learning", Path(__file__).parent / "test_learning.py")
     teacher_student, teacher_student_denoiser = learning.teacher_student, learning.teacher_student_denoiser
 
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     core = dti_pack.dti_core.training
     model, clip, vae = fresh_sd15
     target, init, mu, m_star, _, cos_to_dog = teacher_student(dti_pack, fresh_sd15)
     items = two_buckets_with_masks(ct)
     with torch.inference_mode():
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
-        latents = [tl.cloned() for tl in ct.encode_buckets(vae, model, items, 64, False)]
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
+        latents = [tl.cloned() for tl in ct.latents.encode_buckets(vae, model, items, 64, False)]
     assert len(latents) == 2 and all(tl.std is not None for tl in latents)  # posterior sampling is on
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        ds = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, 64, torch.device("cpu"))
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        ds = ct.step.DiffusionStep(model, clip, prompts, latents, None, 2, 3, 64, torch.device("cpu"))
         with teacher_student_denoiser(ds, model, target):
             start = cos_to_dog(init["clip_l"])
             result = core.train(init, mu, m_star, lambda e, s: ds(e, s), core.TrainConfig(steps=40, lr=0.04, kappa=0.0))

@@ -159,9 +159,9 @@ def test_preview_follows_the_vectors(dti_pack, fresh_sd15):
     model, clip, vae = fresh_sd15
     pv = dti_pack.nodes.previews
     with torch.inference_mode():
-        init, _, m_star = dti_pack.nodes.comfy_training.initial_vectors(clip, "cat", 0, "mean")
+        init, _, m_star = dti_pack.comfy_host.text.initial_vectors(clip, "cat", 0, "mean")
         v = {"clip_l": m_star["clip_l"] * init["clip_l"]}
-        w = {"clip_l": m_star["clip_l"] * dti_pack.nodes.comfy_training.initial_vectors(clip, "car", 0, "mean")[0]["clip_l"]}
+        w = {"clip_l": m_star["clip_l"] * dti_pack.comfy_host.text.initial_vectors(clip, "car", 0, "mean")[0]["clip_l"]}
         one = pv.render(model, clip, vae, v, "a photo of {}", 3, 64, 1)
         again = pv.render(model, clip, vae, v, "a photo of {}", 3, 64, 1)
         other = pv.render(model, clip, vae, w, "a photo of {}", 3, 64, 1)

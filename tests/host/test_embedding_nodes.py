@@ -196,14 +196,14 @@ def test_inspect_numbers_percentile_degrees_and_nearest_tokens(dti_pack, sd15_lo
     import math
     import re
 
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     _, clip, _ = sd15_loaded
-    (_, tok, encoder), = ct.text_encoders(clip).values()
+    (_, tok, encoder), = ct.text.text_encoders(clip).values()
     with torch.inference_mode(False):
-        vocab = ct.vocabulary(encoder).detach().float().clone()
+        vocab = ct.text.vocabulary(encoder).detach().float().clone()
     norms = vocab.norm(dim=-1)
     norms = norms[norms > 0]
-    (cat,) = ct.initializer_ids(tok, "cat")
+    (cat,) = ct.text.initializer_ids(tok, "cat")
     c = normalize(vocab[cat])
     w = torch.randn(768, generator=torch.Generator().manual_seed(9))
     w = normalize(w - (w @ c) * c)

@@ -27,11 +27,11 @@ def test_family_trains_every_encoder_and_the_stock_encode_reads_the_file(kind, r
                                                                          comfy_nodes, caplog):
     loaded = request.getfixturevalue(f"fresh_{kind}")
     model, clip, _ = loaded
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     family, keys = FAMILIES[kind]
-    assert dti_pack.nodes.families.family_of(model, clip).name == family
+    assert dti_pack.comfy_host.families.family_of(model, clip).name == family
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
     name = f"fam-{kind}"
     out = run_train(dti_pack, loaded, name=name, initializer="cat", steps=2, batch_size=2, resolution=64, kappa=0.0,
                     learning_rate=0.05)
@@ -72,16 +72,16 @@ def test_sd3_trains_on_one_custom_template(dti_pack, fresh_sd3, embeddings_dir):
 def test_flux_flow_loss_equals_an_independent_computation(dti_pack, fresh_flux_dev):
     """Flux dev: x_t = (1 - s) x0 + s n, target n - x0, the transformer called directly with the T5
     conditioning, the CLIP-L pooled vector and the guidance; equal to the node's step."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     training = dti_pack.dti_core.training
     model, clip, _ = fresh_flux_dev
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
         counts = {k: v.shape[0] for k, v in init.items()}
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], counts)
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], counts)
     latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        step = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 5, 64, torch.device("cpu"), guidance=2.5)
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        step = ct.step.DiffusionStep(model, clip, prompts, latents, None, 2, 5, 64, torch.device("cpu"), guidance=2.5)
         embeds = {k: (m_star[k] * init[k]).requires_grad_(True) for k in init}
         loss = step(embeds, 7)
         loss.backward()
@@ -114,20 +114,20 @@ def test_flux_flow_loss_equals_an_independent_computation(dti_pack, fresh_flux_d
 def test_teacher_student_recovers_a_word_through_clip_and_t5(kind, request, dti_pack):
     """Target: the conditioning (and pooled vector) of "a photo of a dog"; the student word starts
     at "car". Every encoder's learned direction must turn toward its own "dog" token."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     core = dti_pack.dti_core.training
     model, clip, _ = request.getfixturevalue(f"fresh_{kind}")
-    encoders = ct.text_encoders(clip)
+    encoders = ct.text.text_encoders(clip)
     with torch.inference_mode():
         target, target_pooled = clip.encode_from_tokens(clip.tokenize("a photo of a dog"), return_pooled=True)
-        init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
+        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
         counts = {k: v.shape[0] for k, v in init.items()}
-        prompt, = ct.tokenize_templates(clip, ["a photo of a {}"], counts)
-        dog = {k: ct.initializer_ids(tok, "dog") for k, (_, tok, _) in encoders.items()}
+        prompt, = ct.text.tokenize_templates(clip, ["a photo of a {}"], counts)
+        dog = {k: ct.text.initializer_ids(tok, "dog") for k, (_, tok, _) in encoders.items()}
     assert all(n == 1 for n in counts.values()) and all(len(d) == 1 for d in dog.values())
     with torch.inference_mode(False):
         target, target_pooled = target.clone().float(), target_pooled.clone().float()
-        dog_dir = {k: torch.nn.functional.normalize(ct.vocabulary(enc)[dog[k]].detach().float().clone(), dim=-1)
+        dog_dir = {k: torch.nn.functional.normalize(ct.text.vocabulary(enc)[dog[k]].detach().float().clone(), dim=-1)
                    for k, (_, _, enc) in encoders.items()}
 
     def cos(vectors):
@@ -135,12 +135,12 @@ def test_teacher_student_recovers_a_word_through_clip_and_t5(kind, request, dti_
 
     def loss_fn(embeds, step):
         tokens = prompt.with_vectors({tk: embeds[k] for k, (tk, _, _) in encoders.items()})
-        cond, pooled = ct.encode_tokens(clip, tokens)
+        cond, pooled = ct.text.encode_tokens(clip, tokens)
         # summed over token positions: only the word's position (and what attends to it) differs,
         # so a mean over hundreds of T5 positions would leave the T5 vectors almost no gradient
         return ((cond.float() - target) ** 2).mean(-1).sum() + ((pooled.float() - target_pooled) ** 2).mean()
 
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
         before = cos(init)
         result = core.train(init, mu, m_star, loss_fn, core.TrainConfig(steps=30, lr=0.05, kappa=0.0))
     after = cos(result.vectors)
@@ -157,11 +157,11 @@ def test_load_slerp_strip_and_inspect_work_on_flux_files(dti_pack, flux_dev_load
     from dti_core.embedding_file import dti_metadata, save_embedding
     from dti_core.sphere import normalize
 
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     en = dti_pack.nodes.embedding_nodes
     _, clip, _ = flux_dev_loaded
     with torch.inference_mode():
-        _, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        _, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
     for i, name in enumerate(("fx-a", "fx-b")):
         g = torch.Generator().manual_seed(50 + i)
         vectors = {k: m_star[k] * normalize(torch.randn(2, w, generator=g)) for k, w in (("clip_l", 768), ("t5xxl", 4096))}
@@ -187,20 +187,20 @@ def test_load_slerp_strip_and_inspect_work_on_flux_files(dti_pack, flux_dev_load
 def test_gradient_checkpointing_wraps_each_dit_block_and_keeps_the_gradient(dti_pack, fresh_flux_dev):
     """Flux: gradient_checkpointing recomputes each double/single block (the DiT's own block lists);
     the gradient reaching the vectors is the same, and the wrappers are gone afterwards."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, _ = fresh_flux_dev
     net = model.model.diffusion_model
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
         counts = {k: v.shape[0] for k, v in init.items()}
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], counts)
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], counts)
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     grads, wrapped = {}, {}
     for gc in (False, True):
-        with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip, gc):
+        with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip, gc):
             blocks = list(net.double_blocks) + list(net.single_blocks)
             wrapped[gc] = sum("forward" in vars(b) for b in blocks)
-            step = ct.DiffusionStep(model, clip, prompts, latents, None, 1, 0, 64, torch.device("cpu"), guidance=3.5)
+            step = ct.step.DiffusionStep(model, clip, prompts, latents, None, 1, 0, 64, torch.device("cpu"), guidance=3.5)
             embeds = {k: (m_star[k] * init[k]).requires_grad_(True) for k in init}
             step(embeds, 0).backward()
             grads[gc] = {k: e.grad.clone() for k, e in embeds.items()}

@@ -10,12 +10,12 @@ import torch
 
 
 def _capture_step(dti_pack, loaded, res=64):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, _ = loaded
     with torch.inference_mode():
-        init, mu, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        init, mu, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
         counts = {k: v.shape[0] for k, v in init.items()}
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}", "a {} in the snow"], counts)
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}", "a {} in the snow"], counts)
     latents = torch.randn(3, 4, res // 8, res // 8, generator=torch.Generator().manual_seed(0))
     seen = {}
     inner = model.model
@@ -30,10 +30,10 @@ def _capture_step(dti_pack, loaded, res=64):
             seen["extra"] = dict(kw)
         return orig_extra(**kw)
 
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
         inner.apply_model, inner.extra_conds = apply_model, extra_conds
         try:
-            step = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 3, res, torch.device("cpu"))
+            step = ct.step.DiffusionStep(model, clip, prompts, latents, None, 2, 3, res, torch.device("cpu"))
             loss = step({k: m_star[k] * init[k] for k in init}, 4)
         finally:
             del inner.apply_model, inner.extra_conds
@@ -64,7 +64,7 @@ def test_sd_families_give_the_denoiser_exactly_what_the_hand_built_step_did(kind
 @pytest.mark.parametrize("kind,family,encoders", [("sd15", "SD1.x", ("clip_l",)), ("sd2", "SD2.x", ("clip_h",)),
                                                   ("sdxl", "SDXL", ("clip_l", "clip_g"))])
 def test_family_of_the_loaded_checkpoints(kind, family, encoders, request, dti_pack):
-    fams = dti_pack.nodes.families
+    fams = dti_pack.comfy_host.families
     model, clip, _ = request.getfixturevalue(f"fresh_{kind}")
     fam = fams.family_of(model, clip)
     assert fam.name == family and fam.encoders == encoders
@@ -75,8 +75,8 @@ def test_family_of_the_loaded_checkpoints(kind, family, encoders, request, dti_p
 
 
 def test_a_clip_from_another_family_is_refused_before_any_work(dti_pack, sd15_loaded, sdxl_loaded):
-    fams = dti_pack.nodes.families
-    with pytest.raises(dti_pack.nodes.comfy_training.UnsupportedModelError,
+    fams = dti_pack.comfy_host.families
+    with pytest.raises(dti_pack.comfy_host.contracts.UnsupportedModelError,
                        match=r"does not fit the BaseModel model: it needs the text encoders clip_l or clip_h, "
                              r"the CLIP has clip_g, clip_l"):
         fams.family_of(sd15_loaded[0], sdxl_loaded[1])

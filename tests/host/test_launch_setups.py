@@ -42,14 +42,14 @@ def backend(request, monkeypatch, comfy):
 
 def _step_grad(dti_pack, loaded, seed=0):
     """Loss and gradient of the node's own training step at the initializer (SD1.5, batch 2, 16x16 latents)."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, _ = loaded
     with torch.inference_mode():
-        init, mu, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}", "a {} in the snow"], init["clip_l"].shape[0])
+        init, mu, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}", "a {} in the snow"], init["clip_l"].shape[0])
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        step = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 7, 128, torch.device("cpu"))
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        step = ct.step.DiffusionStep(model, clip, prompts, latents, None, 2, 7, 128, torch.device("cpu"))
         v = init["clip_l"].clone().requires_grad_(True)
         loss = step({"clip_l": m_star["clip_l"] * v}, 3)
         loss.backward()
@@ -120,7 +120,7 @@ def _forward(mods, x):
 def test_cast_weights_are_recast_in_backward_not_kept(weight_dtype, dti_pack, comfy):
     """Layers that cast stored weights per call (fp16 text encoders on the CPU, fp8 storage, LoRA
     patches) give the same input gradient as autograd's own, while no weight-sized tensor is kept."""
-    diff = dti_pack.nodes.differentiable
+    diff = dti_pack.comfy_host.autograd
     mods = _cast_layers(comfy, weight_dtype)
     # A LoRA-like patch: the effective weight differs from the stored one.
     mods["lin"].weight_function = [lambda w: w * 1.5]
@@ -155,18 +155,18 @@ def test_cast_weights_are_recast_in_backward_not_kept(weight_dtype, dti_pack, co
 def test_text_encoder_weights_are_not_copied_for_backward(dti_pack, fresh_sdxl):
     """The fp16 CLIP-G on the CPU casts its weights to fp32 per layer; a training step must not
     keep those copies (they were the largest item of a thin SDXL run's memory)."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, _ = fresh_sdxl
-    enc = ct.text_encoders(clip)["clip_g"][2]
+    enc = ct.text.text_encoders(clip)["clip_g"][2]
     with torch.inference_mode():
-        init, mu, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+        init, mu, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
     numels = {p.numel() for p in enc.parameters() if p.dim() == 2 and p.numel() > 10**6}
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
         sizes = []
         v = {k: (m_star[k] * init[k]).requires_grad_(True) for k in init}
         with torch.autograd.graph.saved_tensors_hooks(lambda t: (sizes.append(t.numel()), t)[1], lambda t: t):
-            cond, pooled = ct.encode_token_batch(clip, [prompts[0].with_vectors({"l": v["clip_l"], "g": v["clip_g"]})])
+            cond, pooled = ct.text.encode_token_batch(clip, [prompts[0].with_vectors({"l": v["clip_l"], "g": v["clip_g"]})])
         (cond.float().square().mean() + pooled.float().square().mean()).backward()
     assert v["clip_g"].grad is not None and v["clip_g"].grad.abs().sum() > 0
     kept = [n for n in sizes if n in numels]

@@ -16,17 +16,17 @@ import torch
 def teacher_student(dti_pack, loaded):
     """Target conditioning of "a photo of a dog", the student word starting at "car", and the
     direction of "dog" to measure against."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     _, clip, _ = loaded
-    (_, tok, encoder), = ct.text_encoders(clip).values()
+    (_, tok, encoder), = ct.text.text_encoders(clip).values()
     with torch.inference_mode():
         target = clip.encode_from_tokens(clip.tokenize("a photo of a dog"))
-        init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
-        dog = ct.initializer_ids(tok, "dog")
-        prompt, = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
+        dog = ct.text.initializer_ids(tok, "dog")
+        prompt, = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
     assert len(dog) == 1 and init["clip_l"].shape == (1, 768)
     with torch.inference_mode(False):
-        dog_dir = ct.vocabulary(encoder)[dog].detach().float().clone()
+        dog_dir = ct.text.vocabulary(encoder)[dog].detach().float().clone()
         dog_dir = dog_dir / dog_dir.norm()
         target = target.clone().float()
 
@@ -65,16 +65,16 @@ def teacher_student_denoiser(ds, model, target):
 
 
 def test_dti_recovers_target_word_direction_and_plain_ti_norm_drifts(dti_pack, fresh_sd15):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     core_training = dti_pack.dti_core.training
     _, clip, _ = fresh_sd15
     target, init, mu, m_star, prompt, cos_to_dog = teacher_student(dti_pack, fresh_sd15)
 
     def loss_fn(embeds, step):
-        cond, _ = ct.encode_tokens(clip, prompt.with_vectors({"l": embeds["clip_l"]}))
+        cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors({"l": embeds["clip_l"]}))
         return ((cond.float() - target) ** 2).mean()
 
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(fresh_sd15[0], clip):
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(fresh_sd15[0], clip):
         start = cos_to_dog(init["clip_l"])
         cfg = core_training.TrainConfig(steps=40, lr=0.04, kappa=0.0)
         dti = core_training.train(init, mu, m_star, loss_fn, cfg)
@@ -101,19 +101,19 @@ def test_dti_recovers_target_word_direction_and_plain_ti_norm_drifts(dti_pack, f
 
 def test_dti_recovers_target_through_the_denoiser(dti_pack, fresh_sd15):
     """The same recovery, with the loss on the UNet's output (as training sees it)."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     core_training = dti_pack.dti_core.training
     model, clip, _ = fresh_sd15
     target, init, mu, m_star, prompt, cos_to_dog = teacher_student(dti_pack, fresh_sd15)
     ms = model.model.model_sampling
 
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
         def loss_fn(embeds, i):
             g = core_training.step_generator(7, i)
             x0 = torch.randn(2, 4, 8, 8, generator=g)
             sigma = ms.sigma(torch.rand(2, generator=g) * 999)
             x_t = ms.noise_scaling(sigma, torch.randn(2, 4, 8, 8, generator=g), x0)
-            cond, _ = ct.encode_tokens(clip, prompt.with_vectors({"l": embeds["clip_l"]}))
+            cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors({"l": embeds["clip_l"]}))
             student = model.model.apply_model(x_t, sigma, c_crossattn=cond.repeat(2, 1, 1))
             with torch.no_grad():
                 teacher = model.model.apply_model(x_t, sigma, c_crossattn=target.repeat(2, 1, 1))
@@ -131,17 +131,17 @@ def fit_through_the_training_step(dti_pack, loaded, steps, lr):
     """kappa = 0 DTI steps through the node's own DiffusionStep, all on one fixed draw (step 0), so
     the objective is one deterministic function of the vectors: it must fall, and every encoder's
     vectors must turn by exactly atan(lr) in the first step (beta = 0 normalises each step)."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     core = dti_pack.dti_core.training
     model, clip, _ = loaded
     with torch.inference_mode():
-        init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}"], 1)
+        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     flipped = latents.flip(-1)
     snapshots = {}
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        ds = ct.DiffusionStep(model, clip, prompts, latents, flipped, 2, 11, 64, torch.device("cpu"))
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        ds = ct.step.DiffusionStep(model, clip, prompts, latents, flipped, 2, 11, 64, torch.device("cpu"))
         result = core.train(init, mu, m_star, lambda e, s: ds(e, 0),
                             core.TrainConfig(steps=steps, lr=lr, kappa=0.0, checkpoint_every=1),
                             on_checkpoint=lambda s, r: snapshots.setdefault(s, {k: v.clone() for k, v in r.vectors.items()}))

@@ -35,19 +35,19 @@ def test_step_inputs_and_loss_match_an_independent_reference(kind, sampling, req
                                                              monkeypatch):
     import comfy_extras.nodes_model_advanced as adv
 
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     training = dti_pack.dti_core.training
     model, clip, _ = request.getfixturevalue(f"fresh_{kind}")
-    enc = ct.text_encoders(clip)
+    enc = ct.text.text_encoders(clip)
     tol = rounding_tolerance(text_compute_dtypes(clip, [e for _, _, e in enc.values()]), 20.0)
     b, seed = (3, 3) if kind == "sd15" else (2, 5)
     with torch.inference_mode():
         if sampling != "eps":
             model = adv.ModelSamplingDiscrete().patch(model, sampling, False)[0]
         comfy.model_management.load_models_gpu([model, clip.patcher], force_full_load=True)
-        init, mu, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        init, mu, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
         templates = ["a photo of a {}", "a {} in the snow"]
-        prompts = ct.tokenize_templates(clip, templates, 1)
+        prompts = ct.text.tokenize_templates(clip, templates, 1)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(3, 4, 8, 8, generator=gen)
     flipped = torch.randn(3, 4, 8, 8, generator=gen)  # stands in for the mirror images: anything different
@@ -66,8 +66,8 @@ def test_step_inputs_and_loss_match_an_independent_reference(kind, sampling, req
         return out
 
     monkeypatch.setattr(model.model, "apply_model", spy)
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        ds = ct.DiffusionStep(model, clip, prompts, latents, flipped, b, seed, RES, torch.device("cpu"))
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        ds = ct.step.DiffusionStep(model, clip, prompts, latents, flipped, b, seed, RES, torch.device("cpu"))
         embeds = {k: (m_star[k] * init[k]).requires_grad_() for k in init}
         loss = ds(embeds, step)
         loss.backward()
@@ -111,18 +111,18 @@ def test_step_inputs_and_loss_match_an_independent_reference(kind, sampling, req
 
 def test_timesteps_cover_the_whole_sigma_table(dti_pack, fresh_sd15, monkeypatch):
     """Over many draws the sigmas span the table from sigma_min to sigma_max."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, _ = fresh_sd15
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
-        prompts = ct.tokenize_templates(clip, ["{}"], 1)
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["{}"], 1)
     seen = []
     # Only the sigmas matter here: skip the text encoder and the UNet.
-    monkeypatch.setattr(ct, "encode_token_batch", lambda clip, dicts, want_pooled=True: (torch.zeros(len(dicts), 77, 768), None))
+    monkeypatch.setattr(ct.text, "encode_token_batch", lambda clip, dicts, want_pooled=True: (torch.zeros(len(dicts), 77, 768), None))
     monkeypatch.setattr(model.model, "apply_model",
                         lambda x, t, *a, **k: (seen.append(t.detach().clone()), torch.zeros_like(x))[1])
     with torch.inference_mode(False), torch.no_grad():
-        ds = ct.DiffusionStep(model, clip, prompts, torch.randn(1, 4, 8, 8), None, 512, 0, RES, torch.device("cpu"))
+        ds = ct.step.DiffusionStep(model, clip, prompts, torch.randn(1, 4, 8, 8), None, 512, 0, RES, torch.device("cpu"))
         ds({"clip_l": m_star["clip_l"] * init["clip_l"]}, 0)
     sigmas = torch.cat(seen).double()
     table = model.get_model_object("model_sampling").sigmas.double()
@@ -141,17 +141,17 @@ def sigma_from_table_at(table, frac):
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_batched_prompt_encoding_equals_one_encode_per_prompt(kind, request, dti_pack):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     _, clip, _ = request.getfixturevalue(f"{kind}_loaded")
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
-        prompts = ct.tokenize_templates(clip, ["a photo of a {}", "a (weighted:1.3) {} in the snow", "{}"], 1)
-    enc = ct.text_encoders(clip)
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}", "a (weighted:1.3) {} in the snow", "{}"], 1)
+    enc = ct.text.text_encoders(clip)
     vectors = {tkey: (m_star[key] * init[key]).requires_grad_() for key, (tkey, _, _) in enc.items()}
     with torch.inference_mode(False), torch.no_grad():
         dicts = [p.with_vectors(vectors) for p in prompts]
-        cond, pooled = ct.encode_token_batch(clip, dicts)
-        ref = [ct.encode_tokens(clip, d) for d in dicts]
+        cond, pooled = ct.text.encode_token_batch(clip, dicts)
+        ref = [ct.text.encode_tokens(clip, d) for d in dicts]
     # Batching changes the shapes the kernels see, so the sums round differently: allow a few dozen
     # roundings of the dtype the encoders actually compute in (read from their outputs; ComfyUI keeps
     # fp16 weights here but runs the layers in fp32) at the size of the values. A wrong prompt order

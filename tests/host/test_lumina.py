@@ -37,13 +37,13 @@ def test_thin_lumina2_is_detected_by_comfyui_loaders_and_small(lumina, lumina_fi
     assert checkpoints.load_problems(lumina.log) == []
     assert type(model.model).__name__ == "Lumina2" and type(model.model.model_config).__name__ == "Lumina2"
     assert float(model.get_model_object("model_sampling").shift) == 6.0
-    ct = dti_pack.nodes.comfy_training
-    encoders = ct.text_encoders(clip)
-    assert list(encoders) == ["gemma2_2b"] and ct.clip_widths(clip) == {"gemma2_2b": 2304}
+    ct = dti_pack.comfy_host
+    encoders = ct.text.text_encoders(clip)
+    assert list(encoders) == ["gemma2_2b"] and ct.text.clip_widths(clip) == {"gemma2_2b": 2304}
     # the tokenizer is the file's SentencePiece model: Gemma's bos (2) first, no end token
     ids = clip.tokenize("a photo of a dog")["gemma2_2b"][0]
-    assert ids[0][0] == 2 and ids[-1][0] == ct.initializer_ids(encoders["gemma2_2b"][1], "dog")[-1]
-    assert dti_pack.nodes.families.family_of(model, clip).name == "Lumina 2"
+    assert ids[0][0] == 2 and ids[-1][0] == ct.text.initializer_ids(encoders["gemma2_2b"][1], "dog")[-1]
+    assert dti_pack.comfy_host.families.family_of(model, clip).name == "Lumina 2"
     for key in ("diffusion_model", "text_encoder"):
         # idle blocks are holes: each file takes under 100 MiB of disk
         assert lumina_files[key].stat().st_blocks * 512 < 100 * 2**20
@@ -51,21 +51,21 @@ def test_thin_lumina2_is_detected_by_comfyui_loaders_and_small(lumina, lumina_fi
 
 def test_prefix_is_comfyuis_lumina2_system_prompt(dti_pack):
     from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2
-    fam = dti_pack.nodes.families
+    fam = dti_pack.comfy_host.families
     assert fam.LUMINA2_PREFIX == CLIPTextEncodeLumina2.SYSTEM_PROMPT["superior"] + " <Prompt Start> "
 
 
 def test_lumina_trains_through_the_node_and_the_stock_encode_reads_the_file(lumina, dti_pack, embeddings_dir,
                                                                             comfy_nodes, caplog):
     model, clip, vae = lumina.out
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     en = dti_pack.nodes.embedding_nodes
     assert clip.tokenizer.gemma2_2b.embedding_directory is None  # ComfyUI's Gemma tokenizer: no folder
     with torch.inference_mode():
-        vocab = ct.vocabulary(ct.text_encoders(clip)["gemma2_2b"][2])
+        vocab = ct.text.vocabulary(ct.text.text_encoders(clip)["gemma2_2b"][2])
     with torch.inference_mode(False):
         m_star = float(vocab.detach().float().norm(dim=-1).mean())  # mean norm of Gemma's vocabulary rows
-        dog = torch.nn.functional.normalize(vocab[ct.initializer_ids(clip.tokenizer.gemma2_2b, "dog")].detach().float().clone(), dim=-1)
+        dog = torch.nn.functional.normalize(vocab[ct.text.initializer_ids(clip.tokenizer.gemma2_2b, "dog")].detach().float().clone(), dim=-1)
     out = run_train(dti_pack, lumina.out, name="lumina-dog", initializer="dog", steps=2, batch_size=2,
                     resolution=64, kappa=5e-5, learning_rate=0.05, templates="custom",
                     custom_templates="a photo of a {}\n{} on a beach, a good photo")
@@ -88,7 +88,7 @@ def test_lumina_trains_through_the_node_and_the_stock_encode_reads_the_file(lumi
         (ignored,) = comfy_nodes.CLIPTextEncode().encode(clip, text)
         (plain,) = comfy_nodes.CLIPTextEncode().encode(enabled, "a photo of dog")
         # the file's rows, spliced where the tokenizer put the word, give the same conditioning
-        (prompt,) = ct.tokenize_templates(enabled, ["a photo of {}"], v.shape[0])
+        (prompt,) = ct.text.tokenize_templates(enabled, ["a photo of {}"], v.shape[0])
         spliced = enabled.encode_from_tokens_scheduled(prompt.with_vectors({"gemma2_2b": v}))
     assert with_word[0][0].shape[-1] == 2304
     assert not torch.equal(with_word[0][0], ignored[0][0]) and not torch.equal(with_word[0][0], plain[0][0])
@@ -105,25 +105,25 @@ def test_training_prompt_and_mask_are_what_clip_text_encode_lumina2_gives(lumina
     from dti_core.sphere import normalize
 
     model, clip, _ = lumina.out
-    ct = dti_pack.nodes.comfy_training
-    fam = dti_pack.nodes.families
+    ct = dti_pack.comfy_host
+    fam = dti_pack.comfy_host.families
     (enabled,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
     with torch.inference_mode():
-        _, _, m_star = ct.initial_vectors(clip, "cat", 2, "mean")
+        _, _, m_star = ct.text.initial_vectors(clip, "cat", 2, "mean")
     vectors = m_star["gemma2_2b"] * normalize(torch.randn(2, 2304, generator=torch.Generator().manual_seed(4)))
     save_embedding(str(embeddings_dir), "lum-end", {"gemma2_2b": vectors}, dti_metadata(initializer="cat"))
     for template in ("a photo of a {}", "{}, on a beach"):
         with torch.inference_mode():
-            (prompt,) = ct.tokenize_templates(enabled, [fam.LUMINA2_PREFIX + template], 2)
-            cond, _ = ct.encode_each(enabled, [prompt.with_vectors({"gemma2_2b": vectors})], False)
+            (prompt,) = ct.text.tokenize_templates(enabled, [fam.LUMINA2_PREFIX + template], 2)
+            cond, _ = ct.text.encode_each(enabled, [prompt.with_vectors({"gemma2_2b": vectors})], False)
         ref = _stock_lumina_encode(enabled, template.replace("{}", "embedding:lum-end"))
         assert torch.equal(cond[0], ref[0][0]), template
         mask = ref[0][1]["attention_mask"]
         assert mask.shape == (1, cond[0].shape[1]) and bool((mask == 1).all())
     assert prompt.slots["gemma2_2b"][0][1] == 0 + len(prompt.tokens["gemma2_2b"][0]) - 2 - len(  # after bos + prefix
-        ct.initializer_ids(enabled.tokenizer.gemma2_2b, ", on a beach"))
+        ct.text.initializer_ids(enabled.tokenizer.gemma2_2b, ", on a beach"))
     # the word at the very end: its vectors are the last rows, nothing follows them
-    (end_prompt,) = ct.tokenize_templates(enabled, [fam.LUMINA2_PREFIX + "a photo of a {}"], 2)
+    (end_prompt,) = ct.text.tokenize_templates(enabled, [fam.LUMINA2_PREFIX + "a photo of a {}"], 2)
     n = len(end_prompt.tokens["gemma2_2b"][0])
     assert [j for _, j, _ in end_prompt.slots["gemma2_2b"]] == [n - 2, n - 1]
 
@@ -131,18 +131,18 @@ def test_training_prompt_and_mask_are_what_clip_text_encode_lumina2_gives(lumina
 def test_flow_loss_equals_an_independent_computation(lumina, dti_pack):
     """x_t = (1 - s) x0 + s n at s = the shift-6 warp of t, target n - x0, the NextDiT called
     directly with the Gemma conditioning and num_tokens = the prompt length; equal to the node's step."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     training = dti_pack.dti_core.training
-    fam = dti_pack.nodes.families
+    fam = dti_pack.comfy_host.families
     model, clip, _ = lumina.out
     (clip,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, "cat", 0, "mean")
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
         counts = {k: v.shape[0] for k, v in init.items()}
-        prompts = ct.tokenize_templates(clip, [fam.LUMINA2_PREFIX + "a photo of a {}"], counts)
+        prompts = ct.text.tokenize_templates(clip, [fam.LUMINA2_PREFIX + "a photo of a {}"], counts)
     latents = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
-        step = ct.DiffusionStep(model, clip, prompts, latents, None, 2, 5, 64, torch.device("cpu"), text_mask=True)
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        step = ct.step.DiffusionStep(model, clip, prompts, latents, None, 2, 5, 64, torch.device("cpu"), text_mask=True)
         embeds = {k: (m_star[k] * init[k]).requires_grad_(True) for k in init}
         loss = step(embeds, 7)
         loss.backward()
@@ -167,31 +167,31 @@ def test_flow_loss_equals_an_independent_computation(lumina, dti_pack):
 def test_teacher_student_recovers_a_word_through_gemma(lumina, dti_pack):
     """Target: the conditioning of "<system prompt> <Prompt Start> a photo of a dog"; the student
     word starts at "car". The learned direction must turn toward Gemma's "dog" row."""
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     core = dti_pack.dti_core.training
-    fam = dti_pack.nodes.families
+    fam = dti_pack.comfy_host.families
     model, clip, _ = lumina.out
     (clip,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
-    _, tok, enc = ct.text_encoders(clip)["gemma2_2b"]
+    _, tok, enc = ct.text.text_encoders(clip)["gemma2_2b"]
     with torch.inference_mode():
         target = clip.encode_from_tokens(clip.tokenize(fam.LUMINA2_PREFIX + "a photo of a dog"))
-        init, mu, m_star = ct.initial_vectors(clip, "car", 0, "mean")
-        (prompt,) = ct.tokenize_templates(clip, [fam.LUMINA2_PREFIX + "a photo of a {}"], 1)
-        dog = ct.initializer_ids(tok, "dog")
+        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
+        (prompt,) = ct.text.tokenize_templates(clip, [fam.LUMINA2_PREFIX + "a photo of a {}"], 1)
+        dog = ct.text.initializer_ids(tok, "dog")
     assert init["gemma2_2b"].shape[0] == 1 and len(dog) == 1
     with torch.inference_mode(False):
         target = target.clone().float()
-        dog_dir = torch.nn.functional.normalize(ct.vocabulary(enc)[dog].detach().float().clone(), dim=-1)
+        dog_dir = torch.nn.functional.normalize(ct.text.vocabulary(enc)[dog].detach().float().clone(), dim=-1)
 
     def cos(vectors):
         return float((torch.nn.functional.normalize(vectors["gemma2_2b"], dim=-1) * dog_dir).sum())
 
     def loss_fn(embeds, step):
-        cond, _ = ct.encode_tokens(clip, prompt.with_vectors({"gemma2_2b": embeds["gemma2_2b"]}))
+        cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors({"gemma2_2b": embeds["gemma2_2b"]}))
         # causal attention: only the last position sees the word, so sum over positions
         return ((cond.float() - target) ** 2).mean(-1).sum()
 
-    with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip):
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
         before = cos(init)
         result = core.train(init, mu, m_star, loss_fn, core.TrainConfig(steps=80, lr=0.1, kappa=0.0))
     after = cos(result.vectors)
@@ -212,7 +212,7 @@ def test_lumina_preview_renders_with_the_system_prompt(lumina, dti_pack, embeddi
     image = out["result"][3]
     assert image.shape == (1, 64, 64, 3) and bool(torch.isfinite(image).all()) and float(image.std()) > 0
     emb = load_embedding(str(embeddings_dir / "lumina-preview.safetensors"))
-    prefix = dti_pack.nodes.families.LUMINA2_PREFIX
+    prefix = dti_pack.comfy_host.families.LUMINA2_PREFIX
     with torch.inference_mode():
         (enabled,) = en.DTIEnableEmbeddings().enable(clip)["result"]
         again = previews.render(model, enabled, vae, emb.vectors, "a {} on grass", 3, 64, 1, prefix=prefix)

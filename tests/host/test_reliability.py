@@ -74,13 +74,13 @@ def test_failed_final_write_keeps_the_old_file_and_leaves_no_temp(dti_pack, fres
 
 
 def test_injected_oom_says_what_to_lower_writes_nothing_and_releases(dti_pack, fresh_sd15, embeddings_dir, monkeypatch, comfy):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     released = []
 
     def oom(self, embeds, step):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(ct.DiffusionStep, "__call__", oom)
+    monkeypatch.setattr(ct.step.DiffusionStep, "__call__", oom)
     real_empty = comfy.model_management.soft_empty_cache
     monkeypatch.setattr(comfy.model_management, "soft_empty_cache", lambda *a, **k: (released.append(1), real_empty(*a, **k)))
     before = all_files(embeddings_dir)
@@ -172,14 +172,14 @@ def test_corrupt_file_through_the_load_node_names_the_file(dti_pack, embeddings_
 def test_unsupported_models_are_refused_naming_what_is_supported(dti_pack, fresh_sd15):
     import types
 
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, vae = fresh_sd15
     flux_like = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object()))
     with pytest.raises(ValueError, match=r"supports SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 / SD3.5, Lumina 2; this MODEL is SimpleNamespace"):
         run_train(dti_pack, (flux_like, clip, vae))
     no_text = types.SimpleNamespace(tokenizer=types.SimpleNamespace(), cond_stage_model=types.SimpleNamespace())
     with pytest.raises(ValueError, match=r"supports SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 / SD3.5, Lumina 2; this CLIP \(SimpleNamespace\) has no text encoder"):
-        ct.text_encoders(no_text)
+        ct.families.family_of(model, no_text)
 
 
 def test_mixed_sizes_batched_by_comfyui_image_batch_train(dti_pack, fresh_sd15, comfy_nodes, embeddings_dir):

@@ -8,9 +8,9 @@ from tests_host_helpers import run_train
 
 
 def counts_for(pack, clip, initializer, num_vectors=0):
-    ct = pack.nodes.comfy_training
+    ct = pack.comfy_host
     with torch.inference_mode():
-        init, _, m_star = ct.initial_vectors(clip, initializer, num_vectors, "mean")
+        init, _, m_star = ct.text.initial_vectors(clip, initializer, num_vectors, "mean")
     return {k: v.shape[0] for k, v in init.items()}, m_star
 
 

@@ -40,7 +40,7 @@ def test_train_writes_a_file_that_clip_text_encode_uses(kind, request, dti_pack,
     assert len(history["loss"]) == history["steps"][-1]
     # every encoder's vectors turned away from the initializer ("cat"): none was left out of the graph
     with torch.inference_mode():
-        init, _, _ = dti_pack.nodes.comfy_training.initial_vectors(clip, "cat", 0, "mean")
+        init, _, _ = dti_pack.comfy_host.text.initial_vectors(clip, "cat", 0, "mean")
     for k, v in emb.vectors.items():
         assert (angle(v, init[k]) > 1e-3).all(), f"{k} did not train"
 
@@ -72,7 +72,7 @@ def test_one_step_turns_the_vector_by_the_batch_scaled_rate(dti_pack, fresh_sd15
     _, clip, _ = fresh_sd15
     out = run_train(dti_pack, fresh_sd15, name="one-step", steps=1, kappa=0.0, learning_rate=0.01, batch_size=2)
     with torch.inference_mode():
-        init, _, m_star = dti_pack.nodes.comfy_training.initial_vectors(clip, "cat", 0, "mean")
+        init, _, m_star = dti_pack.comfy_host.text.initial_vectors(clip, "cat", 0, "mean")
     v = load_embedding(str(embeddings_dir / "one-step.safetensors")).vectors["clip_l"]
     assert torch.allclose(angle(v, init["clip_l"]), torch.tensor(math.atan(0.02)), atol=1e-4)
     assert out["result"][2]["steps"] == [1] and math.isfinite(out["result"][2]["loss"][0])
@@ -91,11 +91,11 @@ def test_one_step_turns_the_vector_by_the_batch_scaled_rate(dti_pack, fresh_sd15
 
 @pytest.mark.parametrize("hflip", [True, False])
 def test_horizontal_flip_hands_the_step_the_mirrored_latents(hflip, dti_pack, fresh_sd15, monkeypatch):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, _, vae = fresh_sd15
     seen = {}
 
-    class Spy(ct.DiffusionStep):
+    class Spy(ct.step.DiffusionStep):
         def __init__(self, model, clip, prompts, latents, flipped, *args, **kwargs):
             # the node hands one TrainingLatents per aspect-ratio bucket (here one: both images square),
             # with per-image posterior means (and stds) of the images and their mirrors
@@ -105,7 +105,7 @@ def test_horizontal_flip_hands_the_step_the_mirrored_latents(hflip, dti_pack, fr
             seen["latents"], seen["flipped"] = mean.clone(), None if fmean is None else fmean.clone()
             super().__init__(model, clip, prompts, latents, flipped, *args, **kwargs)
 
-    monkeypatch.setattr(ct, "DiffusionStep", Spy)
+    monkeypatch.setattr(ct.step, "DiffusionStep", Spy)
     imgs = torch.rand(2, 64, 64, 3, generator=torch.Generator().manual_seed(3))
     run_train(dti_pack, fresh_sd15, name=f"flip-{hflip}", steps=1, batch_size=1, horizontal_flip=hflip, images=imgs)
     with torch.inference_mode():
@@ -254,11 +254,11 @@ def test_gradient_checkpointing_gives_the_same_embedding(dti_pack, fresh_sd15, e
 
 
 def test_gradient_checkpointing_cuts_the_unet_activations_kept_for_backward(dti_pack, fresh_sd15):
-    ct = dti_pack.nodes.comfy_training
+    ct = dti_pack.comfy_host
     model, clip, _ = fresh_sd15
     saved = {}
     for gc in (False, True):
-        with torch.inference_mode(False), torch.enable_grad(), ct.differentiable(model, clip, gc):
+        with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip, gc):
             weights = {q.data_ptr() for q in model.model.parameters()}
             total = [0]
 

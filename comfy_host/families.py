@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .comfy_training import UnsupportedModelError, text_encoders
+from .contracts import UnsupportedModelError
+from .text import text_encoders
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class Family:
     # ComfyUI always builds this family's tokenizer without an embeddings folder (Gemma-2): training
     # places the word through a copy that has one (DTI Enable Embeddings does the same for prompts).
     enable_embeddings: bool = False
+    # comfy.supported_models class names (the model's config) where the model class alone is shared
+    # by other families: 0.33's Z-Image is supported_models.ZImage(Lumina2) on model_base.Lumina2.
+    configs: tuple[str, ...] = ()
 
 
 # CLIPTextEncodeLumina2's default ("superior") system prompt and separator
@@ -48,8 +52,12 @@ FAMILIES = (
     Family("SD3 / SD3.5 (no T5)", ("SD3",), ("clip_l", "clip_g"), 768),
     # Lumina 2 / Neta Lumina: Gemma-2-2B, 1024 px as the authors' SANA (Gemma-2) recipe.
     Family("Lumina 2", ("Lumina2",), ("gemma2_2b",), 1024, prompt_prefix=LUMINA2_PREFIX, text_mask=True,
-           enable_embeddings=True),
+           enable_embeddings=True, configs=("Lumina2",)),
 )
+
+# Model configs of current ComfyUI that DTI Train does not train yet, by the name users know them by.
+NOT_YET = {"ZImage": "Z-Image", "ZImagePixelSpace": "Z-Image", "Flux2": "FLUX.2", "QwenImage": "Qwen-Image",
+           "WAN21_T2V": "Wan 2.1", "WAN22_T2V": "Wan 2.2", "HiDream": "HiDream"}
 
 
 def supported_text() -> str:
@@ -59,19 +67,26 @@ def supported_text() -> str:
 def family_of(model, clip) -> Family:
     """The family of this MODEL + CLIP pair, or a clear refusal naming what is supported."""
     model_class = type(model.model).__name__
-    available = set(text_encoders(clip))
-    for fam in FAMILIES:
-        if model_class in fam.model_classes and set(fam.encoders) == available:
+    config = type(getattr(model.model, "model_config", None)).__name__
+    if config in NOT_YET:
+        raise UnsupportedModelError(
+            f"DTI Train does not train {NOT_YET[config]} models yet (this MODEL is {model_class} with the "
+            f"{config} configuration); it supports {supported_text()}")
+    try:
+        available = set(text_encoders(clip))
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"DTI Train supports {supported_text()}; {e}") from None
+    candidates = [f for f in FAMILIES if model_class in f.model_classes and (not f.configs or config in f.configs)]
+    for fam in candidates:
+        if set(fam.encoders) == available:
             return fam
-    candidates = [f for f in FAMILIES if model_class in f.model_classes]
     if candidates:
         wanted = " or ".join("+".join(f.encoders) for f in candidates)
         raise UnsupportedModelError(
             f"this CLIP does not fit the {model_class} model: it needs the text encoders {wanted}, the CLIP has "
             f"{', '.join(sorted(available)) or 'none'}. Load the text encoders that belong to this model.")
     raise UnsupportedModelError(
-        f"DTI Train supports {supported_text()}; this MODEL is {model_class} "
-        f"({type(model.model.model_config).__name__})")
+        f"DTI Train supports {supported_text()}; this MODEL is {model_class} ({config})")
 
 
 def trained_encoders(family: Family, choice: str) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""Making ComfyUI's inference-only modules differentiable for one training run, then undoing it.
+"""The autograd patches: ComfyUI's inference-only modules made differentiable for one run, then undone.
 
 ComfyUI builds its models for sampling; five things stand between them and a backward pass,
 and each is handled here, for the run only:
@@ -27,6 +27,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from . import ops
+from .text import text_encoders
 
 log = logging.getLogger("ComfyUI-DTI")
 
@@ -67,38 +70,30 @@ class _CastLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module):
-        import comfy.ops
-
-        weight, bias = comfy.ops.cast_bias_weight(module, x)
         ctx.module, ctx.dtype, ctx.device = module, x.dtype, x.device
-        return F.linear(x, weight, bias)  # x is 2-D (see _lean_forward): a fresh tensor, not a view
+        with ops.cast_weights(module, x) as (weight, bias):
+            return F.linear(x, weight, bias)  # x is 2-D (see _lean_forward): a fresh tensor, not a view
 
     @staticmethod
     def backward(ctx, grad):
-        import comfy.ops
-
-        weight, _ = comfy.ops.cast_bias_weight(ctx.module, dtype=ctx.dtype, device=ctx.device)
-        return grad.to(weight.dtype) @ weight, None
+        with ops.cast_weights(ctx.module, dtype=ctx.dtype, device=ctx.device) as (weight, _):
+            return grad.to(weight.dtype) @ weight, None
 
 
 class _CastConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module):
-        import comfy.ops
-
-        weight, bias = comfy.ops.cast_bias_weight(module, x)
         ctx.module, ctx.dtype, ctx.device, ctx.shape = module, x.dtype, x.device, x.shape
-        out = module._conv_forward(x, weight, bias)
+        with ops.cast_weights(module, x) as (weight, bias):
+            out = module._conv_forward(x, weight, bias)
         return out.clone() if out._is_view() else out
 
     @staticmethod
     def backward(ctx, grad):
-        import comfy.ops
-
         m = ctx.module
-        weight, _ = comfy.ops.cast_bias_weight(m, dtype=ctx.dtype, device=ctx.device)
-        gx = torch.nn.grad.conv2d_input(ctx.shape, weight, grad.to(weight.dtype), m.stride, m.padding,
-                                        m.dilation, m.groups)
+        with ops.cast_weights(m, dtype=ctx.dtype, device=ctx.device) as (weight, _):
+            gx = torch.nn.grad.conv2d_input(ctx.shape, weight, grad.to(weight.dtype), m.stride, m.padding,
+                                            m.dilation, m.groups)
         return gx, None
 
 
@@ -118,13 +113,13 @@ def _lean_cast_layers(root: torch.nn.Module) -> list[torch.nn.Module]:
     Layers with their own cast forward (scaled fp8, cuBLAS ops) are wrapped in per-layer
     recomputation instead, which also saves only the input.
     """
-    import comfy.ops as ops
+    import comfy.ops
 
-    base = {ops.disable_weight_init.Linear.forward_comfy_cast_weights: _CastLinear,
-            ops.disable_weight_init.Conv2d.forward_comfy_cast_weights: _CastConv2d}
+    base = {comfy.ops.disable_weight_init.Linear.forward_comfy_cast_weights: _CastLinear,
+            comfy.ops.disable_weight_init.Conv2d.forward_comfy_cast_weights: _CastConv2d}
     changed = []
     for m in root.modules():
-        if not isinstance(m, ops.CastWeightBiasOp) or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+        if not ops.is_cast_layer(m) or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
         own = type(m).forward_comfy_cast_weights
         fn = base.get(own)
@@ -208,7 +203,7 @@ def checkpoint_units(net: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def differentiable(model, encoders, gradient_checkpointing: bool = False):
+def differentiable_modules(model, encoders, gradient_checkpointing: bool = False):
     """Make the shared MODEL and the given text encoders usable for backward, then undo it.
 
     Must run inside ``torch.inference_mode(False)``. The cloned weights stay (same
@@ -245,3 +240,8 @@ def differentiable(model, encoders, gradient_checkpointing: bool = False):
             del layer.forward
         for m in lean:
             del m.forward_comfy_cast_weights
+
+
+def differentiable(model, clip, gradient_checkpointing: bool = False):
+    """``differentiable_modules`` for the MODEL and every text encoder of the CLIP."""
+    return differentiable_modules(model, [encoder for _, _, encoder in text_encoders(clip).values()], gradient_checkpointing)

@@ -1,0 +1,92 @@
+"""Memory and devices: where training runs, what stays loaded, out of memory, cancel, clean-up."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import sys
+
+import torch
+
+import comfy.model_management as mm
+
+
+def torch_device():
+    return mm.get_torch_device()
+
+
+def full_load() -> bool:
+    """Whether the models may be loaded whole: not under --lowvram / --novram, where ComfyUI keeps
+    part of the weights off the GPU and casts them per layer (training follows, see autograd.py)."""
+    return mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM)
+
+
+def load_for_training(model, clip) -> None:
+    """The diffusion model and the text encoders on the device for the training steps."""
+    mm.load_models_gpu([model, clip.patcher], force_full_load=full_load())
+
+
+def device_context(device):
+    """The host's CUDA device context for ``device`` (0.33: ``cuda_device_context``, so kernels such
+    as comfy-kitchen's fp8 ones pick the right card); nothing on hosts without it."""
+    ctx = getattr(mm, "cuda_device_context", None)
+    return ctx(device) if ctx is not None else contextlib.nullcontext()
+
+
+def _is_dynamic(patcher) -> bool:
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
+def trainable(model, clip):
+    """``(model, clip)`` whose weights stay resident and can be trained through.
+
+    Dynamic VRAM (0.33, ``comfy-aimdo``: on by default on NVIDIA) streams weights from a mapped
+    file per call, so ``force_full_load`` does not keep them resident and the training hooks would
+    see weights come and go. A dynamic patcher is swapped, for the run, for a classic one
+    (``clone(disable_dynamic=True)``, as core's torch-compile and multi-GPU nodes do): the host
+    reloads the model's weights once into ordinary memory. Classic patchers come back unchanged."""
+    if _is_dynamic(model):
+        model = model.clone(disable_dynamic=True)
+    if _is_dynamic(clip.patcher):
+        new = clip.clone(disable_dynamic=True)
+        # CLIP.clone shares the encoder module; the classic patcher carries its own copy
+        new.cond_stage_model = new.patcher.model
+        clip = new
+    return model, clip
+
+
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error of the accelerator (0.33's ``is_oom`` also knows the accelerator's own
+    error codes)."""
+    check = getattr(mm, "is_oom", None)
+    if check is not None:
+        return bool(check(e))
+    return isinstance(e, torch.OutOfMemoryError)
+
+
+def oom_error(message: str) -> Exception:
+    """The host's OOM exception type, which its executor recognises (it frees models and tells the UI)."""
+    return mm.OOM_EXCEPTION(message)
+
+
+def check_interrupted() -> None:
+    """Raise the host's interrupt exception if the user cancelled the prompt."""
+    mm.throw_exception_if_processing_interrupted()
+
+
+def release() -> None:
+    gc.collect()
+    mm.soft_empty_cache()
+    if sys.platform.startswith("linux"):
+        # glibc keeps freed activations mapped; hand them back so a long-lived server's resident
+        # memory falls after a run (cheap, and a no-op where unsupported).
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def rng_devices() -> list:
+    device = mm.get_torch_device()
+    return [device] if getattr(device, "type", "cpu") == "cuda" else []

@@ -1,0 +1,350 @@
+"""The text path: the CLIP's encoders, the learned word's place in a prompt, and the encode.
+
+The learned vectors enter the text encoder exactly as an ``embedding:NAME`` does at inference:
+as tensor tokens that ComfyUI's own tokenizer placed and ``encode_token_weights`` splices in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+
+import torch
+
+from ..dti_core.magnitude import target_norm
+from ..dti_core.sphere import normalize
+from . import memory, ops
+from .contracts import HostContractError, UnsupportedModelError
+
+# The embedding name used while tokenizing training prompts; its file lives only in a temporary folder.
+PLACEHOLDER_NAME = "__dti_training_placeholder__"
+# Marker rows stand in for the learned vectors until each step splices the real ones in.
+_MARK_A, _MARK_B = 12345.0, -98765.0
+
+
+def text_encoders(clip) -> dict[str, tuple[str, object, torch.nn.Module]]:
+    """``{embedding_key: (token_dict_key, tokenizer, encoder)}`` for every text encoder of the CLIP
+    whose ComfyUI tokenizer reads ``embedding:NAME`` (CLIP-L/G/H, T5-XXL, ...).
+
+    The embedding key is what ComfyUI looks up in an embedding file for that encoder
+    (``clip_l``, ``clip_g``, ``clip_h``, ``t5xxl``); the token dict key is the encoder's key in
+    ``clip.tokenize(...)`` output (``l``, ``g``, ``h``, ``t5xxl``).
+    """
+    found = {}
+    outer = clip.tokenizer
+    for attr, tok in vars(outer).items():
+        key = getattr(tok, "embedding_key", None)
+        # (a tokenizer that reads embedding:NAME carries the identifier and its embeddings folders)
+        if (key is None or not hasattr(tok, "embedding_identifier") or not hasattr(tok, "embedding_directory")
+                or attr not in (key, "clip_" + key)):
+            continue
+        # (the tokenizer and the model may name it differently: PixArt/Chroma's T5 is clip_t5xxl vs t5xxl)
+        encoder = next((e for e in (getattr(clip.cond_stage_model, a, None) for a in (attr, key, "clip_" + key))
+                        if e is not None and hasattr(e, "transformer")), None)
+        if encoder is None:
+            continue
+        if attr == getattr(outer, "clip", None) and getattr(outer, "clip_name", None):
+            tkey = outer.clip_name  # a one-encoder SD1Tokenizer wrapper: tokens under its clip_name
+        else:
+            tkey = attr[len("clip_"):] if attr.startswith("clip_") else attr
+        found[key] = (tkey, tok, encoder)
+    if not found:
+        raise UnsupportedModelError(
+            f"this CLIP ({type(clip.cond_stage_model).__name__}) has no text encoder whose tokenizer reads embedding:NAME")
+    return found
+
+
+def clip_widths(clip) -> dict[str, int]:
+    """``{embedding_key: token width}`` of the CLIP's text encoders."""
+    return {key: tok.embedding_size for key, (_, tok, _) in text_encoders(clip).items()}
+
+
+def vocabulary(encoder) -> torch.Tensor:
+    """The encoder's token table, read through the host's ops (an fp8 or quantized table too)."""
+    return ops.read_weight(encoder.transformer.get_input_embeddings())
+
+
+def initializer_ids(tokenizer, words: str) -> list[int]:
+    """Token ids of ``words`` as this tokenizer splits them, without start/end tokens."""
+    ids = tokenizer.tokenizer(words)["input_ids"]
+    end = -1 if getattr(tokenizer, "tokenizer_adds_end_token", True) else None
+    return list(ids[tokenizer.tokens_start : end])
+
+
+def initial_vectors(clip, words: str, count: int, magnitude, keys=None) -> tuple[dict, dict, dict]:
+    """``(init, mu, m_star)`` per encoder (all of the CLIP's, or ``keys``).
+
+    By default one vector per initializer token of that encoder's tokenizer (CLIP and
+    T5 may split a word differently), each starting at (and pulled toward) its
+    token's direction. With an explicit ``count`` that differs, every vector starts
+    at the mean direction of the initializer tokens.
+    """
+    if not words.strip():
+        raise ValueError("initializer word is empty: give a word that describes the concept, e.g. 'dog'")
+    init, mu, m_star = {}, {}, {}
+    for key, (_, tok, encoder) in text_encoders(clip).items():
+        if keys is not None and key not in keys:
+            continue
+        ids = initializer_ids(tok, words)
+        if not ids:
+            raise ValueError(f"initializer {words!r} produced no tokens")
+        vocab = vocabulary(encoder)
+        with torch.inference_mode(False):
+            rows = normalize(vocab[ids].detach().float().cpu().clone())
+        n = count if count > 0 else len(ids)
+        if n != len(ids):
+            rows = normalize(rows.mean(dim=0, keepdim=True)).expand(n, -1).clone()
+        init[key], mu[key] = rows, rows.clone()
+        with torch.inference_mode(False):
+            # row norms block by block, no float copy of the whole table (Gemma-2's is 256000 x 2304)
+            m_star[key] = target_norm(vocab.detach(), magnitude)
+    return init, mu, m_star
+
+
+def _marker(n: int, width: int) -> torch.Tensor:
+    marker = torch.zeros(n, width)
+    marker[:, 0], marker[:, 2] = _MARK_A, _MARK_B
+    marker[:, 1] = torch.arange(n, dtype=torch.float32)
+    return marker
+
+
+@contextlib.contextmanager
+def placeholder_tokenizers(clip, num_vectors):
+    """While active, ``embedding:PLACEHOLDER_NAME`` tokenizes to marker rows: ``num_vectors`` of
+    them (an int for every encoder, or ``{embedding_key: count}``).
+
+    The rows are a real embedding file in a temporary folder that each tokenizer reads beside its
+    own embeddings folders, so the host's own ``embedding:NAME`` parsing places them (name splitting,
+    trailing commas, weights) and no tokenizer method is replaced. The folder is removed on exit."""
+    encoders = text_encoders(clip)
+    rows = {}
+    for key, (_, tok, _) in encoders.items():
+        rows[key] = _marker(num_vectors if isinstance(num_vectors, int) else num_vectors[key], tok.embedding_size)
+    import safetensors.torch
+
+    saved = []
+    with tempfile.TemporaryDirectory(prefix="dti-placeholder-") as folder:
+        safetensors.torch.save_file(rows, os.path.join(folder, PLACEHOLDER_NAME + ".safetensors"))
+        try:
+            for _, tok, _ in encoders.values():
+                own = tok.embedding_directory
+                saved.append((tok, own))
+                own = [own] if isinstance(own, str) else list(own or [])
+                tok.embedding_directory = [folder] + own
+            yield
+        finally:
+            for tok, own in saved:
+                tok.embedding_directory = own
+
+
+def _marker_row(t) -> int | None:
+    if torch.is_tensor(t) and t.dim() == 1 and t.shape[0] > 2 and float(t[0]) == _MARK_A and float(t[2]) == _MARK_B:
+        return int(t[1])
+    return None
+
+
+_CHECKED_TOKENIZERS: set[type] = set()
+
+
+def check_placeholder_contract(clip) -> None:
+    """Once per tokenizer class: ``embedding:NAME`` alone must tokenize to that file's rows, in order.
+    The one behaviour of ComfyUI's tokenizers the training path relies on; a host that changed it
+    gets a ``HostContractError`` naming it, before anything runs."""
+    encoders = text_encoders(clip)
+    todo = {key: v for key, v in encoders.items() if type(v[1]) not in _CHECKED_TOKENIZERS}
+    if not todo:
+        return
+    with placeholder_tokenizers(clip, 2):
+        tokens = clip.tokenize("embedding:" + PLACEHOLDER_NAME)
+    for key, (tkey, tok, _) in todo.items():
+        chunks = tokens.get(tkey)
+        if not isinstance(chunks, list) or not chunks or not all(isinstance(e, tuple) for c in chunks for e in c):
+            raise HostContractError(f"{type(tok).__name__} tokenization ({key})",
+                                    "a list of chunks of (token, weight, ...) tuples", repr(type(chunks)))
+        found = [r for c in chunks for e in c if (r := _marker_row(e[0])) is not None]
+        if found != [0, 1]:
+            raise HostContractError(f"{type(tok).__name__}: embedding:NAME in a prompt ({key})",
+                                    "the rows of NAME.safetensors from the tokenizer's embeddings folders",
+                                    f"{len(found)} of its 2 rows")
+        _CHECKED_TOKENIZERS.add(type(tok))
+
+
+class PromptTokens:
+    """One tokenized training prompt with the positions of the learned vectors."""
+
+    def __init__(self, tokens: dict, slots: dict[str, list[tuple[int, int, int]]]):
+        self.tokens = tokens  # as clip.tokenize returns it
+        self.slots = slots  # token dict key -> [(chunk, position, vector row)]
+
+    def with_vectors(self, embeds_by_token_key: dict[str, torch.Tensor]) -> dict:
+        out = {k: [list(chunk) for chunk in chunks] for k, chunks in self.tokens.items()}
+        for k, slots in self.slots.items():
+            for c, j, row in slots:
+                entry = out[k][c][j]
+                out[k][c][j] = (embeds_by_token_key[k][row],) + tuple(entry[1:])
+        return out
+
+
+def tokenize_templates(clip, templates: list[str], num_vectors) -> list[PromptTokens]:
+    """Each template with ``{}`` replaced by the learned word, tokenized by the CLIP's own tokenizers.
+
+    ``num_vectors``: an int for every encoder, or ``{embedding_key: count}``."""
+    encoders = text_encoders(clip)
+    for key, (_, tok, _) in encoders.items():
+        if tok.embedding_directory is None:
+            # ComfyUI's tokenizer then ignores every "embedding:" word, in training and in prompts.
+            raise ValueError(
+                f"this CLIP's {key} tokenizer has no embeddings folder, so embedding:NAME cannot work with it. "
+                f"Load the model with CheckpointLoaderSimple or CLIPLoader, which set the embeddings folders, "
+                f"or pass the CLIP through DTI Enable Embeddings."
+            )
+    check_placeholder_contract(clip)
+    result = []
+    with placeholder_tokenizers(clip, num_vectors):
+        for template in templates:
+            text = template.replace("{}", "embedding:" + PLACEHOLDER_NAME)
+            tokens = clip.tokenize(text)
+            slots = {}
+            for tkey, chunks in tokens.items():
+                found = [(c, j, _marker_row(e[0])) for c, chunk in enumerate(chunks) for j, e in enumerate(chunk)]
+                slots[tkey] = [s for s in found if s[2] is not None]
+            for key, (tkey, _, _) in encoders.items():
+                n = num_vectors if isinstance(num_vectors, int) else num_vectors[key]
+                if sorted(r for _, _, r in slots.get(tkey, [])) != list(range(n)):
+                    raise ValueError(f"template {template!r}: the learned word did not tokenize into the {key} prompt")
+            result.append(PromptTokens(tokens, slots))
+    return result
+
+
+def encode_tokens(clip, tokens):
+    """``(cond, pooled)`` of a token dict through ``encode_token_weights``, as CLIPTextEncode gets them.
+
+    Does what ``CLIP.encode_from_tokens`` does around the encode (clip skip; on hosts that have
+    one, the execution device and its CUDA device context), without re-loading the models each
+    step; tensor tokens keep their gradients.
+    """
+    cm = clip.cond_stage_model
+    cm.reset_clip_options()
+    if clip.layer_idx is not None:
+        cm.set_clip_options({"layer": clip.layer_idx})
+    device = clip.patcher.load_device
+    # (0.3.64's encoders ignore the option and have no device context: both are no-ops there)
+    cm.set_clip_options({"execution_device": device})
+    with memory.device_context(device):
+        cond, pooled = cm.encode_token_weights(tokens)[:2]
+    return cond, pooled
+
+
+def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encode several one-chunk prompts in one text-encoder pass: ``(B, L, width)`` and pooled ``(B, ...)``.
+
+    The prompts go through ``encode_token_weights`` as the chunks of one long prompt: ComfyUI
+    encodes chunks as independent rows of one batch and concatenates them, so row k equals a
+    separate encode of prompt k -- for CLIP-style wrappers. The wrapper keeps only the first
+    chunk's pooled output, so the pooled rows are read from the encoder's own forward. Prompts of
+    several chunks fall back to one call each. Whether this trick is exact for a given CLIP is
+    checked once per run by ``TextPath``.
+    """
+    if any(len(chunks) != 1 for td in token_dicts for chunks in td.values()):
+        return encode_each(clip, token_dicts, want_pooled)
+    merged = {k: [td[k][0] for td in token_dicts] for k in token_dicts[0]}
+    captured: dict[str, list] = {}
+    hooks = [
+        encoder.register_forward_hook(lambda mod, args, out, _k=key: captured.setdefault(_k, []).append(out))
+        for key, (_, _, encoder) in text_encoders(clip).items()
+    ]
+    try:
+        cond, first_pooled = encode_tokens(clip, merged)
+    finally:
+        for h in hooks:
+            h.remove()
+    b = len(token_dicts)
+    cond = cond.reshape(b, -1, cond.shape[-1])
+    if first_pooled is None or not want_pooled:
+        return cond, None
+    if b == 1:
+        return cond, first_pooled  # one prompt: the wrapper's own pooled output is its row
+    for outs in captured.values():
+        rows = outs[0][1] if isinstance(outs[0], tuple) and len(outs[0]) > 1 else None
+        if rows is not None and rows.shape[-1] == first_pooled.shape[-1] and torch.allclose(
+                rows[0:1].to(first_pooled.device, first_pooled.dtype), first_pooled, rtol=0, atol=0, equal_nan=True):
+            return cond, rows[:b]
+    raise RuntimeError("could not find the pooled output of the batched prompts")
+
+
+def encode_each(clip, token_dicts: list[dict], want_pooled: bool = True):
+    """One ``encode_token_weights`` call per prompt: a list of ``(1, L_k, width)`` conds (lengths
+    may differ, e.g. T5 without padding) and the pooled rows ``(B, ...)`` or None."""
+    outs = [encode_tokens(clip, td) for td in token_dicts]
+    pooled = [p for _, p in outs]
+    conds = [c for c, _ in outs]
+    return conds, (torch.cat(pooled) if want_pooled and pooled[0] is not None else None)
+
+
+class TextPath:
+    """Encodes a step's prompts the way CLIPTextEncode would, batched where that is exact.
+
+    At the start of a run, two training prompts (different ones where there are two; the one
+    prompt twice otherwise) are encoded both ways (no gradient): if the one-pass batch equals one
+    encode per prompt to the precision of the encoder's dtype, the batched pass is used; otherwise
+    (wrappers that join encoders along the sequence or whose pooled vector no single encoder gives,
+    like SD3's, or unpadded T5 prompts of different lengths) one encode per prompt.
+    """
+
+    def __init__(self, clip, prompts: list[PromptTokens], embeds_by_token_key: dict, want_pooled: bool):
+        self.clip, self.want_pooled = clip, want_pooled
+        self.batched = False
+        probe = [p.with_vectors(embeds_by_token_key) for p in (prompts[0], prompts[min(1, len(prompts) - 1)])]
+        with torch.no_grad():
+            try:
+                cond, pooled = encode_token_batch(clip, probe, want_pooled)
+            except (RuntimeError, ValueError):
+                return
+            conds, ref_pooled = encode_each(clip, probe, want_pooled)
+        if torch.is_tensor(cond) and all(c.shape[1:] == cond.shape[1:] for c in conds):
+            ref = torch.cat(conds)
+            # fp16 encoders: rows of one batch and single rows may round differently in the last
+            # place; anything beyond a few ulps means the rows were mixed.
+            tol = 8 * torch.finfo(ref.dtype).eps * float(ref.abs().max()) if ref.is_floating_point() else 0.0
+            same = torch.allclose(cond.float(), ref.float(), rtol=0, atol=tol)
+            if same and ref_pooled is not None:
+                same = pooled is not None and torch.allclose(pooled.float(), ref_pooled.float(), rtol=0,
+                                                             atol=8 * torch.finfo(ref_pooled.dtype).eps * float(ref_pooled.abs().max()))
+            self.batched = bool(same)
+
+    def __call__(self, token_dicts: list[dict]):
+        """``(conds, pooled)``: conds a ``(B, L, width)`` tensor, or a list of ``(1, L_k, width)``."""
+        if self.batched:
+            return encode_token_batch(self.clip, token_dicts, self.want_pooled)
+        return encode_each(self.clip, token_dicts, self.want_pooled)
+
+
+def encode_conditioning(clip, tokens, guidance=None):
+    """CONDITIONING of a token dict by CLIPTextEncode's own call: every extra the encoder returns
+    (pooled output, Lumina 2's attention mask, ...) stays; FluxGuidance's key on top."""
+    return clip.encode_from_tokens_scheduled(tokens, add_dict={} if guidance is None else {"guidance": float(guidance)},
+                                             show_pbar=False)
+
+
+def with_embeddings_folder(clip, folders: list[str]):
+    """``(clip', enabled keys)``: a clone whose tokenizers without an embeddings folder get ``folders``.
+
+    ``CLIP.clone()`` shares its tokenizer object, so the outer tokenizer and each changed inner one
+    are copied; the input CLIP keeps its own (unchanged) tokenizers.
+    """
+    enabled, changes = [], {}
+    for attr, inner in vars(clip.tokenizer).items():
+        if hasattr(inner, "embedding_identifier") and getattr(inner, "embedding_directory", "") is None:
+            new = copy.copy(inner)
+            new.embedding_directory = list(folders)
+            changes[attr] = new
+            enabled.append(getattr(inner, "embedding_key", attr))
+    if not changes:
+        return clip, []
+    out = clip.clone()
+    out.tokenizer = copy.copy(clip.tokenizer)
+    for attr, new in changes.items():
+        setattr(out.tokenizer, attr, new)
+    return out, enabled
