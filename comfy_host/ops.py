@@ -60,5 +60,7 @@ def read_weight(module: torch.nn.Module) -> torch.Tensor:
     if is_quantized(weight):
         dtype = getattr(getattr(weight, "params", None), "orig_dtype", None) or torch.float32
         with cast_weights(module, dtype=dtype, device=weight.device) as (w, _):
+            # An op class without a dequantizing cast (a plain Embedding) hands the storage back.
+            w = w.dequantize() if is_quantized(w) else w
             return w.detach().clone()
     return weight.detach() if torch.is_tensor(weight) else weight

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import tempfile
 
 import torch
@@ -187,6 +188,13 @@ class PromptTokens:
         return out
 
 
+def _with_placeholder(template: str) -> str:
+    """The template with ``{}`` as ``embedding:PLACEHOLDER_NAME``. Text glued to the word ("{}'s",
+    "{}[1]") is set apart by a space: hosts differ in where a name ends (0.33 cuts it at ``<``/``[``,
+    0.3.64 only at spaces and trailing commas), and a name with text glued on is no file on either."""
+    return re.sub(r"\{\}(?=[^\s,])", "{} ", template).replace("{}", "embedding:" + PLACEHOLDER_NAME)
+
+
 def tokenize_templates(clip, templates: list[str], num_vectors) -> list[PromptTokens]:
     """Each template with ``{}`` replaced by the learned word, tokenized by the CLIP's own tokenizers.
 
@@ -204,7 +212,7 @@ def tokenize_templates(clip, templates: list[str], num_vectors) -> list[PromptTo
     result = []
     with placeholder_tokenizers(clip, num_vectors):
         for template in templates:
-            text = template.replace("{}", "embedding:" + PLACEHOLDER_NAME)
+            text = _with_placeholder(template)
             tokens = clip.tokenize(text)
             slots = {}
             for tkey, chunks in tokens.items():

@@ -67,12 +67,14 @@ HOST_DIRS = (os.sep + "host" + os.sep, os.sep + "workflows" + os.sep)
 
 
 @pytest.fixture(scope="session")
-def checkpoint_cache_dir(tmp_path_factory):
-    """The one folder every layer generates its checkpoints into: ``$DTI_TEST_CACHE`` if set, else a
-    session temp folder. One folder, not one per layer: the generated files take ~12 GB."""
+def checkpoint_cache_dir(tmp_path_factory, comfy_path):
+    """The one folder every layer generates its checkpoints into: ``$DTI_TEST_CACHE/comfyui-<version>``
+    if set, else a session temp folder. One folder, not one per layer: the generated files take
+    ~12 GB. One per host version: the thin models are built from the host's own classes, whose
+    layouts differ between versions (0.33's Flux has other keys than 0.3.64's)."""
     env = os.environ.get("DTI_TEST_CACHE")
     if env:
-        p = Path(env).expanduser().resolve()
+        p = Path(env).expanduser().resolve() / f"comfyui-{_checkpoints.comfyui_version(comfy_path) or 'unknown'}"
         p.mkdir(parents=True, exist_ok=True)
         return p
     return tmp_path_factory.mktemp("dti_checkpoints")

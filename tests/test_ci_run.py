@@ -53,7 +53,7 @@ def test_ci_run_picks_the_comfyui_the_pack_is_installed_in(tmp_path, other_comfy
     pack = pack_in(comfy / "custom_nodes")
     # the README's way: from custom_nodes/, with a COMFYUI_PATH elsewhere that must not win
     line = where(Path("ComfyUI-DTI/.ci/run"), comfy / "custom_nodes", COMFYUI_PATH=str(other_comfy))
-    assert f"ComfyUI 9.9.9 at {comfy} (the ComfyUI this pack is installed in)" in line
+    assert f"ComfyUI 9.9.9 at {comfy} (the ComfyUI this pack is installed in; full)" in line
     assert f"{pack}/.venv-ci/bin/python" in line
 
 
@@ -62,13 +62,13 @@ def test_ci_run_sees_a_pack_symlinked_into_custom_nodes(tmp_path):
     real = pack_in(tmp_path / "elsewhere")
     (comfy / "custom_nodes" / "ComfyUI-DTI").symlink_to(real, target_is_directory=True)
     line = where(Path(".ci/run"), comfy / "custom_nodes" / "ComfyUI-DTI", COMFYUI_PATH="")
-    assert f"at {comfy} (the ComfyUI this pack is installed in)" in line
+    assert f"at {comfy} (the ComfyUI this pack is installed in; full)" in line
 
 
 def test_ci_run_outside_comfyui_uses_comfyui_path(tmp_path, other_comfy):
     pack = pack_in(tmp_path / "src")
     line = where(pack / ".ci" / "run", tmp_path, COMFYUI_PATH=str(other_comfy))
-    assert f"ComfyUI 1.0.0 at {other_comfy} (COMFYUI_PATH)" in line
+    assert f"ComfyUI 1.0.0 at {other_comfy} (COMFYUI_PATH; full)" in line
 
 
 def test_ci_run_refuses_a_comfyui_path_that_is_not_one(tmp_path):
@@ -93,3 +93,29 @@ def test_fixture_finds_the_comfyui_two_levels_up(tmp_path):
     assert enclosing_comfyui(real, cwd="") is None
     # not inside a ComfyUI at all
     assert enclosing_comfyui(tmp_path / "src" / "pack", cwd="") is None
+
+
+def test_ci_run_without_a_comfyui_tests_the_archived_hosts_newest_in_full(tmp_path):
+    """A fresh clone beside the project's shared/hosts (no ComfyUI around it, no COMFYUI_PATH): every
+    archive is a host; the newest by version (0.33.0 > 0.3.64, which name order gets wrong) runs the
+    whole suite, the older the subset. --where unpacks nothing."""
+    import tarfile
+
+    hosts = tmp_path / "shared" / "hosts"
+    hosts.mkdir(parents=True)
+    for v in ("0.3.64", "0.33.0"):
+        src = fake_comfyui(tmp_path / "src" / v, version=v)
+        with tarfile.open(hosts / f"ComfyUI-{v}.tar.gz", "w:gz") as tar:
+            for f in src.rglob("*"):
+                tar.add(f, arcname=str(f.relative_to(src)), recursive=False)
+    pack = pack_in(tmp_path)
+    lines = where(pack / ".ci" / "run", tmp_path, COMFYUI_PATH="").splitlines()
+    assert len(lines) == 2, lines
+    assert f"ComfyUI 0.33.0 at {pack}/.hosts/0.33.0 (archive {hosts}/ComfyUI-0.33.0.tar.gz; full)" in lines[0]
+    assert f"ComfyUI 0.3.64 at {pack}/.hosts/0.3.64 (archive {hosts}/ComfyUI-0.3.64.tar.gz; subset)" in lines[1]
+    assert not (pack / ".hosts").exists()
+    # DTI_HOSTS_DIR names another archive folder
+    elsewhere = tmp_path / "elsewhere"
+    hosts.rename(elsewhere)
+    line = where(pack / ".ci" / "run", tmp_path, COMFYUI_PATH="", DTI_HOSTS_DIR=str(elsewhere))
+    assert "ComfyUI 0.33.0" in line and "(archive " + str(elsewhere) in line

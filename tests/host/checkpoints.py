@@ -311,6 +311,17 @@ def ensure_checkpoint(kind, folder, seed=DEFAULT_SEED, dtype=torch.float16):
 # ComfyUI setup / loading
 # ----------------------------------------------------------------------------
 
+def comfyui_version(path):
+    """``__version__`` from a ComfyUI folder's comfyui_version.py, without importing it; None if absent."""
+    import re
+    try:
+        text = (Path(path) / "comfyui_version.py").read_text()
+    except OSError:
+        return None
+    m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", text)
+    return m.group(1) if m else None
+
+
 def is_comfyui_dir(path):
     p = Path(path) if path else None
     return bool(p) and (p / "comfy" / "sd.py").is_file() and (p / "nodes.py").is_file() and (p / "folder_paths.py").is_file()
@@ -474,20 +485,43 @@ T5XXL_FULL_LAYERS = 24
 T5XXL_LIVE_LAYERS = 2
 T5XXL_ONE_LAYER_OPTIONS = {"t5xxl_model_config": {"num_layers": 1}}
 
-# What detect_unet_config returns for the generated files (checked after generation).
-FLUX_DEV_DIT_CONFIG = {
-    "image_model": "flux", "in_channels": 16, "patch_size": 2, "out_channels": 16, "vec_in_dim": 768,
-    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
-    "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-    "guidance_embed": True,
+# Flux and Chroma configs come from the host's own detector: it is handed the few keys and shapes
+# it reads from a real file (a one-block model at the real widths) and returns the config its loader
+# will build. Hand-written configs went stale when ComfyUI added fields (0.33's FluxParams needs
+# txt_ids_dims; ChromaParams vec_in_dim), so the builders follow the host instead.
+_FLUX_SKELETON = {
+    "img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096),
+    "double_blocks.0.img_attn.norm.key_norm.scale": (128,), "single_blocks.0.norm.key_norm.scale": (128,),
 }
-FLUX_SCHNELL_DIT_CONFIG = {**FLUX_DEV_DIT_CONFIG, "guidance_embed": False}
-CHROMA_DIT_CONFIG = {
-    "image_model": "chroma", "in_channels": 64, "patch_size": 2, "out_channels": 64,
-    "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
-    "depth": 1, "depth_single_blocks": 1, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True,
-    "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120, "n_layers": 5,
+_DIT_SKELETONS = {
+    "flux-dev": {**_FLUX_SKELETON, "vector_in.in_layer.weight": (3072, 768), "guidance_in.in_layer.weight": (3072, 256)},
+    "flux-schnell": {**_FLUX_SKELETON, "vector_in.in_layer.weight": (3072, 768)},
+    "chroma": {**_FLUX_SKELETON, "img_in.weight": (3072, 64), "distilled_guidance_layer.norms.0.scale": (5120,)},
 }
+# What the generated files must be detected as, whatever else the host's config holds.
+_DIT_EXPECT = {
+    "flux-dev": {"image_model": "flux", "in_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+                 "hidden_size": 3072, "num_heads": 24, "depth": 1, "depth_single_blocks": 1, "guidance_embed": True},
+    "flux-schnell": {"image_model": "flux", "in_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+                     "hidden_size": 3072, "num_heads": 24, "depth": 1, "depth_single_blocks": 1, "guidance_embed": False},
+    "chroma": {"image_model": "chroma", "in_channels": 64, "context_in_dim": 4096, "hidden_size": 3072,
+               "num_heads": 24, "depth": 1, "depth_single_blocks": 1, "n_layers": 5},
+}
+
+
+def _host_dit_config(kind):
+    """The host's detected config for a one-block ``kind`` model (see _DIT_SKELETONS)."""
+    import comfy.model_detection
+    sd = {k: _ShapeOnly._T.of(shape) for k, shape in _DIT_SKELETONS[kind].items()}
+    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if cfg is None:
+        raise AssertionError(f"this ComfyUI does not detect the {kind} key layout")
+    for k, v in _DIT_EXPECT[kind].items():
+        if cfg.get(k) != v:
+            raise AssertionError(f"{kind}: this ComfyUI detects {k!r} = {cfg.get(k)!r}, the tests expect {v!r}")
+    return cfg
+
+
 # Depth 2 (width 128, 2 heads): one ordinary joint block and the final one, whose text
 # stream is "pre_only" as in the real models.
 _SD3_COMMON = {
@@ -505,15 +539,23 @@ SD35_MEDIUM_DIT_CONFIG = {**_SD3_COMMON, "qk_norm": "rms", "x_block_self_attn_la
 VAE16_DDCONFIG = {**VAE_DDCONFIG, "z_channels": 16}
 
 # diffusion kind -> (supported_models class name, detected config)
+# (None: the host's own, _host_dit_config)
 DIT_KINDS = {
-    "flux-dev": ("Flux", FLUX_DEV_DIT_CONFIG),
-    "flux-schnell": ("FluxSchnell", FLUX_SCHNELL_DIT_CONFIG),
-    "chroma": ("Chroma", CHROMA_DIT_CONFIG),
+    "flux-dev": ("Flux", None),
+    "flux-schnell": ("FluxSchnell", None),
+    "chroma": ("Chroma", None),
     "sd3-medium": ("SD3", SD3_MEDIUM_DIT_CONFIG),
     "sd35-medium": ("SD3", SD35_MEDIUM_DIT_CONFIG),
     "sd35-large": ("SD3", SD35_LARGE_DIT_CONFIG),
 }
 TEXT_ENCODER_KINDS = ("clip-l", "clip-g", "t5xxl")
+
+
+def dit_config(kind):
+    """``(supported_models class name, unet config)`` of a generated diffusion-model kind, as the host
+    under test detects it."""
+    cls_name, cfg = DIT_KINDS[kind]
+    return cls_name, dict(cfg) if cfg is not None else _host_dit_config(kind)
 
 
 class Family:
@@ -682,7 +724,7 @@ def _sd3_pos_embed_fill(hidden, max_size):
 
 def _dit_plan(kind, prefix=""):
     import comfy.supported_models as sm
-    cls_name, cfg = DIT_KINDS[kind]
+    cls_name, cfg = dit_config(kind)
     model_config = getattr(sm, cls_name)(dict(cfg))
     with torch.device("meta"):
         base = model_config.get_model({}, "")
@@ -791,7 +833,7 @@ def _check_dit_detection(path, kind):
     import comfy.model_detection
     import comfy.supported_models as sm
     from safetensors import safe_open
-    cls_name, cfg = DIT_KINDS[kind]
+    cls_name, cfg = dit_config(kind)
     with safe_open(str(path), framework="pt") as f:
         # Detection reads key names and a few shapes; give it the real tensors for those.
         sd = {k: f.get_slice(k) for k in f.keys()}
@@ -814,6 +856,15 @@ class _ShapeOnly(dict):
             self.shape = torch.Size(sl.get_shape())
             dt = sl.get_dtype()
             self.dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}.get(dt, dt)
+
+        @classmethod
+        def of(cls, shape, dtype=torch.float16):
+            t = cls.__new__(cls)
+            t.shape, t.dtype = torch.Size(shape), dtype
+            return t
+
+        def size(self, dim=None):
+            return self.shape if dim is None else self.shape[dim]
 
     def __init__(self, slices):
         super().__init__({k: self._T(v) for k, v in slices.items()})
@@ -991,8 +1042,8 @@ __all__ = [
     "GENERATOR_VERSION", "DEFAULT_SEED", "KINDS", "SD15_UNET_CONFIG", "SDXL_UNET_CONFIG", "VAE_DDCONFIG",
     "expected_config_class", "checkpoint_filename", "init_weights_", "build_state_dict",
     "generate_checkpoint", "ensure_checkpoint", "is_comfyui_dir", "setup_comfy", "capture_logs",
-    "load_checkpoint", "load_problems", "param_count", "human_bytes",
-    "FAMILY_GENERATOR_VERSION", "FAMILIES", "DIT_KINDS", "TEXT_ENCODER_KINDS", "T5XXL_FULL_LAYERS",
+    "load_checkpoint", "load_problems", "param_count", "human_bytes", "comfyui_version",
+    "FAMILY_GENERATOR_VERSION", "FAMILIES", "DIT_KINDS", "dit_config", "TEXT_ENCODER_KINDS", "T5XXL_FULL_LAYERS",
     "T5XXL_ONE_LAYER_OPTIONS", "component_filename", "write_safetensors_streaming", "generate_component",
     "ensure_component", "ensure_sd3_checkpoint", "ensure_family_files", "load_diffusion_model", "load_vae",
     "t5_model_options", "load_text_encoders", "load_family", "load_sd3_checkpoint", "model_conds",

@@ -207,7 +207,7 @@ def test_family_detection(family, fam_load, comfy):
     assert type(model.model.latent_format) is getattr(comfy.latent_formats, latent)
     assert ck.load_problems(fam_load.log) == []
     cfg = model.model.model_config.unet_config
-    for k, v in ck.DIT_KINDS[fam.dit][1].items():
+    for k, v in ck.dit_config(fam.dit)[1].items():
         assert cfg[k] == v, k
     dm = model.model.diffusion_model
     if family.startswith("flux"):
@@ -365,7 +365,7 @@ def test_sd3_layouts_load_as_sd3(kind, comfy, checkpoint_cache_dir):
     assert type(model.model.model_config) is comfy.supported_models.SD3
     assert type(model.model) is comfy.model_base.SD3
     dm = model.model.diffusion_model
-    cfg = ck.DIT_KINDS[kind][1]
+    cfg = ck.dit_config(kind)[1]
     assert (not isinstance(dm.joint_blocks[0].x_block.attn.ln_q, torch.nn.Identity)) == (cfg.get("qk_norm") == "rms")
     assert bool(dm.joint_blocks[0].x_block.x_block_self_attn) == (cfg["x_block_self_attn_layers"] == [0])
     assert dm.pos_embed.shape == (1, cfg["num_patches"], 128)

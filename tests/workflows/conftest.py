@@ -107,8 +107,12 @@ def _stop_server(srv, log_name):
 @pytest.fixture(scope="session")
 def server(comfy_path, test_checkpoints, flux_files, tmp_path_factory):
     """A running ComfyUI (``harness.ComfyServer``) with this pack, the models and the inputs,
-    serving the frontend that ComfyUI's requirements pin (the installed comfyui-frontend-package)."""
-    srv = _start_server(tmp_path_factory.mktemp("comfyui_base"), comfy_path, test_checkpoints, flux_files)
+    serving the frontend that this ComfyUI's requirements pin: the installed comfyui-frontend-package
+    when it is that version, else its unpacked wheel (``harness.pinned_frontend``)."""
+    _version, root = h.pinned_frontend(comfy_path)
+    extra = ["--front-end-root", str(root)] if root not in (None, "missing") else []
+    srv = _start_server(tmp_path_factory.mktemp("comfyui_base"), comfy_path, test_checkpoints, flux_files,
+                        extra_args=extra)
     try:
         yield srv
     finally:
@@ -126,7 +130,13 @@ def frontend(request):
     """``{"name", "root" (None: ComfyUI's own choice), "version", "vue_nodes"}`` of the frontend under test.
     The newest one skips loudly when it is not unpacked anywhere."""
     if request.param == "pinned":
-        return {"name": "pinned", "root": None, "version": h.installed_frontend_version(), "vue_nodes": False}
+        comfy_path = request.getfixturevalue("comfy_path")
+        version, root = h.pinned_frontend(comfy_path)
+        if root == "missing":
+            pytest.skip(SKIP + f"ComfyUI at {comfy_path} pins frontend {version}, this Python has "
+                        f"{h.installed_frontend_version()}, and no unpacked {version} wheel is under "
+                        f"{h.frontend_cache_dir(version)} (.ci/run unpacks it there)")
+        return {"name": "pinned", "root": None, "version": version, "vue_nodes": False}
     root = h.newest_frontend_root()
     if root is None:
         pytest.skip(SKIP + f"frontend {h.NEWEST_FRONTEND} not found: set DTI_FRONTEND_ROOT to the static/ folder "

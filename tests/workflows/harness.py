@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -84,7 +85,8 @@ BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networkin
 # frontends
 # ----------------------------------------------------------------------------
 
-# The newest comfyui-frontend-package the browser tests also run on (ComfyUI 0.3.64 pins 1.27.10).
+# The newest comfyui-frontend-package the browser tests also run on (ComfyUI 0.3.64 pins 1.27.10,
+# 0.33.0 pins 1.49.6).
 NEWEST_FRONTEND = "1.58.1"
 
 
@@ -95,16 +97,39 @@ def frontend_cache_dir(version=NEWEST_FRONTEND) -> Path:
     return Path(base) / version
 
 
+def _static_in(folder):
+    for c in (Path(folder), Path(folder) / "comfyui_frontend_package" / "static"):
+        if (c / "index.html").is_file():
+            return c.resolve()
+    return None
+
+
 def newest_frontend_root():
     """The ``static/`` folder of the newest frontend to pass as ``--front-end-root``: ``DTI_FRONTEND_ROOT``
     (that folder, or the folder the wheel was unpacked into), else the cache folder; None if neither has one."""
     env = os.environ.get("DTI_FRONTEND_ROOT", "").strip()
-    cands = [Path(env), Path(env) / "comfyui_frontend_package" / "static"] if env else []
-    cands.append(frontend_cache_dir() / "comfyui_frontend_package" / "static")
-    for c in cands:
-        if (c / "index.html").is_file():
-            return c.resolve()
-    return None
+    return (_static_in(env) if env else None) or _static_in(frontend_cache_dir())
+
+
+def pinned_frontend_version(comfy_path):
+    """The comfyui-frontend-package version the host's requirements.txt pins (None if it pins none)."""
+    try:
+        text = (Path(comfy_path) / "requirements.txt").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^\s*comfyui-frontend-package\s*==\s*([0-9][^\s#;]*)", text, re.M)
+    return m.group(1) if m else None
+
+
+def pinned_frontend(comfy_path):
+    """``(version, root)`` of the frontend the host pins. ``root`` is None when the installed package is
+    that version (ComfyUI serves it itself); else the unpacked wheel under ``frontend_cache_dir(version)``
+    to pass as ``--front-end-root`` (one venv serves hosts that pin different frontends), or
+    ``"missing"`` when there is none."""
+    pin = pinned_frontend_version(comfy_path)
+    if pin is None or pin == installed_frontend_version():
+        return pin or installed_frontend_version(), None
+    return pin, _static_in(frontend_cache_dir(pin)) or "missing"
 
 
 def frontend_version_at(static_root):
@@ -116,7 +141,7 @@ def frontend_version_at(static_root):
 
 
 def installed_frontend_version():
-    """The version of the comfyui-frontend-package installed with ComfyUI's requirements (ComfyUI's pin)."""
+    """The version of the comfyui-frontend-package installed in this Python."""
     from importlib import metadata
 
     try:
