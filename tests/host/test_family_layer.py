@@ -80,3 +80,28 @@ def test_a_clip_from_another_family_is_refused_before_any_work(dti_pack, sd15_lo
                        match=r"does not fit the BaseModel model: it needs the text encoders clip_l or clip_h, "
                              r"the CLIP has clip_g, clip_l"):
         fams.family_of(sd15_loaded[0], sdxl_loaded[1])
+
+
+def test_z_image_is_refused_by_name_never_taken_for_lumina2(comfy, dti_pack, checkpoints, sd15_loaded, embeddings_dir):
+    """0.33's Z-Image is ``supported_models.ZImage(Lumina2)`` on the shared ``model_base.Lumina2``: a
+    check on the model class alone took it for Lumina 2 and its Gemma encoder. It is refused by name."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+
+    from tests_host_helpers import run_train
+
+    if not hasattr(sm, "ZImage"):
+        pytest.skip("this ComfyUI has no Z-Image (supported_models.ZImage came after 0.3.64)")
+    assert issubclass(sm.ZImage, sm.Lumina2)
+    with torch.device("meta"):
+        base = sm.ZImage(dict(checkpoints.LUMINA2_DIT_CONFIG)).get_model({})
+    assert type(base) is comfy.model_base.Lumina2  # the class Lumina 2 uses too
+    model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    _, clip, vae = sd15_loaded
+    families = dti_pack.comfy_host.families
+    with pytest.raises(dti_pack.comfy_host.contracts.UnsupportedModelError, match="does not train Z-Image models yet"):
+        families.family_of(model, clip)
+    before = sorted(p.name for p in embeddings_dir.rglob("*"))
+    with pytest.raises(ValueError, match="Z-Image"):
+        run_train(dti_pack, (model, clip, vae), name="zimage_refused", steps=1, batch_size=1)
+    assert sorted(p.name for p in embeddings_dir.rglob("*")) == before
