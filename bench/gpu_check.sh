@@ -6,20 +6,26 @@
 #       m*, same seed twice, GPU memory after a run and after an injected OOM, teacher-student.
 #       Expected ~2.5-3.5 min on an H100, mostly generating the two random checkpoints on the CPU
 #       (sd15-full ~2 GB, sdxl-full ~7 GB) and loading them; the node runs themselves take seconds.
-#   (b) a real ComfyUI server on the GPU: tests/workflows/test_launch_flags.py -k "lowvram or novram"
-#       (thin SD1.5 + SDXL through the HTTP API, 2 steps at 64 px, one server per flag).
-#       Expected ~1.5-2.5 min (the thin checkpoints are generated first, ~40 s; two server starts).
+#   (b) a real ComfyUI server on the GPU: tests/workflows/test_launch_flags.py -k "lowvram or novram or
+#       dynamic" (thin SD1.5 + SDXL through the HTTP API, 2 steps at 64 px, one server per flag set):
+#       --lowvram, --novram, and on 0.33 dynamic VRAM on and off (--enable/--disable-dynamic-vram), each
+#       run's peak GPU memory from DTI Train's log line into $OUT/launch_flags_memory.json.
+#       Expected ~2.5-4 min (the thin checkpoints are generated first, ~40 s; four server starts).
 #   (c) the speed benches, the shared reference recipe beside ours, as many as the budget leaves
 #       (~30-60 s each: each builds a real-size SDXL in memory first); the rest is logged as skipped.
 # Untested on a GPU so far (no device was lent to the sessions that wrote it); the CPU test
 # tests/host/test_bench.py runs (a) on the thin SD1.5 and the speed benches on the CPU.
 #
 # Prepare here, in the repo root (the working tree must stay under the device tool's 64 MiB):
-#   cp -r /opt/ComfyUI .comfyui && echo /.comfyui/ >> "$(git rev-parse --git-common-dir)/info/exclude"   # 16 MB
+#   mkdir .comfyui && tar -xzf ../shared/hosts/ComfyUI-0.33.0.tar.gz -C .comfyui \
+#     && echo /.comfyui/ >> "$(git rev-parse --git-common-dir)/info/exclude"   # the host users run (~20 MB)
 #   cp ../shared/bench/reference_recipe_sdxl.py bench/.reference_recipe_sdxl.py
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl av torchsde trampoline spandrel diffusers          # ~42 MB (av alone ~35 MB); .whl/ is git-ignored
+#     -d .whl av torchsde trampoline spandrel diffusers comfy-aimdo==0.4.13 comfy-kitchen==0.2.31 blake3 simpleeval
+#                                                   # ~45 MB (av alone ~35 MB); .whl/ is git-ignored
+#   (0.33 imports comfy_aimdo and comfy_kitchen at start-up; if the two together pass 64 MiB, carry the
+#    0.3.64 tree instead, which needs neither, and part (b)'s dynamic-VRAM runs skip by name)
 #   du -shc .comfyui .whl .                                    # must stay under 64 MiB together
 # The GPU image lacks these server/bench packages (KINDS.md): av (comfy_api imports it), torchsde +
 # trampoline (comfy.samplers), spandrel, diffusers (the reference recipe). Not carried, on purpose:
@@ -28,7 +34,8 @@
 # (optional nodes that then log IMPORT FAILED).
 # Then, with the device tool:  command: bash bench/gpu_check.sh   carry: [".comfyui", ".whl"]   timeout_s: 600
 # What comes back in $OUT (at most 8 files): gpu.txt, gpu_check.log (everything printed),
-# gpu_correctness.json, bench_speed.json (the speed benches' reports by name), server_logs.tgz.
+# gpu_correctness.json, launch_flags_memory.json, bench_speed.json (the speed benches' reports by name),
+# server_logs.tgz.
 #
 # GPU_CHECK_DRY=1: the same plumbing on the CPU in ~3 min (thin SD1.5, 2 steps; one thin speed bench, no
 # reference), to check this script before spending device time on it.
@@ -91,7 +98,8 @@ CORRECTNESS_ARGS=()
 run 270 python3 bench/gpu_correctness.py "${CORRECTNESS_ARGS[@]}" --out "$OUT/gpu_correctness.json"
 
 # (b) a real ComfyUI server on the GPU under --lowvram and --novram (~1.5-2.5 min)
-run 200 python3 -m pytest -q -rs tests/workflows/test_launch_flags.py -k "lowvram or novram"
+run 260 python3 -m pytest -q -rs tests/workflows/test_launch_flags.py -k "lowvram or novram or dynamic"
+cp test-artifacts/launch_flags_memory.json "$OUT/" 2>/dev/null || echo "no launch_flags_memory.json (no CUDA run reached the end)"
 find /tmp -path '*comfyui_*' -name '*.log' -newer "$OUT/gpu.txt" -size -8M 2>/dev/null | tar czf "$OUT/server_logs.tgz" -T - 2>/dev/null
 
 # (c) speed: the reference recipe and ours on the same card (whatever the budget leaves, ~30-60 s each)

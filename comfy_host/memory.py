@@ -56,6 +56,28 @@ def trainable(model, clip):
     return model, clip
 
 
+def any_dynamic(model, clip) -> bool:
+    """Whether the MODEL or the CLIP came as a dynamic-VRAM patcher (0.33 on NVIDIA, by default)."""
+    return _is_dynamic(model) or _is_dynamic(clip.patcher)
+
+
+def start_peak(device) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_line(device, was_dynamic: bool) -> str | None:
+    """One log line with the run's peak GPU memory (torch's allocations), or None off CUDA. A
+    dynamic-VRAM model trains on a classic copy, whose weights sit whole in VRAM: the line says so, as
+    that is the memory dynamic VRAM would have saved."""
+    if getattr(device, "type", "cpu") != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    how = ("dynamic VRAM model, trained as a classic fully loaded copy" if was_dynamic
+           else "classic model patcher")
+    return f"DTI Train: peak GPU memory {peak:.2f} GiB ({how})"
+
+
 def is_oom(e: BaseException) -> bool:
     """An out-of-memory error of the accelerator (0.33's ``is_oom`` also knows the accelerator's own
     error codes)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 
@@ -201,6 +202,8 @@ class DTITrain(WritesEmbeddingFile):
             # Latents first: the VAE's own load may evict other models, and the UNet and
             # text encoders must then stay fully loaded for the whole run.
             # A dynamic-VRAM model (0.33) trains as a classic one: see memory.trainable.
+            was_dynamic = memory.any_dynamic(model, clip)
+            memory.start_peak(device)
             model, clip = memory.trainable(model, clip)
             latents = host_latents.encode_buckets(vae, model, items, resolution, bool(horizontal_flip))
             # Fully loaded unless the user launched with --lowvram/--novram: then ComfyUI keeps part
@@ -235,6 +238,9 @@ class DTITrain(WritesEmbeddingFile):
             step_fn = None
             memory.release()
 
+        line = memory.peak_line(device, was_dynamic)
+        if line:
+            logging.info(line)
         meta = dti_metadata(**base_meta, step=int(steps))
         vectors = {**frozen, **result.vectors}
         saved = save_embedding(embeddings_root(), name, vectors, meta, overwrite=bool(overwrite))

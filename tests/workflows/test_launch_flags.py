@@ -5,12 +5,14 @@ Under the sub-quadratic attention (the CPU default and ``--use-quad-cross-attent
 server is started with a test-only custom node (``harness.LOW_MEMORY_NODE``) that makes ComfyUI's
 attention module see 1 KiB of free memory, so sub-quadratic attention takes its chunked, in-place
 path -- the one that failed on busy machines -- instead of depending on how busy this machine is.
-``--lowvram`` / ``--novram`` need a GPU (ComfyUI will not start with them otherwise): they skip
-loudly here and run where one is present.
+``--lowvram`` / ``--novram`` need a GPU (ComfyUI will not start with them otherwise), and so does
+0.33's dynamic VRAM (on and off, each run's peak memory recorded): they skip loudly here and run
+where one is present (bench/gpu_check.sh).
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -38,7 +40,19 @@ FLAGS = {
     "fp8-unet": (("--fp8_e4m3fn-unet",), False, "model weight dtype torch.float8_e4m3fn"),
     "fp8-text-enc": (("--fp8_e4m3fn-text-enc",), False, "dtype: torch.float8_e4m3fn"),
     "lora": ((), False, None),
+    # 0.33: dynamic VRAM (comfy-aimdo) is on by default on NVIDIA; both ways, with the run's peak memory
+    "dynamic-vram": (("--enable-dynamic-vram",), False, "DynamicVRAM support detected and enabled"),
+    "disable-dynamic-vram": (("--disable-dynamic-vram",), False, None),
 }
+# Flag sets that need a GPU: ComfyUI refuses to start with them (or they do nothing) without one.
+GPU_ONLY = {"lowvram", "novram", "dynamic-vram", "disable-dynamic-vram"}
+
+
+def host_has_flag(comfy_path, flag) -> bool:
+    """Whether this ComfyUI's command line knows ``flag`` (0.3.64 has no dynamic-VRAM flags)."""
+    from pathlib import Path
+
+    return flag in (Path(comfy_path) / "comfy" / "cli_args.py").read_text(errors="replace")
 
 def write_lora(checkpoint, out_path, prefix="model.diffusion_model.", rank=4, seed=0):
     """A small LoRA on every cross-attention key/value projection of the checkpoint's UNet, in the
@@ -84,10 +98,14 @@ def train_prompt(object_info, lora: dict | None = None, **train) -> dict:
 def flag_server(request, comfy_path, test_checkpoints, tmp_path_factory):
     flag_id = request.param
     args, low_memory, _ = FLAGS[flag_id]
-    if set(args) & {"--lowvram", "--novram"} and not torch.cuda.is_available():
-        pytest.skip(f"LAUNCH FLAG NOT TESTED HERE: {' '.join(args)} needs a GPU (ComfyUI refuses to start with it on a "
-                    "machine without one); its partial-loading path is tested in-process by "
-                    "tests/host/test_launch_setups.py::test_partially_loaded_model_trains_like_a_fully_loaded_one")
+    missing = [a for a in args if not host_has_flag(comfy_path, a)]
+    if missing:
+        pytest.skip(f"this ComfyUI has no {' '.join(missing)} (dynamic VRAM came after 0.3.64)")
+    if flag_id in GPU_ONLY and not torch.cuda.is_available():
+        pytest.skip(f"LAUNCH FLAG NOT TESTED HERE: {' '.join(args)} needs a GPU (ComfyUI refuses to start with it, or "
+                    "ignores it, on a machine without one); partial loading is tested in-process by "
+                    "tests/host/test_launch_setups.py::test_partially_loaded_model_trains_like_a_fully_loaded_one, "
+                    "the classic patcher a dynamic one is swapped for by tests/host/test_host_differences.py")
     base = tmp_path_factory.mktemp(f"comfyui_{flag_id}")
     srv = h.ComfyServer(comfy_path, base, extra_args=args)
     srv.prepare()
@@ -128,6 +146,18 @@ def test_dti_train_under_launch_flag(flag_server):
         assert log_line in log, f"the server did not run with {flag_id!r}: {log_line!r} not in its log"
     if lora:
         assert "lora key not loaded" not in log and "ERROR lora" not in log
+    peaks = [float(x) for x in re.findall(r"DTI Train: peak GPU memory ([0-9.]+) GiB", log[started:])]
+    if torch.cuda.is_available():
+        assert len(peaks) == 2, "DTI Train logged no peak GPU memory line"
+        if flag_id == "dynamic-vram":
+            assert "dynamic VRAM model, trained as a classic fully loaded copy" in log[started:]
+        report = h.REPO_ROOT / "test-artifacts" / "launch_flags_memory.json"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        data = json.loads(report.read_text()) if report.is_file() else {}
+        data[flag_id] = {"peak_gib_sd15": peaks[0], "peak_gib_sdxl": peaks[1]}
+        report.write_text(json.dumps(data, indent=1))
+    else:
+        assert peaks == []  # (the line is for CUDA runs only)
     for kind, keys in (("sd15", {"clip_l"}), ("sdxl", {"clip_l", "clip_g"})):
         emb = load_embedding(str(srv.embeddings / f"flags-{kind}.safetensors"))
         assert set(emb.vectors) == keys and emb.metadata["dti.steps"] == "2"
