@@ -2,7 +2,6 @@
 // Concepts' summaries, the reuse explanation) on the node itself, in a read-only text box that
 // appears after the node ran. Display only: neither saved in the workflow nor queued.
 import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
 import { refreshFileLists } from "./dti_train.js";
 
 const NODES = new Set(["DTITrain", "DTIInspect", "DTISlerpConcepts"]);
@@ -11,7 +10,9 @@ const WIDGET = "dti_result";
 function textWidget(node) {
   let w = node.widgets?.find((x) => x.name === WIDGET);
   if (w) return w;
-  w = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
+  // The frontend's own multiline STRING widget (its textarea on the classic canvas, the Vue renderer's
+  // text box), from app.widgets: scripts/widgets.js is an internal module (1.49+ warn on import).
+  w = app.widgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
   w.serialize = false; // not in widgets_values
   if (w.options) w.options.serialize = false; // not in the queued prompt
   else w.options = { serialize: false };
@@ -22,10 +23,11 @@ function textWidget(node) {
     node.widgets.splice(node.widgets.indexOf(w), 1);
     node.widgets.splice(chart, 0, w);
   }
-  if (w.inputEl) {
-    w.inputEl.readOnly = true;
-    w.inputEl.style.opacity = 0.85;
-    w.inputEl.dataset.dtiResult = String(node.id); // for tests: document.querySelector('[data-dti-result]')
+  const box = w.element ?? w.inputEl; // inputEl is the deprecated name (1.58)
+  if (box) {
+    box.readOnly = true;
+    box.style.opacity = 0.85;
+    box.dataset.dtiResult = String(node.id); // for tests: document.querySelector('[data-dti-result]')
   }
   return w;
 }
@@ -39,7 +41,8 @@ export function showResultText(node, lines) {
   if (!lines?.length) return;
   const w = textWidget(node);
   w.value = lines.join("\n");
-  if (w.inputEl) w.inputEl.value = w.value;
+  const box = w.element ?? w.inputEl;
+  if (box) box.value = w.value;
   // Tall enough for the whole text (DTI Inspect's report runs to a dozen lines), up to a limit.
   const width = Math.max(node.size[0], MIN_WIDTH);
   const cols = Math.max(30, Math.floor((width - 40) / CHAR_PX));
@@ -54,10 +57,13 @@ export function showResultText(node, lines) {
   });
 }
 
-// The box on screen: the Vue node renderer's textarea for the widget, or the widget's own.
+// The box on screen: the Vue node renderer's textarea for the widget, or the widget's own. The Vue
+// renderer shows only the open graph's nodes, by their ids within it (a node inside a subgraph has
+// its inner id, which the root graph may use for another node).
 function shownBox(node, w) {
-  const vue = document.querySelector(`[data-node-id="${node.id}"] [data-widget-name="${WIDGET}"] textarea`);
-  return vue ?? w.inputEl ?? null;
+  const open = app.canvas?.graph === node.graph;
+  const vue = open ? document.querySelector(`[data-node-id="${node.id}"] [data-widget-name="${WIDGET}"] textarea`) : null;
+  return vue ?? w.element ?? w.inputEl ?? null;
 }
 
 // Whatever the renderer made of the size hint, grow the node until the whole text shows (up to

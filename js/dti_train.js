@@ -7,14 +7,41 @@ const CHART_H = 170;
 const AXIS_W = 52;
 const STOPPED_COLOR = "#ff9040";
 const COLORS = { clip_l: "#e8643c", clip_g: "#3c8ce8", clip_h: "#3cb45a" };
-// node id -> { steps, loss: [], norms: {key: []}, mStar: {}, done, running, stopped: {kind, step, checkpoint} }
+// A run's chart data: { steps, loss: [], norms: {key: []}, mStar: {}, done, running, stopped: {kind, step, checkpoint} }.
+// It belongs to the node object that draws it (charts): a node inside a subgraph knows only its inner id
+// (3), which can repeat in other graphs, while the server names it by its execution id ("5:3"). runs maps the
+// execution ids of the messages to the same objects.
+const charts = new WeakMap();
 const runs = new Map();
 
-function stateFor(id) {
-  const key = String(id);
-  if (!runs.has(key)) runs.set(key, { steps: 0, start: 0, loss: [], norms: {}, mStar: {}, done: null, updates: 0,
-                                      running: false, stopped: null, name: null, saveEvery: 0, note: null });
-  return runs.get(key);
+function newState() {
+  return { steps: 0, start: 0, loss: [], norms: {}, mStar: {}, done: null, updates: 0,
+           running: false, stopped: null, name: null, saveEvery: 0, note: null };
+}
+
+// The node an execution id names: "12" at the top, "5:3" for node 3 in the subgraph that node 5
+// instantiates, "5:3:7" deeper. The walk starts at the root graph whichever graph the canvas shows.
+function nodeFor(execId) {
+  let graph = app.graph?.rootGraph ?? app.graph;
+  let node = null;
+  for (const part of String(execId).split(":")) {
+    if (!graph) return null;
+    node = graph.getNodeById?.(Number(part)) ?? graph.getNodeById?.(part) ?? null;
+    graph = node?.subgraph;
+  }
+  return node;
+}
+
+// The data for a message's node, bound to that node. A node without a live run adopts it: after a page
+// reload mid-run, the restored points keep growing.
+function stateFor(execId) {
+  const key = String(execId);
+  const node = nodeFor(key);
+  const train = node?.type === "DTITrain" ? node : null;
+  let s = runs.get(key) ?? (train && charts.get(train)) ?? newState();
+  runs.set(key, s);
+  if (train) charts.set(train, s);
+  return s;
 }
 
 // The last run's history is kept in the node's properties (saved with the workflow, which the
@@ -29,14 +56,8 @@ function thin(pts) {
   return out;
 }
 
-function nodeFor(id) {
-  return app.graph?.getNodeById?.(Number(id)) ?? app.graph?.getNodeById?.(id);
-}
-
-function remember(id) {
-  const node = nodeFor(id);
-  const s = runs.get(String(id));
-  if (!node || !s || node.type !== "DTITrain") return;
+function remember(node, s) {
+  if (!s) return;
   const norms = Object.fromEntries(Object.entries(s.norms).map(([k, v]) => [k, thin(v)]));
   node.properties ??= {};
   node.properties[HISTORY_PROP] = {
@@ -47,16 +68,15 @@ function remember(id) {
 
 // A node configured from a saved workflow (page reload, opening a file) shows its last run again.
 function restore(node) {
+  if (charts.get(node)?.running) return; // a live run's messages are newer
   const h = node.properties?.[HISTORY_PROP];
-  const key = String(node.id);
   if (!h || !Array.isArray(h.loss)) {
-    if (!runs.get(key)?.running) runs.delete(key);
+    charts.delete(node);
     return;
   }
-  if (runs.get(key)?.running) return; // a live run's messages are newer
-  runs.set(key, { steps: h.steps || 0, start: h.start || 0, loss: h.loss, norms: h.norms || {}, mStar: h.mStar || {},
-                  done: h.done ?? null, updates: h.updates || 0, running: false, stopped: h.stopped ?? null,
-                  name: h.name ?? null, saveEvery: h.saveEvery || 0, note: null, restored: true });
+  charts.set(node, { steps: h.steps || 0, start: h.start || 0, loss: h.loss, norms: h.norms || {}, mStar: h.mStar || {},
+                     done: h.done ?? null, updates: h.updates || 0, running: false, stopped: h.stopped ?? null,
+                     name: h.name ?? null, saveEvery: h.saveEvery || 0, note: null, restored: true });
 }
 
 // The frontend keeps the open workflow (restored on a page reload) when its change tracker sees the
@@ -72,20 +92,19 @@ function persist() {
   }
 }
 
-function redraw(id) {
-  remember(id);
-  const node = nodeFor(id);
-  if (node) {
-    node.setDirtyCanvas(true, true);
-    // The Vue node renderer ("Nodes 2.0") draws the chart on a canvas of its own, only when asked.
-    node.widgets?.find((w) => w.name === "dti_chart")?.triggerDraw?.();
-  }
+function redraw(execId) {
+  const node = nodeFor(execId);
+  if (node?.type !== "DTITrain") return;
+  remember(node, runs.get(String(execId)));
+  node.setDirtyCanvas(true, true);
+  // The Vue node renderer ("Nodes 2.0") draws the chart on a canvas of its own, only when asked.
+  node.widgets?.find((w) => w.name === "dti_chart")?.triggerDraw?.();
 }
 
 // Listeners at module top level, so they exist before the first message arrives.
 api.addEventListener("dti.start", ({ detail }) => {
   const s = stateFor(detail.node);
-  const node = app.graph?.getNodeById?.(Number(detail.node)) ?? app.graph?.getNodeById?.(detail.node);
+  const node = nodeFor(detail.node);
   const saveEvery = Number(node?.widgets?.find((w) => w.name === "save_every")?.value ?? 0);
   Object.assign(s, { steps: detail.steps, start: detail.start || 0, loss: [], norms: {}, mStar: detail.m_star || {},
                     done: null, updates: 0, running: true, stopped: null, name: detail.name, saveEvery, note: null });
@@ -199,7 +218,7 @@ function fmt(v) {
 // Layout, top to bottom: status line; loss (its range on the left axis); vector lengths around m*
 // (dashed, 0.5 m* .. 1.5 m* on the left axis); step numbers; one legend entry per encoder.
 function drawChart(node, ctx, top, width) {
-  const s = runs.get(String(node.id));
+  const s = charts.get(node);
   const pad = 8;
   const w = width - 2 * pad;
   const axis = AXIS_W;
@@ -382,6 +401,7 @@ function showWhenUsed(node) {
   }
 }
 
-// For tests and curious users: the data each DTI Train node has received so far.
+// For tests and curious users: the data received so far per execution id, and the chart a node draws.
 window.__dtiRuns = runs;
+window.__dtiChartOf = (node) => charts.get(node) ?? null;
 window.__dtiShowWhenUsed = showWhenUsed;

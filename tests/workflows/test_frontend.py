@@ -115,10 +115,24 @@ RESULT_BOX_JS = """
 """
 
 
-# Texts the chart of one node draws (its labels and axis values), caught at fillText while the page
-# draws it (the main canvas, or the chart's own canvas on the Vue renderer; drawn directly if off screen).
-DRAWN_TEXTS_JS = """(id) => {
-    const node = app.graph.getNodeById(id);
+# The node an execution id names ("12", "5:3" inside the subgraph node 5 instantiates, "5:3:7"), found by
+# walking the graphs as the frontend does (not through the pack's own lookup).
+NODE_AT_JS = """
+    const nodeAt = (execId) => {
+        let graph = app.graph, node = null;
+        for (const part of String(execId).split(':')) {
+            node = graph?.getNodeById(Number(part)) ?? null;
+            graph = node?.subgraph;
+        }
+        return node;
+    };
+"""
+
+
+# Texts the chart of one node (an execution id) draws (its labels and axis values), caught at fillText while
+# the page draws it (the main canvas, or the chart's own canvas on the Vue renderer; drawn directly if off screen).
+DRAWN_TEXTS_JS = """(id) => {""" + NODE_AT_JS + """
+    const node = nodeAt(id);
     const chart = node.widgets.find((w) => w.name === 'dti_chart');
     const texts = [];
     let inChart = false;
@@ -139,12 +153,13 @@ DRAWN_TEXTS_JS = """(id) => {
 }"""
 
 
-# The page rectangle of a DTI Train node's chart, drawn now: on the Vue node renderer its own canvas
-# inside the node's element; on the classic canvas the bottom CHART_H pixels of the node.
-CHART_BOX_JS = """(id) => {
-    const node = app.graph.getNodeById(id);
+# The page rectangle of a DTI Train node's chart (an execution id; its graph open on the canvas), drawn now:
+# on the Vue node renderer its own canvas inside the node's element; on the classic canvas the bottom
+# CHART_H pixels of the node.
+CHART_BOX_JS = """(id) => {""" + NODE_AT_JS + """
+    const node = nodeAt(id);
     const chart = node.widgets.find((w) => w.name === 'dti_chart');
-    const el = document.querySelector(`[data-node-id="${id}"]`);
+    const el = document.querySelector(`[data-node-id="${node.id}"]`);
     if (el) {
         chart.triggerDraw?.();
         const canvases = [...el.querySelectorAll('canvas')];
@@ -269,13 +284,13 @@ def test_train_chart_draws_a_live_run(page, ui_server, frontend):
     page.page.reload(wait_until="load", timeout=90000)
     page.page.wait_for_function("window.app && window.app.graph && window.__dtiRuns instanceof Map", timeout=90000)
     try:
-        page.page.wait_for_function("(id) => !!window.__dtiRuns.get(String(id))", arg=node_id, timeout=30000,
-                                    polling=250)
+        page.page.wait_for_function("(id) => !!window.__dtiChartOf(app.graph.getNodeById(id))", arg=node_id,
+                                    timeout=30000, polling=250)
     except Exception:
         types = page.evaluate("() => app.graph._nodes.map((n) => [n.id, n.type])")
         raise AssertionError(f"the chart's history did not come back after a reload; nodes: {types}") from None
     again = page.evaluate("""(id) => {
-        const s = window.__dtiRuns.get(String(id));
+        const s = window.__dtiChartOf(app.graph.getNodeById(id));
         return { steps: s.steps, loss: s.loss, norms: s.norms, mStar: s.mStar, done: s.done, running: s.running };
     }""", node_id)
     assert again["loss"] == run["loss"] and again["norms"] == run["norms"] and again["mStar"] == run["mStar"]
@@ -290,6 +305,159 @@ def test_train_chart_draws_a_live_run(page, ui_server, frontend):
     assert _count_near(Image.open(shot), LOSS_RGB) >= 20, "no loss curve on the chart after the reload"
     assert page.dti_problems() == []
 
+
+
+# Puts nodes into a new subgraph with the frontend's own command behind "Convert to Subgraph" and
+# returns the subgraph node that now stands for them in their graph.
+TO_SUBGRAPH_JS = """
+    const toSubgraph = (graph, nodes) => graph.convertToSubgraph(new Set(nodes)).node;
+"""
+
+
+def _skip_without_subgraphs(page, frontend):
+    if not page.evaluate("() => typeof app.graph.convertToSubgraph === 'function'"):
+        pytest.skip(f"frontend {frontend['version']} has no subgraphs (its LGraph has no convertToSubgraph)")
+
+
+def _wait_idle(server, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        q = server.get_json("/queue")
+        if not q["queue_running"] and not q["queue_pending"]:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the queued workflow did not finish\n--- server log ---\n{server.log_tail()}")
+
+
+def test_train_chart_follows_a_node_inside_a_subgraph(page, ui_server, frontend):
+    """DTI Train inside a subgraph: the server names it "S:I" (subgraph node S, inner node I) in its
+    messages; the live chart, its saved history and the result text reach the inner node, and come back
+    after a page reload."""
+    _skip_without_subgraphs(page, frontend)
+    steps = 2
+    name = f"subgraph-chart-{frontend['name']}"  # a name per frontend: the newest one's renderers share a server
+    page.page.set_viewport_size({"width": 1400, "height": 1100})
+    info = page.evaluate("""async ([ckpt, image, steps, name]) => {
+""" + CLEAR_AND_ADD_JS + TO_SUBGRAPH_JS + """        const ck = add("CheckpointLoaderSimple", [0, 0], { ckpt_name: ckpt });
+        const img = add("LoadImage", [0, 200], { image });
+        const train = add("DTITrain", [380, 0], { name, steps, resolution: 64, batch_size: 1, overwrite: true });
+        ck.connect(0, train, 0);
+        ck.connect(1, train, 1);
+        ck.connect(2, train, 2);
+        img.connect(0, train, 3);
+        const sub = toSubgraph(app.graph, [train]);
+        const inner = sub.subgraph.nodes.find((n) => n.type === "DTITrain");
+        // watch it live, from inside the subgraph
+        app.canvas.openSubgraph(sub.subgraph, sub);
+        app.canvas.ds.scale = 1;
+        app.canvas.ds.offset = [-inner.pos[0] + 40, -inner.pos[1] + 50];
+        app.canvas.setDirty(true, true);
+        await app.queuePrompt(0, 1);
+        return { execId: `${sub.id}:${inner.id}`, innerId: inner.id, open: app.canvas.graph === inner.graph };
+    }""", [h.SD15_CKPT, h.EXAMPLE_IMAGES[0], steps, name])
+    exec_id = info["execId"]
+    assert info["open"], info
+    _wait_idle(ui_server, TRAIN_TIMEOUT)
+    assert (ui_server.embeddings / f"{name}.safetensors").is_file(), ui_server.log_tail()
+    # the server ran the inner node under that execution id (its ui output is filed under it)
+    history = ui_server.get_json("/history")
+    assert any(exec_id in (e.get("outputs") or {}) for e in history.values()), [list(e.get("outputs") or {})
+                                                                               for e in history.values()]
+
+    # the history is saved in the inner node's properties (thus in the subgraph's definition)
+    saved = page.evaluate("(id) => {" + NODE_AT_JS + "return nodeAt(id).properties.dti_history ?? null; }", exec_id)
+    assert saved, "no history saved on the inner node"
+    assert [p[0] for p in saved["loss"]] == list(range(1, steps + 1)) and saved["steps"] == steps
+    assert saved["done"]["name"] == name and set(saved["norms"]) == {"clip_l"}
+    # DTI Train's summary shows on the inner node, above its chart
+    page.page.wait_for_function(
+        "([id, name]) => {" + NODE_AT_JS + """const w = nodeAt(id).widgets.find((x) => x.name === 'dti_result');
+            return !!w && String(w.value).startsWith(`Saved embedding:${name}`); }""",
+        arg=[exec_id, name], timeout=30000, polling=250)
+    order = page.evaluate("(id) => {" + NODE_AT_JS + "return nodeAt(id).widgets.map((w) => w.name).slice(-2); }",
+                          exec_id)
+    assert order == ["dti_result", "dti_chart"], order
+    # the chart draws the run: the step range, the loss range, the saved file
+    texts = page.evaluate(DRAWN_TEXTS_JS, exec_id)
+    losses = [p[1] for p in saved["loss"]]
+    assert "step 1" in texts and str(steps) in texts and f"saved embedding:{name}" in texts, texts
+    nums = _numbers(texts)
+    for want in (max(losses), min(losses)):
+        assert any(abs(n - want) <= 0.006 * abs(want) + 1e-9 for n in nums), (want, texts)
+    # and where the page shows it (the subgraph is open on the canvas)
+    box = page.evaluate(CHART_BOX_JS, exec_id)
+    time.sleep(0.5)
+    artifacts = h.REPO_ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / f"train_chart_subgraph_{frontend['name']}.png"
+    page.page.screenshot(path=str(shot), clip=box)
+    from PIL import Image
+    assert _count_near(Image.open(shot), LOSS_RGB) >= 20, "no loss curve drawn on the inner node's chart"
+
+    # A real page reload: the inner node comes back from the subgraph's definition with its last run.
+    time.sleep(1.5)  # 1.5x writes the workflow to storage 0.5 s after a change
+    page.page.reload(wait_until="load", timeout=90000)
+    page.page.wait_for_function("window.app && window.app.graph && window.__dtiRuns instanceof Map", timeout=90000)
+    try:
+        page.page.wait_for_function("(id) => {" + NODE_AT_JS + "const n = nodeAt(id); return !!n?.widgets?.length; }",
+                                    arg=exec_id, timeout=30000, polling=250)
+    except Exception:
+        types = page.evaluate("() => app.graph.nodes.map((n) => [n.id, n.type])")
+        raise AssertionError(f"the subgraph did not come back after a reload; nodes: {types}") from None
+    texts_after = page.evaluate(DRAWN_TEXTS_JS, exec_id)
+    assert f"saved embedding:{name}" in texts_after, texts_after
+    assert sorted(_numbers(texts_after)) == sorted(nums), (texts_after, texts)
+    assert page.dti_problems() == []
+
+
+def test_train_chart_reaches_a_node_two_subgraphs_deep(page, frontend):
+    """The messages of a DTI Train two subgraphs deep ("A:B:C", as the server sends them) draw on that
+    node only, not on a node of the root graph that has the inner id; its result text shows there too."""
+    _skip_without_subgraphs(page, frontend)
+    name = f"deep-{frontend['name']}"
+    info = page.evaluate("""async () => {
+""" + CLEAR_AND_ADD_JS + TO_SUBGRAPH_JS + """        const train = add("DTITrain", [380, 0]);
+        const mid = toSubgraph(app.graph, [train]);
+        const outer = toSubgraph(app.graph, [mid]);
+        const midInside = outer.subgraph.nodes.find((n) => n.subgraph);
+        const inner = midInside.subgraph.nodes.find((n) => n.type === "DTITrain");
+        // A root node with the inner id where the frontend allows it (1.58 renumbers it): the inner
+        // id alone must not find it.
+        const clash = LiteGraph.createNode("DTITrain");
+        clash.id = inner.id;
+        clash.pos = [0, 400];
+        app.graph.add(clash);
+        return { execId: `${outer.id}:${midInside.id}:${inner.id}`, clash: String(clash.id) === String(inner.id),
+                 clashId: clash.id };
+    }""")
+    exec_id = info["execId"]
+    losses = [0.31, 0.27, 0.24, 0.2]
+    page.evaluate("""async ([id, name, losses]) => {
+        const send = (type, detail) => app.api.dispatchCustomEvent(type, detail);
+        send("dti.start", { node: id, name, steps: losses.length, start: 0, m_star: { clip_l: 0.4 } });
+        losses.forEach((loss, i) => send("dti.progress", { node: id, step: i + 1, steps: losses.length, loss,
+                                                            norms: { clip_l: 0.4 + 0.01 * i } }));
+        send("dti.done", { node: id, name, path: `/x/${name}.safetensors`, reused: false, m_star: { clip_l: 0.4 } });
+        send("executed", { node: id, display_node: id, output: { text: [`Saved embedding:${name}`] } });
+        await new Promise((r) => setTimeout(r, 500));
+    }""", [exec_id, name, losses])
+    got = page.evaluate("(id) => {" + NODE_AT_JS + """
+        const n = nodeAt(id);
+        return { saved: n.properties.dti_history ?? null,
+                 text: n.widgets.find((w) => w.name === 'dti_result')?.value ?? null }; }""", exec_id)
+    assert got["saved"], "no history saved on the node two subgraphs deep"
+    assert [p[1] for p in got["saved"]["loss"]] == losses and got["saved"]["done"]["name"] == name
+    assert got["text"] == f"Saved embedding:{name}"
+    texts = page.evaluate(DRAWN_TEXTS_JS, exec_id)
+    assert "step 1" in texts and f"saved embedding:{name}" in texts, texts
+    for want in (max(losses), min(losses)):
+        assert any(abs(n - want) <= 0.006 * want for n in _numbers(texts)), (want, texts)
+    if info["clash"]:
+        clash_id = info["clashId"]
+        other = page.evaluate("(id) => app.graph.getNodeById(id).properties.dti_history ?? null", clash_id)
+        assert other is None, other
+        assert "step 1" not in page.evaluate(DRAWN_TEXTS_JS, clash_id)
+    assert page.dti_problems() == []
 
 
 RESULT_TIMEOUT = 300.0
