@@ -235,7 +235,7 @@ def _shipped_train_settings(dti_pack):
 
 
 @pytest.mark.parametrize("wiring", ["loader clip", "enable embeddings clip"])
-def test_shipped_workflow_settings_train_with_either_clip(wiring, lumina, dti_pack, embeddings_dir):
+def test_shipped_workflow_settings_train_with_either_clip(wiring, lumina, dti_pack, embeddings_dir, comfy):
     """The shipped workflow's DTI Train settings (its 'object' templates, batch 4, seed, kappa), steps and
     size cut for a CPU, train through run() with the loader's CLIP and with the CLIP out of DTI Enable
     Embeddings (one CLIP line to every node). Gemma pads nothing, so a step's prompts differ in length."""
@@ -264,6 +264,8 @@ def test_shipped_workflow_settings_train_with_either_clip(wiring, lumina, dti_pa
     with torch.inference_mode(False):
         m_star = float(vocab.detach().float().norm(dim=-1).mean())
     out = run_train(dti_pack, (model, clip, vae), images(2), **settings)
+    # ComfyUI's training flag (0.33), set for the run, is clear again for the samplers that follow
+    assert getattr(comfy.model_management, "in_training", False) is False
     assert out["ui"]["text"][0].startswith(f"Saved embedding:{name}")
     emb = load_embedding(str(embeddings_dir / f"{name}.safetensors"))
     assert set(emb.vectors) == {"gemma2_2b"} and emb.metadata["dti.model_family"] == "Lumina 2"
