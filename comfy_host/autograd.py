@@ -1,17 +1,21 @@
 """The autograd patches: ComfyUI's inference-only modules made differentiable for one run, then undone.
 
-ComfyUI builds its models for sampling; five things stand between them and a backward pass,
+ComfyUI builds its models for sampling; seven things stand between them and a backward pass,
 and each is handled here, for the run only:
 
 * weights loaded under ``inference_mode`` are inference tensors autograd cannot save
   (replaced by normal clones, one tensor at a time);
 * CLIP/T5 layers add residuals in place after a layer norm saved its input (the norms get a copy);
+  Llama/Gemma blocks (0.33) write their output into their input with ``out=``, which autograd
+  refuses (the encoders run where such calls return a fresh tensor);
 * the attention ComfyUI picked from the launch flags may not be differentiable
   (sub-quadratic attention exponentiates in place once free memory is short; sage has no
   backward): training calls get PyTorch SDPA through ``optimized_attention_override``;
 * layers that cast their stored weights per call (fp16 text encoders on the CPU, fp8 weights,
   LoRA patches) would keep every cast copy alive until backward -- a second copy of the whole
   model: those layers recast in backward instead;
+* ComfyUI's DiTs take fused kernels without a backward (0.33's comfy-kitchen RoPE) unless
+  ComfyUI's own training flag is set: it is, for the run (previews sample with it clear);
 * optional activation checkpointing per UNet layer.
 
 Sampling outside the run is untouched: the attention override lives only in the training
@@ -28,7 +32,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import memory, ops
 from .text import text_encoders
 
 log = logging.getLogger("ComfyUI-DTI")
@@ -182,6 +186,29 @@ def _checkpointed(forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
+def _requires_grad(values) -> bool:
+    return any(torch.is_tensor(v) and v.requires_grad
+               or isinstance(v, (list, tuple)) and _requires_grad(v) for v in values)
+
+
+class _FreshOutputs(torch.overrides.TorchFunctionMode):
+    """Calls with ``out=`` on tensors that require grad return a fresh tensor instead of writing into
+    ``out``: autograd refuses them ("functions with out=... arguments don't support automatic
+    differentiation"). 0.33's Llama/Gemma blocks end in ``x = torch.add(residual, x, out=x_in)`` and
+    use the returned tensor, so the values are the same and the block's input stays unmodified."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "out" in kwargs and torch.is_grad_enabled() and _requires_grad([*args, *kwargs.values()]):
+            kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+        return func(*args, **kwargs)
+
+
+def _fresh_outputs(forward, *args, **kwargs):
+    with _FreshOutputs():
+        return forward(*args, **kwargs)
+
+
 RESIDUAL_NORMS = ("layer_norm1", "layer_norm2", "layer_norm")
 # Transformer block lists of ComfyUI's DiT families: Flux/Chroma, SD3 (MMDiT), Lumina 2 / others.
 DIT_BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks", "layers", "blocks", "transformer_blocks")
@@ -228,11 +255,15 @@ def differentiable_modules(model, encoders, gradient_checkpointing: bool = False
                 # add residuals in place after these norms saved their input.
                 if name.rsplit(".", 1)[-1] in RESIDUAL_NORMS:
                     hooks.append(m.register_forward_pre_hook(_clone_input))
+            # (only the text encoders: the mode sees every op, and ComfyUI's DiTs use no out=)
+            encoder.forward = functools.partial(_fresh_outputs, encoder.forward)
+            wrapped.append(encoder)
         if gradient_checkpointing:
             for layer in checkpoint_units(model.model.diffusion_model):
                 layer.forward = functools.partial(_checkpointed, layer.forward)
                 wrapped.append(layer)
-        yield
+        with memory.training_flag(True):
+            yield
     finally:
         for h in hooks:
             h.remove()

@@ -34,6 +34,23 @@ def device_context(device):
     return ctx(device) if ctx is not None else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def training_flag(value: bool):
+    """ComfyUI's own "a training loop is running" flag (0.33: ``in_training``, which its trainer sets)
+    at ``value`` while active, then back. Under it the DiTs take their differentiable paths (Lumina 2's
+    q/k norm and RoPE in PyTorch instead of comfy-kitchen's fused op, which has no backward). Hosts
+    without the flag have no such paths: nothing to set."""
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = value
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
 def _is_dynamic(patcher) -> bool:
     return bool(getattr(patcher, "is_dynamic", lambda: False)())
 

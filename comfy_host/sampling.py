@@ -30,7 +30,8 @@ def render(model, clip, vae, vectors: dict[str, torch.Tensor], prompt: str, seed
     if missing:
         raise ValueError(f"preview: no vectors for {', '.join(sorted(missing))}")
     (tokens,) = tokenize_templates(clip, [prefix + prompt], counts)
-    with torch.random.fork_rng(devices=memory.rng_devices()), torch.no_grad():
+    # (a preview inside a run samples as KSampler does: with ComfyUI's training flag clear)
+    with torch.random.fork_rng(devices=memory.rng_devices()), torch.no_grad(), memory.training_flag(False):
         by_token_key = {tkey: vectors[key].detach().float() for key, (tkey, _, _) in encoders.items()}
         positive = encode_conditioning(clip, tokens.with_vectors(by_token_key), guidance)
         negative = encode_conditioning(clip, clip.tokenize(prefix), guidance)

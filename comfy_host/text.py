@@ -294,17 +294,19 @@ def encode_each(clip, token_dicts: list[dict], want_pooled: bool = True):
 class TextPath:
     """Encodes a step's prompts the way CLIPTextEncode would, batched where that is exact.
 
-    At the start of a run, two training prompts (different ones where there are two; the one
-    prompt twice otherwise) are encoded both ways (no gradient): if the one-pass batch equals one
-    encode per prompt to the precision of the encoder's dtype, the batched pass is used; otherwise
-    (wrappers that join encoders along the sequence or whose pooled vector no single encoder gives,
-    like SD3's, or unpadded T5 prompts of different lengths) one encode per prompt.
+    A step's prompts are batched only among prompts of one token shape: tokenizers that do not
+    pad (Gemma-2, T5 without min_length) give prompts of different lengths, which no one encoder
+    pass can hold, so each shape is its own pass. At the start of a run, two different training
+    prompts of one shape (the first prompt twice where no two share one) are encoded both ways (no
+    gradient): if the one-pass batch equals one encode per prompt to the precision of the encoder's
+    dtype, the batched passes are used; otherwise (wrappers that join encoders along the sequence or
+    whose pooled vector no single encoder gives, like SD3's) one encode per prompt.
     """
 
     def __init__(self, clip, prompts: list[PromptTokens], embeds_by_token_key: dict, want_pooled: bool):
         self.clip, self.want_pooled = clip, want_pooled
         self.batched = False
-        probe = [p.with_vectors(embeds_by_token_key) for p in (prompts[0], prompts[min(1, len(prompts) - 1)])]
+        probe = [p.with_vectors(embeds_by_token_key) for p in _probe_pair(prompts)]
         with torch.no_grad():
             try:
                 cond, pooled = encode_token_batch(clip, probe, want_pooled)
@@ -324,9 +326,37 @@ class TextPath:
 
     def __call__(self, token_dicts: list[dict]):
         """``(conds, pooled)``: conds a ``(B, L, width)`` tensor, or a list of ``(1, L_k, width)``."""
-        if self.batched:
+        if not self.batched:
+            return encode_each(self.clip, token_dicts, self.want_pooled)
+        groups: dict[tuple, list[int]] = {}
+        for i, td in enumerate(token_dicts):
+            groups.setdefault(_token_shape(td), []).append(i)
+        if len(groups) == 1:
             return encode_token_batch(self.clip, token_dicts, self.want_pooled)
-        return encode_each(self.clip, token_dicts, self.want_pooled)
+        conds, pooled = [None] * len(token_dicts), [None] * len(token_dicts)
+        for rows in groups.values():
+            cond, rows_pooled = encode_token_batch(self.clip, [token_dicts[i] for i in rows], self.want_pooled)
+            for k, i in enumerate(rows):
+                conds[i] = cond[k:k + 1] if torch.is_tensor(cond) else cond[k]
+                pooled[i] = None if rows_pooled is None else rows_pooled[k:k + 1]
+        return conds, (torch.cat(pooled) if pooled[0] is not None else None)
+
+
+def _token_shape(tokens: dict) -> tuple:
+    """The chunk lengths of a token dict per encoder: prompts of one shape can share an encoder pass."""
+    return tuple((key, tuple(len(chunk) for chunk in chunks)) for key, chunks in sorted(tokens.items()))
+
+
+def _probe_pair(prompts: list[PromptTokens]) -> tuple[PromptTokens, PromptTokens]:
+    """The first two different prompts of one token shape (what a batched pass will hold), or the first
+    prompt twice: its batch still shows a wrapper whose batched output is not per-prompt (SD3's pooled)."""
+    seen: dict[tuple, PromptTokens] = {}
+    for p in prompts:
+        shape = _token_shape(p.tokens)
+        if shape in seen:
+            return seen[shape], p
+        seen[shape] = p
+    return prompts[0], prompts[0]
 
 
 def encode_conditioning(clip, tokens, guidance=None):

@@ -6,12 +6,17 @@ the encoder's attention mask, and the loss is the flow-matching error at the mod
 """
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
 from dti_core.embedding_file import load_embedding
-from tests_host_helpers import replay_draws, run_train
+from dti_tests_support import load_by_path
+from tests_host_helpers import images, replay_draws, run_train
+
+# The workflow tests' harness: it reads a shipped workflow's widget values as the frontend lays them out.
+harness = load_by_path("dti_workflow_harness", Path(__file__).resolve().parents[1] / "workflows" / "harness.py")
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +224,79 @@ def test_lumina_preview_renders_with_the_system_prompt(lumina, dti_pack, embeddi
         bare = previews.render(model, enabled, vae, emb.vectors, "a {} on grass", 3, 64, 1)
     assert torch.allclose(image, again, atol=1e-5)
     assert not torch.allclose(image, bare, atol=1e-3), "the preview did not carry Lumina 2's system prompt"
+
+
+def _shipped_train_settings(dti_pack):
+    """DTI Train's widget values in the shipped workflows/dti_train_lumina2.json, by input name."""
+    (node,) = [n for n in harness.load_workflow("dti_train_lumina2.json")["nodes"] if n["type"] == "DTITrain"]
+    slots = harness.widget_slots({"input": dti_pack.nodes.train_node.DTITrain.INPUT_TYPES()})
+    assert len(slots) == len(node["widgets_values"]), (slots, node["widgets_values"])
+    return {k: v for k, v in zip(slots, node["widgets_values"]) if k is not None}
+
+
+@pytest.mark.parametrize("wiring", ["loader clip", "enable embeddings clip"])
+def test_shipped_workflow_settings_train_with_either_clip(wiring, lumina, dti_pack, embeddings_dir, comfy):
+    """The shipped workflow's DTI Train settings (its 'object' templates, batch 4, seed, kappa), steps and
+    size cut for a CPU, train through run() with the loader's CLIP and with the CLIP out of DTI Enable
+    Embeddings (one CLIP line to every node). Gemma pads nothing, so a step's prompts differ in length."""
+    ct, fam = dti_pack.comfy_host, dti_pack.comfy_host.families
+    model, clip, vae = lumina.out
+    if wiring == "enable embeddings clip":
+        (clip,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
+    settings = _shipped_train_settings(dti_pack)
+    assert settings["templates"] == "object" and settings["batch_size"] == 4 and settings["kappa"] == 5e-5
+    name = "shipped-lumina-" + wiring.split()[0]
+    # a batch of photos instead of the input folder; 2 steps at 64 px instead of 500 at 1024
+    settings.update(name=name, image_folder="", steps=2, resolution=64)
+
+    # The premise: the first step draws prompts of different token lengths into one batch.
+    from dti_core.templates import resolve_templates
+    (enabled,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
+    texts = resolve_templates(settings["templates"], settings["custom_templates"])
+    with torch.inference_mode():
+        prompts = ct.text.tokenize_templates(enabled, [fam.LUMINA2_PREFIX + t for t in texts], 1)
+    which = replay_draws(dti_pack.dti_core.training.step_generator, settings["seed"], 0, 4, 2, len(prompts),
+                         [(8, 8)] * 2, (8, 8))["which"]
+    assert len({len(prompts[int(i)].tokens["gemma2_2b"][0]) for i in which}) > 1
+
+    with torch.inference_mode():
+        vocab = ct.text.vocabulary(ct.text.text_encoders(clip)["gemma2_2b"][2])
+    with torch.inference_mode(False):
+        m_star = float(vocab.detach().float().norm(dim=-1).mean())
+    out = run_train(dti_pack, (model, clip, vae), images(2), **settings)
+    # ComfyUI's training flag (0.33), set for the run, is clear again for the samplers that follow
+    assert getattr(comfy.model_management, "in_training", False) is False
+    assert out["ui"]["text"][0].startswith(f"Saved embedding:{name}")
+    emb = load_embedding(str(embeddings_dir / f"{name}.safetensors"))
+    assert set(emb.vectors) == {"gemma2_2b"} and emb.metadata["dti.model_family"] == "Lumina 2"
+    assert emb.metadata["dti.templates"] == "object" and emb.metadata["dti.steps"] == "2"
+    v = emb.vectors["gemma2_2b"]
+    assert v.shape[1] == 2304 and bool(torch.isfinite(v).all())
+    assert emb.m_star("gemma2_2b") == pytest.approx(m_star, rel=1e-6)
+    assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m_star), rtol=0, atol=1e-5)
+    assert out["result"][2]["loss"] and all(torch.isfinite(torch.tensor(out["result"][2]["loss"])))
+
+
+def test_gemma_prompts_of_different_lengths_encode_as_one_encode_each(lumina, dti_pack):
+    """A step's batch of unpadded Gemma prompts of several lengths: one pass per length, each row what
+    an encode of that prompt alone gives, in the step's order."""
+    ct, fam = dti_pack.comfy_host, dti_pack.comfy_host.families
+    _, clip, _ = lumina.out
+    (clip,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
+    with torch.inference_mode():
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 1, "mean")
+        prompts = ct.text.tokenize_templates(clip, [fam.LUMINA2_PREFIX + t for t in (
+            "a photo of a {}", "a close-up photo of a {}", "a rendering of a {}", "a photo of the {}")], 1)
+    vectors = {"gemma2_2b": m_star["gemma2_2b"] * init["gemma2_2b"]}
+    lengths = [len(p.tokens["gemma2_2b"][0]) for p in prompts]
+    assert len(set(lengths)) > 1 and len(set(lengths)) < len(lengths), lengths  # mixed, and some shared
+    with torch.inference_mode(False), torch.no_grad():
+        text = ct.text.TextPath(clip, prompts, vectors, False)
+        dicts = [p.with_vectors(vectors) for p in prompts]
+        conds, pooled = text(dicts)
+        ref, _ = ct.text.encode_each(clip, dicts, False)
+    assert text.batched and pooled is None
+    assert [c.shape[1] for c in conds] == lengths
+    for c, r in zip(conds, ref):
+        tol = 8 * torch.finfo(r.dtype).eps * float(r.abs().max())
+        assert torch.allclose(c.float(), r.float(), rtol=0, atol=tol)
