@@ -63,8 +63,30 @@ def clip_widths(clip) -> dict[str, int]:
 
 
 def vocabulary(encoder) -> torch.Tensor:
-    """The encoder's token table, read through the host's ops (an fp8 or quantized table too)."""
+    """The encoder's token table, read through the host's ops (an fp8 or quantized table too), as
+    stored: rows as the encoder sees them are ``lookup_scale(encoder)`` times these."""
     return ops.read_weight(encoder.transformer.get_input_embeddings())
+
+
+def lookup_scale(encoder) -> float:
+    """How much the encoder's own token lookup scales a table row, where ``embedding:NAME`` rows,
+    spliced in after the lookup, are not scaled. Hosts differ for Gemma: 0.33's lookup is a
+    ``ScaledEmbedding`` (rows times sqrt(width) = 48, learned rows not), while 0.3.64 scales every
+    input row after the lookup, learned ones too (1.0 here). m* is the norm tokens have where the
+    learned rows enter, so it is scaled by this. Measured on a few rows, not read off the version."""
+    emb = encoder.transformer.get_input_embeddings()
+    table = ops.read_weight(emb)
+    ids = torch.nonzero(table[:256].float().norm(dim=-1) > 0).flatten()[:16]
+    if ids.numel() == 0:
+        return 1.0
+    with torch.no_grad():
+        try:  # (fp32 out: the scale itself, not the fp16 rounding of the scaled rows)
+            out = emb(ids.to(table.device), out_dtype=torch.float32)
+        except TypeError:
+            out = emb(ids.to(table.device))
+    ratio = out.float().norm(dim=-1) / table[ids].float().norm(dim=-1)
+    scale = float(ratio.median())
+    return 1.0 if abs(scale - 1.0) < 1e-3 else scale
 
 
 def initializer_ids(tokenizer, words: str) -> list[int]:
@@ -101,6 +123,8 @@ def initial_vectors(clip, words: str, count: int, magnitude, keys=None) -> tuple
         with torch.inference_mode(False):
             # row norms block by block, no float copy of the whole table (Gemma-2's is 256000 x 2304)
             m_star[key] = target_norm(vocab.detach(), magnitude)
+        if isinstance(magnitude, str):  # (a number the user gave is taken as it is)
+            m_star[key] *= lookup_scale(encoder)
     return init, mu, m_star
 
 

@@ -53,6 +53,9 @@ class DTIInspect:
         for ci, (key, (_, tok, encoder)) in enumerate(sorted(encoders.items())):
             with torch.inference_mode(False):
                 vocab = host_text.vocabulary(encoder).detach().float().cpu().clone()
+                scale = host_text.lookup_scale(encoder)
+                if scale != 1.0:
+                    vocab.mul_(scale)  # the norms tokens have where learned rows enter
             init_dir = None
             if word:
                 ids = host_text.initializer_ids(tok, word)

@@ -225,15 +225,7 @@ def test_train_chart_draws_a_live_run(page, ui_server, frontend):
             arg=node_id, timeout=TRAIN_TIMEOUT * 1000, polling=500)
     except Exception as e:
         raise AssertionError(f"no dti.done reached the page: {e}\n--- server log ---\n{ui_server.log_tail()}") from None
-    # the rest of the graph (render, save) finishes too
-    deadline = time.monotonic() + TRAIN_TIMEOUT
-    while time.monotonic() < deadline:
-        q = ui_server.get_json("/queue")
-        if not q["queue_running"] and not q["queue_pending"]:
-            break
-        time.sleep(0.5)
-    else:
-        raise AssertionError("the queued workflow did not finish")
+    _wait_idle(ui_server, TRAIN_TIMEOUT)  # the rest of the graph (render, save) finishes too
 
     run = page.evaluate("""(id) => {
         const s = window.__dtiRuns.get(String(id));
@@ -252,12 +244,8 @@ def test_train_chart_draws_a_live_run(page, ui_server, frontend):
     assert order == ["dti_result", "dti_chart"], order
 
     # Draw and photograph the chart where the page shows it.
-    box = page.evaluate(CHART_BOX_JS, node_id)
-    time.sleep(0.5)
-    artifacts = h.REPO_ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    shot = artifacts / f"train_chart_{frontend['name']}.png"
-    page.page.screenshot(path=str(shot), clip=box)
+    shot = _chart_shot(page, node_id, f"train_chart_{frontend['name']}.png")
+    artifacts = shot.parent
     page.page.screenshot(path=str(artifacts / f"train_chart_page_{frontend['name']}.png"))
 
     from PIL import Image
@@ -317,6 +305,17 @@ TO_SUBGRAPH_JS = """
 def _skip_without_subgraphs(page, frontend):
     if not page.evaluate("() => typeof app.graph.convertToSubgraph === 'function'"):
         pytest.skip(f"frontend {frontend['version']} has no subgraphs (its LGraph has no convertToSubgraph)")
+
+
+def _chart_shot(page, exec_id, file_name):
+    """A screenshot of the node's chart where the page shows it, in test-artifacts/."""
+    box = page.evaluate(CHART_BOX_JS, exec_id)
+    time.sleep(0.5)
+    artifacts = h.REPO_ROOT / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / file_name
+    page.page.screenshot(path=str(shot), clip=box)
+    return shot
 
 
 def _wait_idle(server, timeout):
@@ -385,12 +384,7 @@ def test_train_chart_follows_a_node_inside_a_subgraph(page, ui_server, frontend)
     for want in (max(losses), min(losses)):
         assert any(abs(n - want) <= 0.006 * abs(want) + 1e-9 for n in nums), (want, texts)
     # and where the page shows it (the subgraph is open on the canvas)
-    box = page.evaluate(CHART_BOX_JS, exec_id)
-    time.sleep(0.5)
-    artifacts = h.REPO_ROOT / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    shot = artifacts / f"train_chart_subgraph_{frontend['name']}.png"
-    page.page.screenshot(path=str(shot), clip=box)
+    shot = _chart_shot(page, exec_id, f"train_chart_subgraph_{frontend['name']}.png")
     from PIL import Image
     assert _count_near(Image.open(shot), LOSS_RGB) >= 20, "no loss curve drawn on the inner node's chart"
 
