@@ -119,6 +119,8 @@ def test_timesteps_cover_the_whole_sigma_table(dti_pack, fresh_sd15, monkeypatch
     seen = []
     # Only the sigmas matter here: skip the text encoder and the UNet.
     monkeypatch.setattr(ct.text, "encode_token_batch", lambda clip, dicts, want_pooled=True: (torch.zeros(len(dicts), 77, 768), None))
+    # (and the per-prompt encode the batch is checked against, or the 512 prompts go one by one)
+    monkeypatch.setattr(ct.text, "encode_each", lambda clip, dicts, want_pooled=True: ([torch.zeros(1, 77, 768)] * len(dicts), None))
     monkeypatch.setattr(model.model, "apply_model",
                         lambda x, t, *a, **k: (seen.append(t.detach().clone()), torch.zeros_like(x))[1])
     with torch.inference_mode(False), torch.no_grad():
