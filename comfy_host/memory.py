@@ -83,16 +83,28 @@ def start_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_line(device, was_dynamic: bool) -> str | None:
+def resident(model, clip) -> str:
+    """How much of each model's weights the host holds on the device now (``loaded_size`` of
+    ``model_size``): whole under a full load, a part under --lowvram / --novram."""
+    parts = []
+    for what, patcher in (("diffusion model", model), ("text encoders", clip.patcher)):
+        try:
+            parts.append(f"{what} {patcher.loaded_size() / 2**30:.2f} of {patcher.model_size() / 2**30:.2f} GiB")
+        except Exception:  # (a patcher without the two counters: say nothing rather than guess)
+            continue
+    return "weights on the device: " + ", ".join(parts) if parts else ""
+
+
+def peak_line(device, was_dynamic: bool, weights: str = "") -> str | None:
     """One log line with the run's peak GPU memory (torch's allocations), or None off CUDA. A
     dynamic-VRAM model trains on a classic copy, whose weights sit whole in VRAM: the line says so, as
-    that is the memory dynamic VRAM would have saved."""
+    that is the memory dynamic VRAM would have saved. ``weights``: what ``resident`` said at the start."""
     if getattr(device, "type", "cpu") != "cuda":
         return None
     peak = torch.cuda.max_memory_allocated(device) / 2**30
     how = ("dynamic VRAM model, trained as a classic fully loaded copy" if was_dynamic
            else "classic model patcher")
-    return f"DTI Train: peak GPU memory {peak:.2f} GiB ({how})"
+    return f"DTI Train: peak GPU memory {peak:.2f} GiB ({how}){'; ' + weights if weights else ''}"
 
 
 def is_oom(e: BaseException) -> bool:

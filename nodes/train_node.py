@@ -65,12 +65,12 @@ class DTITrain(WritesEmbeddingFile):
                 "steps": ("INT", {"default": 400, "min": 1, "max": 100000, "tooltip": "Optimisation steps. The paper uses 400 for SDXL."}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 64, "tooltip": "Images per step (drawn at random from the batch). Memory grows with it."}),
                 "learning_rate": ("FLOAT", {"default": 0.01, "min": 0.0001, "max": 1.0, "step": 0.0001, "tooltip": "Per-image learning rate; it is multiplied by the batch size as the reference does (0.01 x 4 = 0.04 per step). With DTI each step turns each vector by about this angle (radians)."}),
-                "kappa": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 0.00001, "tooltip": "Strength of the von Mises-Fisher prior that pulls the direction toward the initializer word. 1e-4 is the paper's SDXL value, 5e-5 its Gemma-2 (SANA) value: use it for Lumina 2; 0 turns the prior off."}),
+                "kappa": ("FLOAT", {"default": 1e-4, "min": 0.0, "max": 1.0, "step": 0.00001, "tooltip": "Strength of the von Mises-Fisher prior that pulls the direction toward the initializer word. 1e-4 is the paper's SDXL value, 5e-5 its Gemma-2 (SANA) value and the authors' Qwen3 (FLUX.2 klein) value: use it for Lumina 2 and Z-Image; 0 turns the prior off."}),
                 "magnitude": (MAGNITUDES, {"default": "mean", "tooltip": "The fixed vector length m*: the mean (paper default), max or min norm of the vocabulary, or the number below."}),
                 "magnitude_value": ("FLOAT", {"default": 0.4, "min": 0.001, "max": 100.0, "step": 0.001, "tooltip": "Vector length used when magnitude is 'number'."}),
                 "templates": (TEMPLATES, {"default": "object", "tooltip": "Training prompts: 'object' ('a photo of a {}', ...), 'style' ('a painting in the style of {}', ...) or your own lines below."}),
                 "custom_templates": ("STRING", {"default": "a photo of {}\na close-up photo of {}", "multiline": True, "tooltip": "Used when templates is 'custom': one prompt per line, each with {} where the learned word goes."}),
-                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, Flux.1 and Chroma, 768 for SD2.x, SDXL (the paper's SDXL setting) and SD3, 1024 for Lumina 2."}),
+                "resolution": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 8, "tooltip": "Training resolution in pixels (multiple of 8). 0 = auto: 512 for SD1.x, Flux.1 and Chroma, 768 for SD2.x, SDXL (the paper's SDXL setting) and SD3, 1024 for Lumina 2 and Z-Image."}),
                 "horizontal_flip": ("BOOLEAN", {"default": False, "tooltip": "Also train on mirrored images (each drawn with probability 0.5). Off by default, as in the paper's recipe; leave off for text or asymmetric subjects."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Same seed and inputs give the same embedding."}),
                 "save_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Also save NAME-stepK every this many steps (0 = only the final file). A cancelled run can resume from them."}),
@@ -198,6 +198,7 @@ class DTITrain(WritesEmbeddingFile):
 
         device = memory.torch_device()
         step_fn = None
+        weights = ""
         try:
             # Latents first: the VAE's own load may evict other models, and the UNet and
             # text encoders must then stay fully loaded for the whole run.
@@ -210,6 +211,7 @@ class DTITrain(WritesEmbeddingFile):
             # of the weights off the GPU and casts them per layer, which training follows (the
             # cast layers recast in backward, see differentiable.py).
             memory.load_for_training(model, clip)
+            weights = memory.resident(model, clip)
             prompts = host_text.tokenize_templates(clip, [family.prompt_prefix + t for t in prompts_text], counts)
             with torch.inference_mode(False), torch.enable_grad():
                 # normal tensors (the VAE ran under ComfyUI's inference mode)
@@ -238,7 +240,7 @@ class DTITrain(WritesEmbeddingFile):
             step_fn = None
             memory.release()
 
-        line = memory.peak_line(device, was_dynamic)
+        line = memory.peak_line(device, was_dynamic, weights)
         if line:
             logging.info(line)
         meta = dti_metadata(**base_meta, step=int(steps))

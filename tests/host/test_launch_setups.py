@@ -187,11 +187,17 @@ def test_partially_loaded_model_trains_like_a_fully_loaded_one(dti_pack, fresh_s
         model = model.clone()
         model.add_patches(lora, 1.0)
         comfy.model_management.load_models_gpu([model], force_full_load=True)
+    resident = dti_pack.comfy_host.memory.resident
+    size = model.model_size() / 2**30
+    full = f"diffusion model {size:.2f} of {size:.2f} GiB"
+    assert resident(model, clip).startswith(f"weights on the device: {full}, text encoders ")
     full_loss, full_grad = _step_grad(dti_pack, (model, clip, None))
     with torch.inference_mode():
         model.unpatch_model()
         model.load(torch.device("cpu"), lowvram_model_memory=1)
     assert model.model.model_lowvram
+    # what DTI Train's GPU log line reports of a --lowvram load: only part of the weights resident
+    assert full not in resident(model, clip) and f" of {size:.2f} GiB" in resident(model, clip)
     lowvram = [m for m in model.model.modules() if getattr(m, "comfy_cast_weights", False)]
     assert any(m.weight_function for m in lowvram), "the LoRA patch should be applied lazily per call"
     part_loss, part_grad = _step_grad(dti_pack, (model, clip, None))

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dti_workflow_harness as h
+import dti_host_checkpoints as ck
 from dti_core.embedding_file import load_embedding
 
 RUN_TIMEOUT = 600.0
@@ -146,7 +147,9 @@ def test_dti_train_under_launch_flag(flag_server):
         assert log_line in log, f"the server did not run with {flag_id!r}: {log_line!r} not in its log"
     if lora:
         assert "lora key not loaded" not in log and "ERROR lora" not in log
-    peaks = [float(x) for x in re.findall(r"DTI Train: peak GPU memory ([0-9.]+) GiB", log[started:])]
+    lines = re.findall(r"DTI Train: peak GPU memory ([0-9.]+) GiB \(([^)]*)\)(?:; weights on the device: (.*))?",
+                       log[started:])
+    peaks = [float(p) for p, _, _ in lines]
     if torch.cuda.is_available():
         assert len(peaks) == 2, "DTI Train logged no peak GPU memory line"
         if flag_id == "dynamic-vram":
@@ -154,7 +157,9 @@ def test_dti_train_under_launch_flag(flag_server):
         report = h.REPO_ROOT / "test-artifacts" / "launch_flags_memory.json"
         report.parent.mkdir(parents=True, exist_ok=True)
         data = json.loads(report.read_text()) if report.is_file() else {}
-        data[flag_id] = {"peak_gib_sd15": peaks[0], "peak_gib_sdxl": peaks[1]}
+        data[f"{ck.comfyui_version(srv.comfy_path)} {flag_id}"] = {
+            "peak_gib_sd15": peaks[0], "peak_gib_sdxl": peaks[1],
+            "patcher": [how for _, how, _ in lines], "resident_sd15": lines[0][2], "resident_sdxl": lines[1][2]}
         report.write_text(json.dumps(data, indent=1))
     else:
         assert peaks == []  # (the line is for CUDA runs only)
