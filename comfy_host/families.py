@@ -53,10 +53,14 @@ FAMILIES = (
     # Lumina 2 / Neta Lumina: Gemma-2-2B, 1024 px as the authors' SANA (Gemma-2) recipe.
     Family("Lumina 2", ("Lumina2",), ("gemma2_2b",), 1024, prompt_prefix=LUMINA2_PREFIX, text_mask=True,
            enable_embeddings=True, configs=("Lumina2",)),
+    # Z-Image (0.33: supported_models.ZImage(Lumina2), the same NextDiT class, Qwen3-4B): its tokenizer
+    # wraps every prompt in Qwen's chat template itself and reads the embeddings folder; 1024 px as
+    # the family renders.
+    Family("Z-Image", ("Lumina2",), ("qwen3_4b",), 1024, text_mask=True, configs=("ZImage",)),
 )
 
 # Model configs of current ComfyUI that DTI Train does not train yet, by the name users know them by.
-NOT_YET = {"ZImage": "Z-Image", "ZImagePixelSpace": "Z-Image", "Flux2": "FLUX.2", "QwenImage": "Qwen-Image",
+NOT_YET = {"ZImagePixelSpace": "Z-Image pixel-space", "Flux2": "FLUX.2", "QwenImage": "Qwen-Image",
            "WAN21_T2V": "Wan 2.1", "WAN22_T2V": "Wan 2.2", "HiDream": "HiDream"}
 
 
@@ -82,8 +86,9 @@ def family_of(model, clip) -> Family:
             return fam
     if candidates:
         wanted = " or ".join("+".join(f.encoders) for f in candidates)
+        names = " / ".join(dict.fromkeys(f.name.replace(" (no T5)", "") for f in candidates))
         raise UnsupportedModelError(
-            f"this CLIP does not fit the {model_class} model: it needs the text encoders {wanted}, the CLIP has "
+            f"this CLIP does not fit the {names} model ({model_class}): it needs the text encoders {wanted}, the CLIP has "
             f"{', '.join(sorted(available)) or 'none'}. Load the text encoders that belong to this model.")
     raise UnsupportedModelError(
         f"DTI Train supports {supported_text()}; this MODEL is {model_class} ({config})")

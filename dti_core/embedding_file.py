@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save_bytes
 from .names import resolve_inside
 
 # Encoder key -> token width, as ComfyUI's sd1_clip.load_embed matches them.
-ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096, "gemma2_2b": 2304}
+ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096, "gemma2_2b": 2304, "qwen3_4b": 2560}
 WIDTH_TO_ENCODER = {w: k for k, w in ENCODER_WIDTHS.items()}
 METHOD = "dti"
 META_PREFIX = "dti."
@@ -216,7 +216,7 @@ def _by_width(t: torch.Tensor, path: str, key: str) -> str:
     if width not in WIDTH_TO_ENCODER:
         raise EmbeddingFileError(
             f"{path}: key {key!r} is {width} wide, which matches no supported text encoder "
-            f"(768 CLIP-L, 1280 CLIP-G, 1024 CLIP-H, 4096 T5-XXL)"
+            f"({', '.join(f'{w} {k}' for k, w in ENCODER_WIDTHS.items())})"
         )
     return WIDTH_TO_ENCODER[width]
 

@@ -182,6 +182,9 @@ def _init_tensor_(mod, mname, pname, p, generator, *, weight_std=WEIGHT_STD,
         p.normal_(0.0, std, generator=generator)
     elif pname == "weight" and p.dim() >= 2:
         p.normal_(0.0, weight_std, generator=generator)
+    elif pname.endswith("_pad_token") and not mname:
+        # (Z-Image's learned padding rows, x_pad_token / cap_pad_token: token-like)
+        p.normal_(0.0, token_embedding_std, generator=generator)
     else:
         full = f"{mname}.{pname}" if mname else pname
         raise ValueError(f"init_weights_: no rule for parameter {full} {tuple(p.shape)} in {type(mod).__name__}")
@@ -1265,3 +1268,97 @@ def ensure_gemma2_2b_full(folder, seed=DEFAULT_SEED, dtype=torch.float16):
         write_safetensors_streaming(path, entries, {"dti_test_generator": FAMILY_GENERATOR_VERSION,
                                                     "dti_test_component": name})
     return path
+
+
+# ============================================================================
+# Z-Image (0.33: supported_models.ZImage(Lumina2) on model_base.Lumina2, Qwen3-4B text encoder)
+# ============================================================================
+#
+# model_detection takes a Lumina 2 NextDiT of width 3840 for Z-Image and hard-codes the rest (30
+# heads, axes, rope theta 256, z_image_modulation, time scale); only the number of main ``layers``
+# is read from the keys (one here), and ``cap_pad_token`` gives the 32-token padding the real files
+# have.  As for Lumina 2, the refiners and the main layer's FFN are idle (zero matrices, holes in
+# the file): text reaches the image through layer 0's joint attention.
+#
+# Qwen3-4B: ComfyUI's own Qwen tokenizer (151936 tokens, width 2560) is fixed, so the table keeps
+# its real shape; the depth is reduced IN-PROCESS through ``model_options={"qwen3_4b_model_config":
+# {...}}`` (SDClipModel reads ``<model_name>_model_config``), as for the thin Gemma: 3 layers and a
+# small FFN instead of 36 layers (4.0B parameters, 16 GB in fp32: more than this 24 GiB CPU machine
+# trains through).  The loader detects Qwen3-4B by its width and q_norm, not its depth; the stock
+# loader nodes pass no such option.  Z-Image reads the second-to-last hidden state, so the last
+# layer's matrices are zero (holes).
+
+ZIMAGE_DIT_CONFIG = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 3840, "cap_feat_dim": 2560,
+    "n_layers": 1, "qk_norm": True, "n_heads": 30, "n_kv_heads": 30, "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512], "rope_theta": 256.0, "ffn_dim_multiplier": 8.0 / 3.0,
+    "z_image_modulation": True, "time_scale": 1000.0, "pad_tokens_multiple": 32,
+}
+QWEN3_THIN_LAYERS = 3
+QWEN3_THIN_FFN = 512
+QWEN3_THIN_OPTIONS = {"qwen3_4b_model_config": {"num_hidden_layers": QWEN3_THIN_LAYERS,
+                                                "intermediate_size": QWEN3_THIN_FFN}}
+
+
+def _zimage_dit_plan():
+    import comfy.supported_models as sm
+    with torch.device("meta"):
+        base = sm.ZImage(dict(ZIMAGE_DIT_CONFIG)).get_model({}, "")
+    plan = _plan_module(base.diffusion_model)
+    return [(n, s, _zero_fill if _is_idle_lumina_matrix(n) else f) for n, s, f in plan]
+
+
+def _qwen3_thin_plan():
+    import comfy.text_encoders.z_image
+    with torch.device("meta"):
+        te = comfy.text_encoders.z_image.Qwen3_4BModel(device=None, dtype=torch.float32,
+                                                        model_options={"model_name": "qwen3_4b", **QWEN3_THIN_OPTIONS})
+    last = f"model.layers.{QWEN3_THIN_LAYERS - 1}."
+    return [(n, s, _zero_fill if n.startswith(last) and "norm" not in n else f)
+            for n, s, f in _plan_module(te.transformer)]
+
+
+def ensure_zimage_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+    """``{"diffusion_model", "text_encoder", "vae"}``: the thin Z-Image NextDiT (detected as
+    ``supported_models.ZImage``), the thin Qwen3-4B file (detected as ``TEModel.QWEN3_4B``), the
+    16-channel VAE."""
+    folder = Path(folder)
+    dit = folder / component_filename("zimage-dit", seed, dtype)
+    if not dit.exists():
+        gen = torch.Generator().manual_seed(_component_seed("zimage-dit", seed))
+        write_safetensors_streaming(dit, _entries(_zimage_dit_plan(), gen, dtype),
+                                    {"dti_test_generator": FAMILY_GENERATOR_VERSION, "dti_test_component": "zimage-dit"})
+        _check_zimage_detection(dit)
+    name = f"qwen3_4b-{QWEN3_THIN_LAYERS}layer"
+    te = folder / component_filename(name, seed, dtype)
+    if not te.exists():
+        gen = torch.Generator().manual_seed(_component_seed(name, seed))
+        write_safetensors_streaming(te, _entries(_qwen3_thin_plan(), gen, dtype),
+                                    {"dti_test_generator": FAMILY_GENERATOR_VERSION, "dti_test_component": name})
+    return {"diffusion_model": dit, "text_encoder": te, "vae": ensure_component("vae16", folder, seed, dtype)}
+
+
+def _check_zimage_detection(path):
+    import comfy.model_detection
+    import comfy.supported_models as sm
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
+    detected = comfy.model_detection.model_config_from_unet(sd, "")
+    det_cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if type(detected) is not sm.ZImage:
+        raise AssertionError(f"generated Z-Image DiT detected as {type(detected).__name__}")
+    for k, v in ZIMAGE_DIT_CONFIG.items():
+        if det_cfg.get(k) != v:
+            raise AssertionError(f"z-image: detected {k!r} = {det_cfg.get(k)!r}, generated with {v!r}")
+
+
+def load_zimage(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
+    """UNETLoader + CLIPLoader(type lumina2, as ComfyUI's Z-Image template; the thin Qwen3's
+    model_options) + VAELoader, under inference mode. Returns ``SimpleNamespace(out=(model, clip, vae),
+    log, paths)``."""
+    paths = ensure_zimage_files(folder, seed, dtype)
+    model, log_m = load_diffusion_model(paths["diffusion_model"])
+    clip, log_c = load_text_encoders([paths["text_encoder"]], "LUMINA2", embedding_directory, QWEN3_THIN_OPTIONS)
+    vae, log_v = load_vae(paths["vae"])
+    return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)

@@ -77,14 +77,15 @@ def test_family_of_the_loaded_checkpoints(kind, family, encoders, request, dti_p
 def test_a_clip_from_another_family_is_refused_before_any_work(dti_pack, sd15_loaded, sdxl_loaded):
     fams = dti_pack.comfy_host.families
     with pytest.raises(dti_pack.comfy_host.contracts.UnsupportedModelError,
-                       match=r"does not fit the BaseModel model: it needs the text encoders clip_l or clip_h, "
+                       match=r"does not fit the SD1\.x / SD2\.x model \(BaseModel\): it needs the text encoders clip_l or clip_h, "
                              r"the CLIP has clip_g, clip_l"):
         fams.family_of(sd15_loaded[0], sdxl_loaded[1])
 
 
-def test_z_image_is_refused_by_name_never_taken_for_lumina2(comfy, dti_pack, checkpoints, sd15_loaded, embeddings_dir):
+def test_z_image_is_taken_for_z_image_never_for_lumina2(comfy, dti_pack, checkpoints, sd15_loaded, embeddings_dir):
     """0.33's Z-Image is ``supported_models.ZImage(Lumina2)`` on the shared ``model_base.Lumina2``: a
-    check on the model class alone took it for Lumina 2 and its Gemma encoder. It is refused by name."""
+    check on the model class alone took it for Lumina 2 and its Gemma encoder. The model's config
+    decides: a Z-Image MODEL asks for Qwen3-4B by the family's name, before any work."""
     import comfy.model_patcher
     import comfy.supported_models as sm
 
@@ -99,7 +100,9 @@ def test_z_image_is_refused_by_name_never_taken_for_lumina2(comfy, dti_pack, che
     model = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
     _, clip, vae = sd15_loaded
     families = dti_pack.comfy_host.families
-    with pytest.raises(dti_pack.comfy_host.contracts.UnsupportedModelError, match="does not train Z-Image models yet"):
+    with pytest.raises(dti_pack.comfy_host.contracts.UnsupportedModelError,
+                       match=r"does not fit the Z-Image model \(Lumina2\): it needs the text encoders qwen3_4b, "
+                             r"the CLIP has clip_l"):
         families.family_of(model, clip)
     before = sorted(p.name for p in embeddings_dir.rglob("*"))
     with pytest.raises(ValueError, match="Z-Image"):

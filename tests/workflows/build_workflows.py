@@ -405,6 +405,29 @@ def lumina2_graph():
         sampler={"steps": 25, "cfg": 4.0, "sampler_name": "res_multistep", "scheduler": "simple"})
 
 
+def z_image_graph():
+    """Z-Image as ComfyUI's Z-Image template loads it: UNETLoader + CLIPLoader (lumina2, Qwen3-4B) + VAELoader
+    -> DTI Train -> Replace -> CLIPTextEncode (the stock one reads embedding:NAME) -> KSampler -> SaveImage."""
+    readme = (
+        "DTI Train (Z-Image): teach the model a new word for your subject\n\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
+        "2. Load Z-Image as ComfyUI's Z-Image template does: z_image_turbo in models/diffusion_models, "
+        "qwen_3_4b in models/text_encoders (CLIPLoader type lumina2), ae in models/vae. Needs ComfyUI 0.33 or newer.\n"
+        "3. DTI Train learns a Qwen3-4B vector for the word at Qwen3's mean vocabulary length m*; ComfyUI's "
+        "tokenizer wraps every prompt in Qwen's chat template, in training as in the render. kappa 5e-5 (the "
+        "authors' value for language-model encoders), 500 steps, batch 4, 1024 px (resolution 0 = auto).\n"
+        "4. Queue. The stock CLIP Text Encode reads embedding:NAME; the render uses Z-Image Turbo's settings "
+        "(9 steps, cfg 1, res_multistep).\n\n"
+        "Short of memory? Turn gradient_checkpointing on, lower resolution or batch_size."
+    )
+    return dit_train_graph(
+        label="Z-Image", name="my-concept-zimage", readme=readme,
+        loaders=[_unet(h.ZIMAGE_DIT), _clip_loader(h.ZIMAGE_QWEN3, "lumina2"), _vae()],
+        model=("unet", 0), clip=("clip", 0), vae=("vae", 0), train={"steps": 500, "kappa": 0.00005},
+        prompt=PIER, negative=("CLIP Text Encode (Negative, unused at cfg 1)", "", 100),
+        sampler={"steps": 9, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple"})
+
+
 def sd35_graph():
     """SD3.5 as ComfyUI's SD3.5 examples load it: CheckpointLoaderSimple (MMDiT + VAE) + TripleCLIPLoader
     (clip_l, clip_g, t5xxl) -> DTI Train (all three encoders) -> Replace -> CLIPTextEncode -> KSampler -> SaveImage."""
@@ -468,6 +491,7 @@ GRAPHS = {
     "dti_train_lumina2.json": lumina2_graph,
     "dti_train_sd35.json": sd35_graph,
     "dti_train_chroma.json": chroma_graph,
+    "dti_train_z_image.json": z_image_graph,
 }
 
 
@@ -558,7 +582,8 @@ def main(argv=None):
         for folder, name in (("diffusion_models", h.FLUX_DIT), ("text_encoders", h.FLUX_CLIP_L),
                              ("text_encoders", h.FLUX_T5), ("vae", h.FLUX_VAE),
                              ("diffusion_models", h.LUMINA2_DIT), ("text_encoders", h.LUMINA2_GEMMA),
-                             ("text_encoders", h.SD35_CLIP_G), ("diffusion_models", h.CHROMA_DIT)):
+                             ("text_encoders", h.SD35_CLIP_G), ("diffusion_models", h.CHROMA_DIT),
+                             ("diffusion_models", h.ZIMAGE_DIT), ("text_encoders", h.ZIMAGE_QWEN3)):
             (server.folder("models", folder) / name).write_bytes(b"")
         h.write_example_images(server.input)
         h.write_concept_embeddings(server.embeddings)

@@ -85,6 +85,9 @@ def _start_server(base, comfy_path, test_checkpoints, flux_files, extra_args=())
     lumina = ck.ensure_lumina2_files(cache)  # names for the Lumina 2 workflow
     srv.link_model(lumina["diffusion_model"], "diffusion_models", h.LUMINA2_DIT)
     srv.link_model(lumina["text_encoder"], "text_encoders", h.LUMINA2_GEMMA)
+    # names only, for validating the Z-Image workflow's loader values (nothing here loads them)
+    srv.link_model(lumina["diffusion_model"], "diffusion_models", h.ZIMAGE_DIT)
+    srv.link_model(lumina["text_encoder"], "text_encoders", h.ZIMAGE_QWEN3)
     h.write_example_images(srv.input)
     h.write_concept_embeddings(srv.embeddings)
     # The shipped workflows run with sub-quadratic attention on its chunked path (what a busy

@@ -26,7 +26,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json",
-             "dti_train_flux_dev.json", "dti_train_lumina2.json", "dti_train_sd35.json", "dti_train_chroma.json")
+             "dti_train_flux_dev.json", "dti_train_lumina2.json", "dti_train_sd35.json", "dti_train_chroma.json",
+             "dti_train_z_image.json")
 PACK_DIR_NAME = "ComfyUI-DTI"
 
 # File names the shipped workflows use (the common public names of the base checkpoints).
@@ -47,6 +48,9 @@ SD35_CKPT = "sd3.5_medium_incl_clips.safetensors"
 CHROMA_DIT = "Chroma1-HD.safetensors"
 LUMINA2_DIT = "lumina_2_model_bf16.safetensors"
 LUMINA2_GEMMA = "gemma_2_2b_fp16.safetensors"
+# Z-Image as ComfyUI's Z-Image template loads it: UNETLoader + CLIPLoader(type lumina2) + VAELoader (FLUX_VAE).
+ZIMAGE_DIT = "z_image_turbo_bf16.safetensors"
+ZIMAGE_QWEN3 = "qwen_3_4b.safetensors"
 EXAMPLE_IMAGES = ("dti_example_1.png", "dti_example_2.png", "dti_example_3.png")
 EXAMPLE_FOLDER = "dti_example"  # under input/: the train workflows' image_folder
 CONCEPT_A = "concept_a.safetensors"

@@ -67,9 +67,11 @@ def test_workflows_use_the_public_file_names(object_info):
                 (h.FLUX_CLIP_L, h.FLUX_T5, "flux")
             assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX_VAE]
             continue
-        if "lumina" in name or "chroma" in name:
-            dit, te, clip_type = (h.LUMINA2_DIT, h.LUMINA2_GEMMA, "lumina2") if "lumina" in name else \
-                (h.CHROMA_DIT, h.FLUX_T5, "chroma")
+        if "lumina" in name or "chroma" in name or "z_image" in name:
+            dit, te, clip_type = {"lumina": (h.LUMINA2_DIT, h.LUMINA2_GEMMA, "lumina2"),
+                                  "chroma": (h.CHROMA_DIT, h.FLUX_T5, "chroma"),
+                                  "z_image": (h.ZIMAGE_DIT, h.ZIMAGE_QWEN3, "lumina2")}[
+                next(k for k in ("lumina", "chroma", "z_image") if k in name)]
             assert ckpts == set()
             assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [dit]
             (clip,) = h.find_nodes(prompt, "CLIPLoader")
