@@ -1172,7 +1172,9 @@ def ensure_lumina2_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
             "vocab_size": vocab}
 
 
-def _check_lumina2_detection(path):
+def _check_nextdit_detection(path, config_class, expected):
+    """The generated NextDiT file is detected as ``supported_models.<config_class>`` with ``expected``'s
+    values (Lumina 2 and Z-Image share the model class; model_detection tells them apart by width)."""
     import comfy.model_detection
     import comfy.supported_models as sm
     from safetensors import safe_open
@@ -1180,11 +1182,15 @@ def _check_lumina2_detection(path):
         sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
     detected = comfy.model_detection.model_config_from_unet(sd, "")
     det_cfg = comfy.model_detection.detect_unet_config(sd, "")
-    if type(detected) is not sm.Lumina2:
-        raise AssertionError(f"generated Lumina 2 DiT detected as {type(detected).__name__}")
-    for k, v in LUMINA2_DIT_CONFIG.items():
+    if type(detected) is not getattr(sm, config_class):
+        raise AssertionError(f"generated {config_class} DiT detected as {type(detected).__name__}")
+    for k, v in expected.items():
         if det_cfg.get(k) != v:
-            raise AssertionError(f"lumina2: detected {k!r} = {det_cfg.get(k)!r}, generated with {v!r}")
+            raise AssertionError(f"{config_class}: detected {k!r} = {det_cfg.get(k)!r}, generated with {v!r}")
+
+
+def _check_lumina2_detection(path):
+    _check_nextdit_detection(path, "Lumina2", LUMINA2_DIT_CONFIG)
 
 
 def load_lumina2(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
@@ -1339,18 +1345,7 @@ def ensure_zimage_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
 
 
 def _check_zimage_detection(path):
-    import comfy.model_detection
-    import comfy.supported_models as sm
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
-    detected = comfy.model_detection.model_config_from_unet(sd, "")
-    det_cfg = comfy.model_detection.detect_unet_config(sd, "")
-    if type(detected) is not sm.ZImage:
-        raise AssertionError(f"generated Z-Image DiT detected as {type(detected).__name__}")
-    for k, v in ZIMAGE_DIT_CONFIG.items():
-        if det_cfg.get(k) != v:
-            raise AssertionError(f"z-image: detected {k!r} = {det_cfg.get(k)!r}, generated with {v!r}")
+    _check_nextdit_detection(path, "ZImage", ZIMAGE_DIT_CONFIG)
 
 
 def load_zimage(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):

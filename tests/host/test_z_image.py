@@ -132,17 +132,10 @@ def test_z_image_trains_through_the_node_and_the_stock_encode_reads_the_file(zim
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def test_teacher_student_recovers_a_word_through_qwen3(zimage, dti_pack):
-    """Target: Qwen3's conditioning of "a photo of a {}" (in the chat template, as Z-Image reads it)
-    with Qwen3's "dog" row, at m*, in the word's place; the student word starts at "car". The learned
-    direction must turn toward that row. (Not the text "a photo of a dog": Qwen's BPE gives the word
-    after a space as another token, " dog", whose row is another random one in a thin model.)
-
-    The loss is on the text encoder's output, as in the Gemma (Lumina 2) test; the next test puts it on
-    the DiT's prediction."""
-    ct = dti_pack.comfy_host
-    core = dti_pack.dti_core.training
-    model, clip, _ = zimage.out
+def dog_teacher(ct, clip):
+    """``(init, mu, m_star, prompt, target, cos)``: the student word at "car" in "a photo of a {}", the
+    conditioning of that prompt with Qwen3's "dog" row at m* in the word's place (fp32, a normal
+    tensor), and ``cos(vectors)``: the student's cosine to that row."""
     _, tok, enc = ct.text.text_encoders(clip)[KEY]
     with torch.inference_mode():
         init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
@@ -158,6 +151,21 @@ def test_teacher_student_recovers_a_word_through_qwen3(zimage, dti_pack):
 
     def cos(vectors):
         return float((torch.nn.functional.normalize(vectors[KEY], dim=-1) * dog_dir).sum())
+    return init, mu, m_star, prompt, target, cos
+
+
+def test_teacher_student_recovers_a_word_through_qwen3(zimage, dti_pack):
+    """Target: Qwen3's conditioning of "a photo of a {}" (in the chat template, as Z-Image reads it)
+    with Qwen3's "dog" row, at m*, in the word's place; the student word starts at "car". The learned
+    direction must turn toward that row. (Not the text "a photo of a dog": Qwen's BPE gives the word
+    after a space as another token, " dog", whose row is another random one in a thin model.)
+
+    The loss is on the text encoder's output, as in the Gemma (Lumina 2) test; the next test puts it on
+    the DiT's prediction."""
+    ct = dti_pack.comfy_host
+    core = dti_pack.dti_core.training
+    model, clip, _ = zimage.out
+    init, mu, m_star, prompt, target, cos = dog_teacher(ct, clip)
 
     def loss_fn(embeds, step):
         cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors({KEY: embeds[KEY]}))
@@ -183,26 +191,13 @@ def test_teacher_student_recovers_a_word_through_the_dit(zimage, dti_pack):
     ct = dti_pack.comfy_host
     core = dti_pack.dti_core.training
     model, clip, _ = zimage.out
-    _, tok, enc = ct.text.text_encoders(clip)[KEY]
-    with torch.inference_mode():
-        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
-        (prompt,) = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
-        dog = ct.text.initializer_ids(tok, "dog")
-    with torch.inference_mode(False):
-        dog_dir = torch.nn.functional.normalize(ct.text.vocabulary(enc)[dog].detach().float().clone(), dim=-1)
-    with torch.inference_mode():
-        target_cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors({KEY: m_star[KEY] * dog_dir}))
+    init, mu, m_star, prompt, target_cond, cos = dog_teacher(ct, clip)
     dit = model.model.diffusion_model
 
     def predict(x_t, sigma, cond):
         return dit(x_t, sigma, context=cond.float().expand(x_t.shape[0], -1, -1), num_tokens=cond.shape[1]).float()
 
     with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
-        target_cond = target_cond.clone()
-
-        def cos(vectors):
-            return float((torch.nn.functional.normalize(vectors[KEY], dim=-1) * dog_dir).sum())
-
         def loss_fn(embeds, step):
             g = core.step_generator(7, step)
             x_t, sigma = torch.randn(2, 16, 8, 8, generator=g), torch.rand(2, generator=g)
