@@ -57,10 +57,20 @@ FAMILIES = (
     # wraps every prompt in Qwen's chat template itself and reads the embeddings folder; 1024 px as
     # the family renders.
     Family("Z-Image", ("Lumina2",), ("qwen3_4b",), 1024, text_mask=True, configs=("ZImage",)),
+    # FLUX.2 klein (0.33: supported_models.Flux2): Qwen3-4B (klein 4B) or Qwen3-8B (klein 9B); the
+    # encoder stacks three of its hidden layers (9, 18, 27) into one 3-wide token, its tokenizer pads
+    # every prompt to 512 tokens inside Qwen's chat template. No distilled guidance input (klein's
+    # DiT has none); 1024 px as the authors' klein config.
+    Family("FLUX.2 klein", ("Flux2",), ("qwen3_4b",), 1024, configs=("Flux2",)),
+    Family("FLUX.2 klein", ("Flux2",), ("qwen3_8b",), 1024, configs=("Flux2",)),  # klein 9B
 )
 
+# Text encoders of families that DTI Train does not train yet, where the model config is shared with
+# one it does (FLUX.2 dev's Mistral-3 24B on the same Flux2 config as klein).
+ENCODERS_NOT_YET = {"mistral3_24b": "FLUX.2 dev (its Mistral-3 24B text encoder)"}
+
 # Model configs of current ComfyUI that DTI Train does not train yet, by the name users know them by.
-NOT_YET = {"ZImagePixelSpace": "Z-Image pixel-space", "Flux2": "FLUX.2", "QwenImage": "Qwen-Image",
+NOT_YET = {"ZImagePixelSpace": "Z-Image pixel-space", "QwenImage": "Qwen-Image",
            "WAN21_T2V": "Wan 2.1", "WAN22_T2V": "Wan 2.2", "HiDream": "HiDream"}
 
 
@@ -80,6 +90,10 @@ def family_of(model, clip) -> Family:
         available = set(text_encoders(clip))
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"DTI Train supports {supported_text()}; {e}") from None
+    for key, what in ENCODERS_NOT_YET.items():
+        if key in available:
+            raise UnsupportedModelError(
+                f"DTI Train does not train {what} yet (this MODEL is {model_class}); it supports {supported_text()}")
     candidates = [f for f in FAMILIES if model_class in f.model_classes and (not f.configs or config in f.configs)]
     for fam in candidates:
         if set(fam.encoders) == available:

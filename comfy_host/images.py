@@ -170,14 +170,15 @@ def _folder_images(folder: str) -> list[TrainingImage]:
     return items
 
 
-def bucket_resize(item: TrainingImage, resolution: int):
+def bucket_resize(item: TrainingImage, resolution: int, multiple: int = 8):
     """``(bucket, pixels (1, h, w, 3), mask (h, w) or None)``: the image resized (antialiased
     bicubic, as the paper's pipeline) to the smallest size that covers its bucket, sides rounded down
-    to 8 px; each step crops a bucket-sized window of it in latent space."""
+    to ``multiple`` px (the VAE's cell); each step crops a bucket-sized window of it in latent space."""
     h, w = item.pixels.shape[:2]
     bh, bw = choose_bucket(h, w, resolution)
     scale = max(bh / h, bw / w)
-    size = (max(bh, int(h * scale) // 8 * 8), max(bw, int(w * scale) // 8 * 8))
+    m = int(multiple)
+    size = (max(bh, int(h * scale) // m * m), max(bw, int(w * scale) // m * m))
     samples = item.pixels.movedim(-1, 0)[None]
     if (h, w) != size:
         samples = torch.nn.functional.interpolate(samples, size=size, mode="bicubic", antialias=True,

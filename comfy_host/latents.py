@@ -13,8 +13,9 @@ def encode_buckets(vae, model, items: list[TrainingImage], resolution: int, hfli
     holding per-image tensors (images of one bucket may differ in size by the crop margin)."""
     any_mask = any(it.mask is not None for it in items)
     groups: dict[tuple[int, int], dict] = {}
+    down = vae_downscale(vae)
     for k, it in enumerate(items):
-        bucket, px, mask = bucket_resize(it, resolution)
+        bucket, px, mask = bucket_resize(it, resolution, multiple=down)
         mean, std = _posterior_moments(vae, model, px)
         fmean, fstd = _posterior_moments(vae, model, px.flip(2)) if hflip else (None, None)
         lmask = None
@@ -33,8 +34,18 @@ def encode_buckets(vae, model, items: list[TrainingImage], resolution: int, hfli
         def lst(key):
             return None if any(v is None for v in g[key]) else g[key]
         out.append(TrainingLatents(g["mean"], lst("std"), lst("fmean"), lst("fstd"), original_size=g["orig"],
-                                   mask=lst("mask"), crop=(bh // 8, bw // 8), index=g["index"]))
+                                   mask=lst("mask"), crop=(bh // down, bw // down), index=g["index"],
+                                   downscale=down))
     return out
+
+
+def vae_downscale(vae) -> int:
+    """Pixels per latent cell of this VAE: 8 for SD/SDXL/Flux.1, 16 for FLUX.2's patchified latents
+    (the VAE's own ``spacial_compression_encode``, on both hosts)."""
+    try:
+        return max(1, int(vae.spacial_compression_encode()))
+    except (AttributeError, TypeError, ValueError):
+        return 8
 
 
 class TrainingLatents:
@@ -43,7 +54,7 @@ class TrainingLatents:
     code draws a fresh VAE posterior sample of a fresh random crop."""
 
     def __init__(self, mean, std, flipped_mean=None, flipped_std=None, original_size=None, *, mask=None,
-                 crop=None, index=None):
+                 crop=None, index=None, downscale=8):
         # One (B, C, h, w) tensor, or per image a list of (1, C, h_i, w_i) tensors (bucketed images).
         self.mean, self.std = mean, std
         self.flipped_mean, self.flipped_std = flipped_mean, flipped_std
@@ -52,6 +63,7 @@ class TrainingLatents:
         self.mask = mask  # subject weight per latent cell, (B or 1, 1, h, w) per image; None = all
         self.crop = crop  # the crop (latent units) each step trains; None = the training resolution
         self.index = index  # each image's position among all training images (binds its caption)
+        self.downscale = downscale  # pixels per latent cell
 
     def cloned(self) -> "TrainingLatents":
         """A copy made of normal tensors (the VAE ran under ComfyUI's inference mode)."""
@@ -60,7 +72,8 @@ class TrainingLatents:
                 return None
             return [t.clone() for t in v] if isinstance(v, list) else v.clone()
         return TrainingLatents(c(self.mean), c(self.std), c(self.flipped_mean), c(self.flipped_std),
-                               self.original_size, mask=c(self.mask), crop=self.crop, index=self.index)
+                               self.original_size, mask=c(self.mask), crop=self.crop, index=self.index,
+                               downscale=self.downscale)
 
     def count(self) -> int:
         return len(self.mean) if isinstance(self.mean, list) else int(self.mean.shape[0])
@@ -101,4 +114,4 @@ def encode_latents(vae, model, images: torch.Tensor, hflip: bool, original_size=
     """VAE-encode every training image once (and its mirror image): posterior mean and std."""
     mean, std = _posterior_moments(vae, model, images)
     fmean, fstd = _posterior_moments(vae, model, images.flip(2)) if hflip else (None, None)
-    return TrainingLatents(mean, std, fmean, fstd, original_size)
+    return TrainingLatents(mean, std, fmean, fstd, original_size, downscale=vae_downscale(vae))

@@ -35,7 +35,9 @@ def render(model, clip, vae, vectors: dict[str, torch.Tensor], prompt: str, seed
         by_token_key = {tkey: vectors[key].detach().float() for key, (tkey, _, _) in encoders.items()}
         positive = encode_conditioning(clip, tokens.with_vectors(by_token_key), guidance)
         negative = encode_conditioning(clip, clip.tokenize(prefix), guidance)
-        latent = torch.zeros((1, 4, size // 8, size // 8))
+        # (the model's own latent grid: 8 px per cell for most, 16 for FLUX.2's patchified latents)
+        down = int(getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8) or 8)
+        latent = torch.zeros((1, 4, max(1, size // down), max(1, size // down)))
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, int(seed))  # seeds the global RNG: fork_rng restores it
         samples = comfy.sample.sample(model, noise, int(steps), float(cfg), SAMPLER, SCHEDULER, positive, negative,

@@ -128,7 +128,7 @@ class DiffusionStep:
             if self.masked:
                 m = bk.flipped_mask[j] if mirrored else bk.mask[j]
                 weights.append(m[window])
-            crops.append((8 * top, 8 * left))
+            crops.append((bk.down * top, bk.down * left))
             originals.append(bk.original_size[j])
         x0 = torch.stack(x0)
         weight = torch.stack(weights) if self.masked else None
@@ -144,7 +144,7 @@ class DiffusionStep:
             timestep = (self.t_min + u * (self.t_max - self.t_min)).float()
             sigma = self.ms.sigma(timestep).to(self.device)
         x_t = self.ms.noise_scaling(sigma, noise, x0)
-        h, w = 8 * ch, 8 * cw  # SDXL's target size: the bucket
+        h, w = bk.down * ch, bk.down * cw  # SDXL's target size: the bucket
         if torch.is_tensor(cond):
             groups = [(list(range(b)), cond)]
         else:
@@ -202,12 +202,13 @@ class _Bucket:
         orig = tl.original_size
         self.original_size = list(orig) if isinstance(orig, list) else [orig] * n
         self.index = list(tl.index) if tl.index is not None else list(range(n))
+        self.down = int(getattr(tl, "downscale", 8) or 8)
         if tl.crop is not None:
             self.crop = tuple(tl.crop)
         else:
             lh = min(t.shape[-2] for t in self.mean)
             lw = min(t.shape[-1] for t in self.mean)
-            self.crop = (min(lh, max(1, resolution // 8)), min(lw, max(1, resolution // 8)))
+            self.crop = (min(lh, max(1, resolution // self.down)), min(lw, max(1, resolution // self.down)))
 
 
 def _needs_pooled(model, latent_shape: tuple) -> bool:

@@ -22,8 +22,13 @@ from safetensors.torch import save as st_save_bytes
 from .names import resolve_inside
 
 # Encoder key -> token width, as ComfyUI's sd1_clip.load_embed matches them.
-ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096, "gemma2_2b": 2304, "qwen3_4b": 2560}
-WIDTH_TO_ENCODER = {w: k for k, w in ENCODER_WIDTHS.items()}
+ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096, "gemma2_2b": 2304, "qwen3_4b": 2560,
+                  "qwen3_8b": 4096}
+# A file that names no encoder is read by its width; where two encoders share one (T5-XXL and
+# Qwen3-8B: 4096), the earlier in ENCODER_WIDTHS wins (T5: the older files in the wild).
+WIDTH_TO_ENCODER: dict[int, str] = {}
+for _k, _w in ENCODER_WIDTHS.items():
+    WIDTH_TO_ENCODER.setdefault(_w, _k)
 METHOD = "dti"
 META_PREFIX = "dti."
 # A real embedding's header is a few hundred bytes; anything this large is hostile.

@@ -1357,3 +1357,106 @@ def load_zimage(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch
     clip, log_c = load_text_encoders([paths["text_encoder"]], "LUMINA2", embedding_directory, QWEN3_THIN_OPTIONS)
     vae, log_v = load_vae(paths["vae"])
     return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)
+
+
+# ----------------------------------------------------------------------------
+# FLUX.2 klein (ComfyUI 0.33): the Flux2 DiT, Qwen3-4B through klein_te, the 32-channel KL VAE whose
+# batch-norm'd 2x2 patches make FLUX.2's 128-channel, 16x latents
+# ----------------------------------------------------------------------------
+
+# The host's detector, handed a one-block FLUX.2 key layout at width 256 (num_heads = width / 128 = 2),
+# gives the config its loader builds; klein 4B's real width is 3072, its text input the real 3 x 2560.
+FLUX2_KLEIN_WIDTH = 256
+_FLUX2_KLEIN_SKELETON = {
+    "img_in.weight": (FLUX2_KLEIN_WIDTH, 128), "txt_in.weight": (FLUX2_KLEIN_WIDTH, 3 * 2560),
+    "double_blocks.0.img_attn.norm.key_norm.scale": (128,), "single_blocks.0.norm.key_norm.scale": (128,),
+    "double_stream_modulation_img.lin.weight": (6 * FLUX2_KLEIN_WIDTH, FLUX2_KLEIN_WIDTH),
+}
+_FLUX2_KLEIN_EXPECT = {"image_model": "flux2", "in_channels": 128, "context_in_dim": 3 * 2560,
+                       "hidden_size": FLUX2_KLEIN_WIDTH, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+                       "guidance_embed": False, "vec_in_dim": None}
+# klein_te reads Qwen3's hidden layers 9, 18 and 27, so the thin Qwen3 keeps 28 layers; it is thin in
+# width instead (2 query heads, 1 key/value head, FFN 256) and keeps the real 151936 x 2560 token table.
+# CLIPLoader builds the real 36 x 32-head model from such a file, so the tests load it with these
+# model_options (the host's own Qwen3_4B class, reduced).
+QWEN3_KLEIN_LAYERS = 28
+QWEN3_KLEIN_OPTIONS = {"qwen3_4b_model_config": {"num_hidden_layers": QWEN3_KLEIN_LAYERS, "intermediate_size": 256,
+                                                 "num_attention_heads": 2, "num_key_value_heads": 1}}
+VAE32BN_DDCONFIG = {**VAE_DDCONFIG, "z_channels": 32, "batch_norm_latent": True}
+
+
+def _flux2_klein_config():
+    import comfy.model_detection
+    sd = {k: _ShapeOnly._T.of(shape) for k, shape in _FLUX2_KLEIN_SKELETON.items()}
+    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if cfg is None:
+        raise AssertionError("this ComfyUI does not detect the FLUX.2 key layout (FLUX.2 needs ComfyUI 0.33 or newer)")
+    for k, v in _FLUX2_KLEIN_EXPECT.items():
+        if cfg.get(k) != v:
+            raise AssertionError(f"flux2-klein: this ComfyUI detects {k!r} = {cfg.get(k)!r}, the tests expect {v!r}")
+    return cfg
+
+
+def _flux2_klein_dit_plan():
+    import comfy.supported_models as sm
+    with torch.device("meta"):
+        base = sm.Flux2(_flux2_klein_config()).get_model({}, "")
+    return _plan_module(base.diffusion_model)
+
+
+def _qwen3_klein_plan():
+    import comfy.text_encoders.flux
+    with torch.device("meta"):
+        te = comfy.text_encoders.flux.Qwen3_4BModel(device=None, dtype=torch.float32,
+                                                     model_options={"model_name": "qwen3_4b", **QWEN3_KLEIN_OPTIONS})
+    return _plan_module(te.transformer)
+
+
+def _vae32bn_entries(gen, dtype):
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    with torch.device("meta"):
+        vae = AutoencoderKL(ddconfig=dict(VAE32BN_DDCONFIG), embed_dim=32)
+    fills = {"bn.running_mean": _zero_fill, "bn.running_var": lambda t, _g: t.fill_(1.0)}
+    entries = _entries(_plan_module(vae, buffers=fills), gen, dtype)
+    entries.append(("bn.num_batches_tracked", (), torch.int64, lambda: torch.tensor(0, dtype=torch.int64)))
+    return entries
+
+
+def ensure_flux2_klein_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+    """``{"diffusion_model", "text_encoder", "vae"}``: the thin FLUX.2 DiT (detected as
+    ``supported_models.Flux2``), the thin Qwen3-4B file (detected as ``TEModel.QWEN3_4B``), the FLUX.2
+    VAE layout (32 channels + batch norm: 128-channel latents at 1/16)."""
+    import comfy.model_detection
+    import comfy.supported_models as sm
+    from safetensors import safe_open
+    folder = Path(folder)
+    meta = {"dti_test_generator": FAMILY_GENERATOR_VERSION}
+    dit = folder / component_filename("flux2-klein-dit", seed, dtype)
+    if not dit.exists():
+        gen = torch.Generator().manual_seed(_component_seed("flux2-klein-dit", seed))
+        write_safetensors_streaming(dit, _entries(_flux2_klein_dit_plan(), gen, dtype),
+                                    {**meta, "dti_test_component": "flux2-klein-dit"})
+        with safe_open(str(dit), framework="pt") as f:
+            sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
+        if type(comfy.model_detection.model_config_from_unet(sd, "")) is not sm.Flux2:
+            raise AssertionError("the generated FLUX.2 klein DiT is not detected as supported_models.Flux2")
+    name = f"qwen3_4b-klein-{QWEN3_KLEIN_LAYERS}layer"
+    te = folder / component_filename(name, seed, dtype)
+    if not te.exists():
+        gen = torch.Generator().manual_seed(_component_seed(name, seed))
+        write_safetensors_streaming(te, _entries(_qwen3_klein_plan(), gen, dtype), {**meta, "dti_test_component": name})
+    vae = folder / component_filename("vae32bn", seed, dtype)
+    if not vae.exists():
+        gen = torch.Generator().manual_seed(_component_seed("vae32bn", seed))
+        write_safetensors_streaming(vae, _vae32bn_entries(gen, dtype), {**meta, "dti_test_component": "vae32bn"})
+    return {"diffusion_model": dit, "text_encoder": te, "vae": vae}
+
+
+def load_flux2_klein(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
+    """UNETLoader + CLIPLoader(type flux2, as ComfyUI's klein templates; the thin Qwen3's
+    model_options) + VAELoader, under inference mode. Returns ``SimpleNamespace(out, log, paths)``."""
+    paths = ensure_flux2_klein_files(folder, seed, dtype)
+    model, log_m = load_diffusion_model(paths["diffusion_model"])
+    clip, log_c = load_text_encoders([paths["text_encoder"]], "FLUX2", embedding_directory, QWEN3_KLEIN_OPTIONS)
+    vae, log_v = load_vae(paths["vae"])
+    return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)
