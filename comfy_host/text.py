@@ -21,6 +21,8 @@ from .contracts import HostContractError, UnsupportedModelError
 
 # The embedding name used while tokenizing training prompts; its file lives only in a temporary folder.
 PLACEHOLDER_NAME = "__dti_training_placeholder__"
+# How far (in ulps of the largest value) a batched encode may differ from one encode per prompt.
+BATCH_ULPS = 64
 # Marker rows stand in for the learned vectors until each step splices the real ones in.
 _MARK_A, _MARK_B = 12345.0, -98765.0
 
@@ -339,13 +341,14 @@ class TextPath:
             conds, ref_pooled = encode_each(clip, probe, want_pooled)
         if torch.is_tensor(cond) and all(c.shape[1:] == cond.shape[1:] for c in conds):
             ref = torch.cat(conds)
-            # fp16 encoders: rows of one batch and single rows may round differently in the last
-            # place; anything beyond a few ulps means the rows were mixed.
-            tol = 8 * torch.finfo(ref.dtype).eps * float(ref.abs().max()) if ref.is_floating_point() else 0.0
+            # Rows of one batch and single rows may round differently (other GEMM blocking): seen 8.2
+            # ulps of the largest value in fp32 through 0.33's Gemma-2 on the CPU (2026-12-05), so 64;
+            # rows that were mixed differ by the values' own size, millions of ulps in fp32.
+            tol = BATCH_ULPS * torch.finfo(ref.dtype).eps * float(ref.abs().max()) if ref.is_floating_point() else 0.0
             same = torch.allclose(cond.float(), ref.float(), rtol=0, atol=tol)
             if same and ref_pooled is not None:
                 same = pooled is not None and torch.allclose(pooled.float(), ref_pooled.float(), rtol=0,
-                                                             atol=8 * torch.finfo(ref_pooled.dtype).eps * float(ref_pooled.abs().max()))
+                                                             atol=BATCH_ULPS * torch.finfo(ref_pooled.dtype).eps * float(ref_pooled.abs().max()))
             self.batched = bool(same)
 
     def __call__(self, token_dicts: list[dict]):
