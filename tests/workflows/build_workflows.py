@@ -272,7 +272,7 @@ def _column(nodes, x=RENDER_X, y=300, gap=40):
 
 def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, sampler, train=None, text_clip=None,
                     before_text=(), positive=None, negative=("CLIP Text Encode (Negative)", NEGATIVE, 140),
-                    extra_links=(), height=1050):
+                    extra_links=(), height=1050, latent="EmptySD3LatentImage"):
     """One DiT train workflow: photos note + loader nodes -> DTI Train -> Replace('...{}...') -> [before_text]
     -> CLIPTextEncode (+ negative) -> [positive] -> KSampler (EmptySD3LatentImage) -> VAEDecode -> SaveImage.
 
@@ -289,7 +289,7 @@ def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, s
     ] + ([positive] if positive else []) + [
         {"key": "neg", "type": "CLIPTextEncode", "size": [420, neg_height], "title": neg_title,
          "widgets": {"text": neg_text}},
-        {"key": "latent", "type": "EmptySD3LatentImage", "size": [420, 106],
+        {"key": "latent", "type": latent, "size": [420, 106],
          "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
     ]
     bottom = _column(column)
@@ -428,6 +428,30 @@ def z_image_graph():
         sampler={"steps": 9, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple"})
 
 
+def flux2_klein_graph():
+    """FLUX.2 klein as ComfyUI's klein templates load it: UNETLoader + CLIPLoader (flux2, Qwen3-4B) + VAELoader
+    -> DTI Train (the authors' klein config) -> Replace -> CLIPTextEncode -> KSampler (EmptyFlux2LatentImage)."""
+    readme = (
+        "DTI Train (FLUX.2 klein): teach the model a new word for your subject\n\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
+        "2. Load FLUX.2 klein as ComfyUI's klein templates do: the klein model in models/diffusion_models, "
+        "qwen_3_4b in models/text_encoders (CLIPLoader type flux2; qwen_3_8b for klein 9B), flux2-vae in "
+        "models/vae. Needs ComfyUI 0.33 or newer.\n"
+        "3. DTI Train learns a Qwen3 vector for the word at Qwen3's mean vocabulary length m*, through klein's "
+        "own encoder (three Qwen3 layers, 512 tokens). The authors' klein config: kappa 5e-5, 1000 steps, "
+        "batch 4, 1024 px (resolution 0 = auto).\n"
+        "4. Queue. The stock CLIP Text Encode reads embedding:NAME; the render uses the klein base model at "
+        "cfg 4 (the authors' guidance). With the distilled klein, set steps 4 and cfg 1.\n\n"
+        "Short of memory? Turn gradient_checkpointing on, lower resolution or batch_size."
+    )
+    return dit_train_graph(
+        label="FLUX.2 klein", name="my-concept-klein", readme=readme,
+        loaders=[_unet(h.FLUX2_KLEIN_DIT), _clip_loader(h.FLUX2_QWEN3, "flux2"), _vae(h.FLUX2_VAE)],
+        model=("unet", 0), clip=("clip", 0), vae=("vae", 0), train={"steps": 1000, "kappa": 0.00005},
+        prompt=PIER, latent="EmptyFlux2LatentImage",
+        sampler={"steps": 28, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"})
+
+
 def sd35_graph():
     """SD3.5 as ComfyUI's SD3.5 examples load it: CheckpointLoaderSimple (MMDiT + VAE) + TripleCLIPLoader
     (clip_l, clip_g, t5xxl) -> DTI Train (all three encoders) -> Replace -> CLIPTextEncode -> KSampler -> SaveImage."""
@@ -492,6 +516,7 @@ GRAPHS = {
     "dti_train_sd35.json": sd35_graph,
     "dti_train_chroma.json": chroma_graph,
     "dti_train_z_image.json": z_image_graph,
+    "dti_train_flux2_klein.json": flux2_klein_graph,
 }
 
 
@@ -558,9 +583,11 @@ def _with_photo_folder(graph):
     return graph
 
 
-def build_all(page):
+def build_all(page, only=None):
     out = {}
     for filename, make in GRAPHS.items():
+        if only and filename not in only:
+            continue
         wf = tidy(page.evaluate(BUILD_JS, _with_photo_folder(make())))
         out[filename] = wf
     return out
@@ -570,6 +597,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="only compare with workflows/*.json")
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", "/opt/ComfyUI"))
+    ap.add_argument("--only", action="append", help="build only this workflow file (repeatable): a workflow "
+                    "that needs a newer ComfyUI is built there without rewriting the others")
     args = ap.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -583,7 +612,8 @@ def main(argv=None):
                              ("text_encoders", h.FLUX_T5), ("vae", h.FLUX_VAE),
                              ("diffusion_models", h.LUMINA2_DIT), ("text_encoders", h.LUMINA2_GEMMA),
                              ("text_encoders", h.SD35_CLIP_G), ("diffusion_models", h.CHROMA_DIT),
-                             ("diffusion_models", h.ZIMAGE_DIT), ("text_encoders", h.ZIMAGE_QWEN3)):
+                             ("diffusion_models", h.ZIMAGE_DIT), ("text_encoders", h.ZIMAGE_QWEN3),
+                             ("diffusion_models", h.FLUX2_KLEIN_DIT), ("vae", h.FLUX2_VAE)):
             (server.folder("models", folder) / name).write_bytes(b"")
         h.write_example_images(server.input)
         h.write_concept_embeddings(server.embeddings)
@@ -595,7 +625,7 @@ def main(argv=None):
                 page.goto(server.url + "/", timeout=60000)
                 page.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=60000)
                 page.keyboard.press("Escape")
-                built = build_all(page)
+                built = build_all(page, args.only)
                 problems = []
                 for filename, wf in built.items():
                     target = h.WORKFLOWS_DIR / filename

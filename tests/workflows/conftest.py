@@ -87,7 +87,10 @@ def _start_server(base, comfy_path, test_checkpoints, flux_files, extra_args=())
     srv.link_model(lumina["text_encoder"], "text_encoders", h.LUMINA2_GEMMA)
     # names only, for validating the Z-Image workflow's loader values (nothing here loads them)
     srv.link_model(lumina["diffusion_model"], "diffusion_models", h.ZIMAGE_DIT)
-    srv.link_model(lumina["text_encoder"], "text_encoders", h.ZIMAGE_QWEN3)
+    srv.link_model(lumina["text_encoder"], "text_encoders", h.ZIMAGE_QWEN3)  # (also FLUX2_QWEN3)
+    # and for the FLUX.2 klein workflow's
+    srv.link_model(lumina["diffusion_model"], "diffusion_models", h.FLUX2_KLEIN_DIT)
+    srv.link_model(flux_files["vae"], "vae", h.FLUX2_VAE)
     h.write_example_images(srv.input)
     h.write_concept_embeddings(srv.embeddings)
     # The shipped workflows run with sub-quadratic attention on its chunked path (what a busy

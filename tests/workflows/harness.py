@@ -27,7 +27,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json",
              "dti_train_flux_dev.json", "dti_train_lumina2.json", "dti_train_sd35.json", "dti_train_chroma.json",
-             "dti_train_z_image.json")
+             "dti_train_z_image.json", "dti_train_flux2_klein.json")
+# Workflows that need a newer ComfyUI than the oldest tested: the node type whose absence from the
+# server's /object_info says so (a capability, not a version), and why.
+NEEDS_NEWER_HOST = {"dti_train_flux2_klein.json": ("EmptyFlux2LatentImage", "FLUX.2 came after ComfyUI 0.3.64")}
 PACK_DIR_NAME = "ComfyUI-DTI"
 
 # File names the shipped workflows use (the common public names of the base checkpoints).
@@ -51,6 +54,20 @@ LUMINA2_GEMMA = "gemma_2_2b_fp16.safetensors"
 # Z-Image as ComfyUI's Z-Image template loads it: UNETLoader + CLIPLoader(type lumina2) + VAELoader (FLUX_VAE).
 ZIMAGE_DIT = "z_image_turbo_bf16.safetensors"
 ZIMAGE_QWEN3 = "qwen_3_4b.safetensors"
+# FLUX.2 klein as ComfyUI's klein templates load it: UNETLoader + CLIPLoader(type flux2, the same
+# Qwen3-4B file as Z-Image) + VAELoader; the klein base model, as the authors train it.
+FLUX2_KLEIN_DIT = "flux-2-klein-base-4b.safetensors"
+FLUX2_QWEN3 = ZIMAGE_QWEN3
+FLUX2_VAE = "flux2-vae.safetensors"
+
+
+def skip_if_host_lacks(name, object_info):
+    """Skip (with the reason) a workflow this ComfyUI cannot load: see NEEDS_NEWER_HOST."""
+    import pytest
+    if name in NEEDS_NEWER_HOST:
+        node, why = NEEDS_NEWER_HOST[name]
+        if node not in object_info:
+            pytest.skip(f"{name}: this ComfyUI has no {node} node ({why})")
 EXAMPLE_IMAGES = ("dti_example_1.png", "dti_example_2.png", "dti_example_3.png")
 EXAMPLE_FOLDER = "dti_example"  # under input/: the train workflows' image_folder
 CONCEPT_A = "concept_a.safetensors"

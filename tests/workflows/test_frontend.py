@@ -69,6 +69,7 @@ def _known_inputs(prompt, object_info):
 
 @pytest.mark.parametrize("name", h.WORKFLOWS)
 def test_workflow_loads_without_alerts_and_converts_like_the_frontend(name, tab, object_info):
+    h.skip_if_host_lacks(name, object_info)
     page = tab
     page.console.clear()
     wf = h.load_workflow(name)
