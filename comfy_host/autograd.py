@@ -16,7 +16,7 @@ and each is handled here, for the run only:
   model: those layers recast in backward instead;
 * ComfyUI's DiTs take fused kernels without a backward (0.33's comfy-kitchen RoPE) unless
   ComfyUI's own training flag is set: it is, for the run (previews sample with it clear);
-* optional activation checkpointing per UNet layer.
+* optional activation checkpointing per UNet / DiT block and per text-encoder layer.
 
 Sampling outside the run is untouched: the attention override lives only in the training
 step's own ``transformer_options``, and every forward or hook installed here is removed on
@@ -186,6 +186,15 @@ def _checkpointed(forward, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
+def _checkpointed_encoder_layer(forward, *args, **kwargs):
+    """A text-encoder layer under checkpointing: as ``_checkpointed``, and the recomputation in the
+    backward pass (outside the encoder's forward) also returns fresh tensors for ``out=`` calls."""
+    def run(*a, **k):
+        with _FreshOutputs():
+            return forward(*a, **k)
+    return _checkpointed(run, *args, **kwargs)
+
+
 def _requires_grad(values) -> bool:
     return any(torch.is_tensor(v) and v.requires_grad
                or isinstance(v, (list, tuple)) and _requires_grad(v) for v in values)
@@ -229,6 +238,22 @@ def checkpoint_units(net: torch.nn.Module) -> list[torch.nn.Module]:
     return units
 
 
+# The layer lists of ComfyUI's text encoders: CLIP (text_model.encoder.layers), Llama-style language
+# models (Gemma-2, Qwen3: model.layers), T5 / UMT5 (encoder.block).
+ENCODER_LAYER_LISTS = ("layers", "block")
+
+
+def encoder_checkpoint_units(encoder: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers of a text encoder whose activations gradient checkpointing recomputes: the first
+    layer list found in its transformer (empty for an encoder of another shape: then nothing is
+    recomputed there)."""
+    root = getattr(encoder, "transformer", encoder)
+    for name, m in root.named_modules():
+        if isinstance(m, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ENCODER_LAYER_LISTS and len(m) > 1:
+            return list(m)
+    return []
+
+
 @contextlib.contextmanager
 def differentiable_modules(model, encoders, gradient_checkpointing: bool = False):
     """Make the shared MODEL and the given text encoders usable for backward, then undo it.
@@ -262,6 +287,12 @@ def differentiable_modules(model, encoders, gradient_checkpointing: bool = False
             for layer in checkpoint_units(model.model.diffusion_model):
                 layer.forward = functools.partial(_checkpointed, layer.forward)
                 wrapped.append(layer)
+            # Language-model encoders (Gemma-2, Qwen3, T5-XXL) keep more activations for backward
+            # than a small DiT: their layers are recomputed too.
+            for encoder in encoders:
+                for layer in encoder_checkpoint_units(encoder):
+                    layer.forward = functools.partial(_checkpointed_encoder_layer, layer.forward)
+                    wrapped.append(layer)
         with memory.training_flag(True):
             yield
     finally:

@@ -71,3 +71,24 @@ def replay_draws(step_generator, seed, step, b, n, n_prompts, sizes, crop, weigh
         lh, lw = sizes[int(idx[i])]
         corners.append((math.floor(float(ru[i]) * (lh - crop[0] + 1)), math.floor(float(rv[i]) * (lw - crop[1] + 1))))
     return dict(k=k, idx=idx, flip=flip, which=which, u=u, noise=noise, corners=corners, eps=e)
+
+
+def encoder_grad_and_saved_bytes(ct, model, clip, prompt, vectors, gradient_checkpointing):
+    """``(grads, bytes)``: the gradient of a loss on the stock encode of ``prompt`` (a PromptTokens)
+    with ``vectors`` (``{token_key: (n, width)}``) in the word's place, and the bytes of activations
+    autograd kept for backward (weights, which are referenced and not copied, not counted), inside
+    ``differentiable`` with or without gradient checkpointing."""
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip, gradient_checkpointing):
+        weights = {q.data_ptr() for _, _, enc in ct.text.text_encoders(clip).values() for q in enc.parameters()}
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in vectors.items()}
+        total = [0]
+
+        def pack(t):
+            if t.data_ptr() not in weights:
+                total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors(leaves))
+        cond.float().square().mean().backward()
+    return {k: v.grad.detach().clone() for k, v in leaves.items()}, total[0]

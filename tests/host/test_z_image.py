@@ -214,3 +214,27 @@ def test_teacher_student_recovers_a_word_through_the_dit(zimage, dti_pack):
     assert sum(result.history.loss[-5:]) < sum(result.history.loss[:5]), result.history.loss
     # a clear rise: more than four standard deviations of a random direction's cosine (1/sqrt(2560))
     assert after > before + 4 / 2560 ** 0.5, (before, after, result.history.loss[::5])
+
+
+def test_gradient_checkpointing_recomputes_qwen3s_layers_with_the_same_gradient(zimage, dti_pack):
+    """Qwen3 (a Llama-style block whose residual add writes with out=) under checkpointing: the
+    recomputation in the backward pass runs outside the encoder's forward, and still gives the word
+    the same gradient; the encoder keeps fewer activations for backward."""
+    from tests_host_helpers import encoder_grad_and_saved_bytes
+    ct = dti_pack.comfy_host
+    model, clip, _ = zimage.out
+    enc = ct.text.text_encoders(clip)[KEY][2]
+    assert len(ct.autograd.encoder_checkpoint_units(enc)) == len(enc.transformer.model.layers)
+    with torch.inference_mode():
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 1, "mean")
+        (prompt,) = ct.text.tokenize_templates(clip, ["a photo of a {} on a beach"], 1)
+    vectors = {KEY: m_star[KEY] * init[KEY]}
+    grad, saved = {}, {}
+    for gc in (False, True):
+        grad[gc], saved[gc] = encoder_grad_and_saved_bytes(ct, model, clip, prompt, vectors, gc)
+    print(f"\nQwen3 (3 layers) activations kept for backward: {saved[False] / 2**20:.1f} MiB without, "
+          f"{saved[True] / 2**20:.1f} MiB with gradient checkpointing")
+    assert saved[True] < 0.6 * saved[False]
+    g0, g1 = grad[False][KEY], grad[True][KEY]
+    assert float(g0.norm()) > 0
+    assert torch.allclose(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
