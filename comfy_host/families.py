@@ -63,6 +63,10 @@ FAMILIES = (
     # DiT has none); 1024 px as the authors' klein config.
     Family("FLUX.2 klein", ("Flux2",), ("qwen3_4b",), 1024, configs=("Flux2",)),
     Family("FLUX.2 klein", ("Flux2",), ("qwen3_8b",), 1024, configs=("Flux2",)),  # klein 9B
+    # Wan 2.1 text-to-video (1.3B, 14B) and Wan 2.2's A14B experts (the same WAN21_T2V configuration):
+    # UMT5-XXL, whose ComfyUI tokenizer is built without an embeddings folder (as Gemma's); trained
+    # on still images as one-frame videos, 512 px, as the authors' Wan launcher.
+    Family("Wan 2.1 / 2.2", ("WAN21",), ("umt5xxl",), 512, enable_embeddings=True, configs=("WAN21_T2V",)),
 )
 
 # Text encoders of families that DTI Train does not train yet, where the model config is shared with
@@ -71,7 +75,7 @@ ENCODERS_NOT_YET = {"mistral3_24b": "FLUX.2 dev (its Mistral-3 24B text encoder)
 
 # Model configs of current ComfyUI that DTI Train does not train yet, by the name users know them by.
 NOT_YET = {"ZImagePixelSpace": "Z-Image pixel-space", "QwenImage": "Qwen-Image",
-           "WAN21_T2V": "Wan 2.1", "WAN22_T2V": "Wan 2.2", "HiDream": "HiDream"}
+           "WAN22_T2V": "Wan 2.2 TI2V 5B", "WAN21_I2V": "Wan image-to-video", "HiDream": "HiDream"}
 
 
 def supported_text() -> str:

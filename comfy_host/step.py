@@ -86,7 +86,7 @@ class DiffusionStep:
         # Models that condition on the pooled text (SDXL's y, Flux's vector) get it; others don't
         # need the encoder to compute it.
         first = self.buckets[0]
-        self.uses_pooled = _needs_pooled(model, (first.mean[0].shape[0],) + tuple(first.crop))
+        self.uses_pooled = _needs_pooled(model, tuple(first.mean[0].shape[:-2]) + tuple(first.crop))
         self._text = None
 
     def _text_path(self, by_token_key):
@@ -105,7 +105,8 @@ class DiffusionStep:
         which = torch.randint(len(self.prompts), (b,), generator=g)
         u = torch.rand(b, generator=g, dtype=torch.float64)
         ch, cw = bk.crop
-        noise = torch.randn((b, bk.mean[0].shape[0], ch, cw), generator=g).to(self.device)
+        # (C, h, w) latents, or (C, T, h, w) for video models trained on still images (Wan: T = 1)
+        noise = torch.randn((b,) + tuple(bk.mean[0].shape[:-2]) + (ch, cw), generator=g).to(self.device)
         # A fresh random crop corner per sample, within that image's margin (latent units).
         ru = torch.rand(b, generator=g, dtype=torch.float64)
         rv = torch.rand(b, generator=g, dtype=torch.float64)
@@ -120,7 +121,7 @@ class DiffusionStep:
             mean, std = (bk.flipped[j], bk.flipped_std) if mirrored else (bk.mean[j], bk.std)
             lh, lw = mean.shape[-2:]
             top, left = int(ru[i] * (lh - ch + 1)), int(rv[i] * (lw - cw + 1))
-            window = (slice(None), slice(top, top + ch), slice(left, left + cw))
+            window = (Ellipsis, slice(top, top + ch), slice(left, left + cw))
             sample = mean[window]
             if eps is not None and std is not None:
                 sample = sample + std[j][window] * eps[i]  # a fresh posterior sample, as the paper's code draws
@@ -132,6 +133,8 @@ class DiffusionStep:
             originals.append(bk.original_size[j])
         x0 = torch.stack(x0)
         weight = torch.stack(weights) if self.masked else None
+        if weight is not None and x0.dim() == 5:
+            weight = weight.unsqueeze(2)  # (b, 1, h, w) -> (b, 1, 1, h, w): every frame
 
         by_token_key = {tkey: embeds[key] for key, (tkey, _, _) in self.encoders.items()}
         text = self._text_path({k: v.detach() for k, v in by_token_key.items()})
@@ -182,8 +185,9 @@ class DiffusionStep:
             total = part if total is None else total + part
         if weight is None:
             return total / x0.numel()  # element-wise mean over the batch, as the reference
-        # Masked: the weighted mean over the subject's latent cells (and all channels) of the batch.
-        return total / (weight.sum() * x0.shape[1]).clamp(min=1e-8)
+        # Masked: the weighted mean over the subject's latent cells (and all channels, frames) of the batch.
+        per_cell = x0.numel() // (x0.shape[0] * x0.shape[-2] * x0.shape[-1])
+        return total / (weight.sum() * per_cell).clamp(min=1e-8)
 
 
 class _Bucket:

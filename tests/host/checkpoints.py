@@ -182,6 +182,12 @@ def _init_tensor_(mod, mname, pname, p, generator, *, weight_std=WEIGHT_STD,
         p.normal_(0.0, std, generator=generator)
     elif pname == "weight" and p.dim() >= 2:
         p.normal_(0.0, weight_std, generator=generator)
+    elif pname == "modulation" or pname == "gamma" and not _is_norm(mod) and p.dim() >= 3:
+        # (Wan's per-block and head modulation tables: N(0, std), as a weight)
+        p.normal_(0.0, weight_std, generator=generator)
+    elif pname == "gamma":
+        # (the Wan VAE's RMS_norm scale)
+        p.fill_(1.0)
     elif pname.endswith("_pad_token") and not mname:
         # (Z-Image's learned padding rows, x_pad_token / cap_pad_token: token-like)
         p.normal_(0.0, token_embedding_std, generator=generator)
@@ -1458,5 +1464,127 @@ def load_flux2_klein(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=
     paths = ensure_flux2_klein_files(folder, seed, dtype)
     model, log_m = load_diffusion_model(paths["diffusion_model"])
     clip, log_c = load_text_encoders([paths["text_encoder"]], "FLUX2", embedding_directory, QWEN3_KLEIN_OPTIONS)
+    vae, log_v = load_vae(paths["vae"])
+    return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)
+
+
+# ----------------------------------------------------------------------------
+# Wan 2.1 text-to-video (ComfyUI 0.33): the Wan DiT, UMT5-XXL, the Wan 2.1 VAE (3-D latents)
+# ----------------------------------------------------------------------------
+
+WAN_DIT_WIDTH = 256  # 2 heads of 128 (detection: num_heads = dim / 128); Wan 2.1 1.3B is 1536 wide
+_WAN_SKELETON = {
+    "head.modulation": (1, 2, WAN_DIT_WIDTH), "head.head.weight": (16 * 4, WAN_DIT_WIDTH),
+    "blocks.0.ffn.0.weight": (512, WAN_DIT_WIDTH), "patch_embedding.weight": (WAN_DIT_WIDTH, 16, 1, 2, 2),
+}
+_WAN_EXPECT = {"image_model": "wan2.1", "model_type": "t2v", "dim": WAN_DIT_WIDTH, "num_heads": 2, "in_dim": 16,
+               "out_dim": 16, "num_layers": 1}
+# UMT5-XXL at 2 of its 24 layers and with the thin SentencePiece vocabulary of the Gemma tests (its
+# ComfyUI tokenizer reads the SentencePiece model from the file, so the table follows it): the real
+# width 4096. ComfyUI's loader recognises a UMT5-XXL file only by its 24th block, so the tests build the
+# CLIP as CLIPLoader(type wan) builds it for a full one (see load_wan).
+UMT5_THIN_LAYERS = 2
+WAN_VAE_DIM = 96  # the real Wan 2.1 VAE width: 0.3.64's loader builds 96 whatever the file holds
+
+
+def umt5_thin_options(vocab_size):
+    return {"umt5xxl_model_config": {"num_layers": UMT5_THIN_LAYERS, "vocab_size": int(vocab_size)}}
+
+
+def _wan_dit_config():
+    import comfy.model_detection
+    sd = {k: _ShapeOnly._T.of(shape) for k, shape in _WAN_SKELETON.items()}
+    cfg = comfy.model_detection.detect_unet_config(sd, "")
+    if cfg is None:
+        raise AssertionError("this ComfyUI does not detect the Wan 2.1 key layout")
+    for k, v in _WAN_EXPECT.items():
+        if cfg.get(k) != v:
+            raise AssertionError(f"wan: this ComfyUI detects {k!r} = {cfg.get(k)!r}, the tests expect {v!r}")
+    return cfg
+
+
+def _wan_dit_plan():
+    import comfy.supported_models as sm
+    with torch.device("meta"):
+        base = sm.WAN21_T2V(_wan_dit_config()).get_model({}, "")
+    return _plan_module(base.diffusion_model)
+
+
+def _umt5_plan(vocab_size):
+    import comfy.text_encoders.wan
+    with torch.device("meta"):
+        te = comfy.text_encoders.wan.UMT5XXlModel(device=None, dtype=torch.float32,
+                                                  model_options={"model_name": "umt5xxl", **umt5_thin_options(vocab_size)})
+    return _plan_module(te.transformer)
+
+
+def _wan_vae_plan():
+    import inspect
+    import comfy.ldm.wan.vae
+    kwargs = dict(dim=WAN_VAE_DIM, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                  temperal_downsample=[False, True, True], dropout=0.0)
+    accepted = inspect.signature(comfy.ldm.wan.vae.WanVAE.__init__).parameters
+    # (0.33's WanVAE also takes its image and output channels; 0.3.64's has RGB built in)
+    kwargs.update({k: 3 for k in ("image_channels", "conv_out_channels") if k in accepted})
+    with torch.device("meta"):
+        vae = comfy.ldm.wan.vae.WanVAE(**kwargs)
+    return _plan_module(vae)
+
+
+def ensure_wan_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+    """``{"diffusion_model", "text_encoder", "vae", "vocab_size"}``: the thin Wan DiT (detected as
+    ``supported_models.WAN21_T2V``), the thin UMT5-XXL file with its ``spiece_model``, the thin Wan 2.1
+    VAE (detected by ComfyUI's VAE loader as Wan 2.1's: 16 channels, 8x, 3-D latents)."""
+    import comfy.model_detection
+    import comfy.supported_models as sm
+    import sentencepiece
+    from safetensors import safe_open
+    folder = Path(folder)
+    meta = {"dti_test_generator": FAMILY_GENERATOR_VERSION}
+    dit = folder / component_filename("wan-dit", seed, dtype)
+    if not dit.exists():
+        gen = torch.Generator().manual_seed(_component_seed("wan-dit", seed))
+        write_safetensors_streaming(dit, _entries(_wan_dit_plan(), gen, dtype), {**meta, "dti_test_component": "wan-dit"})
+        with safe_open(str(dit), framework="pt") as f:
+            sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
+        if type(comfy.model_detection.model_config_from_unet(sd, "")) is not sm.WAN21_T2V:
+            raise AssertionError("the generated Wan DiT is not detected as supported_models.WAN21_T2V")
+    sp = spiece_model_bytes()
+    vocab = sentencepiece.SentencePieceProcessor(model_proto=sp).get_piece_size()
+    name = f"umt5xxl-{UMT5_THIN_LAYERS}layer-v{vocab}"
+    te = folder / component_filename(name, seed, dtype)
+    if not te.exists():
+        gen = torch.Generator().manual_seed(_component_seed(name, seed))
+        entries = _entries(_umt5_plan(vocab), gen, dtype)
+        raw = torch.frombuffer(bytearray(sp), dtype=torch.uint8)
+        entries.append(("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone()))
+        write_safetensors_streaming(te, entries, {**meta, "dti_test_component": name})
+    vae = folder / component_filename(f"wan21-vae-{WAN_VAE_DIM}", seed, dtype)
+    if not vae.exists():
+        gen = torch.Generator().manual_seed(_component_seed("wan21-vae", seed))
+        write_safetensors_streaming(vae, _entries(_wan_vae_plan(), gen, dtype), {**meta, "dti_test_component": "wan21-vae"})
+    return {"diffusion_model": dit, "text_encoder": te, "vae": vae, "vocab_size": vocab}
+
+
+def load_wan(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
+    """UNETLoader + the CLIP CLIPLoader(type wan) builds for a UMT5-XXL file (``wan.te`` +
+    ``WanT5Tokenizer``, the file's SentencePiece model; the thin UMT5's model_options) + VAELoader, under
+    inference mode. Returns ``SimpleNamespace(out=(model, clip, vae), log, paths)``."""
+    import comfy.sd
+    import comfy.text_encoders.sd3_clip
+    import comfy.text_encoders.wan
+    import comfy.utils
+    paths = ensure_wan_files(folder, seed, dtype)
+    model, log_m = load_diffusion_model(paths["diffusion_model"])
+    with capture_logs() as log_c, torch.inference_mode():
+        sd = comfy.utils.load_torch_file(str(paths["text_encoder"]), safe_load=True)
+        target = types.SimpleNamespace(clip=comfy.text_encoders.wan.te(**comfy.text_encoders.sd3_clip.t5_xxl_detect(sd)),
+                                       tokenizer=comfy.text_encoders.wan.WanT5Tokenizer, params={})
+        clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, parameters=comfy.utils.calculate_parameters(sd),
+                             tokenizer_data={"spiece_model": sd.get("spiece_model")},
+                             model_options=umt5_thin_options(paths["vocab_size"]))
+        m, u = clip.load_sd(sd)
+        if m:
+            logging.warning("clip missing: {}".format(m))
     vae, log_v = load_vae(paths["vae"])
     return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)

@@ -1,0 +1,201 @@
+"""DTI on Wan 2.1 / 2.2 text-to-video (0.33: ``supported_models.WAN21_T2V`` on ``model_base.WAN21``, a
+UMT5-XXL text encoder), trained on still images as one-frame videos, as the authors' Wan launcher does.
+
+Thin random models that ComfyUI's own loaders detect: the Wan DiT at width 256 (one block), the Wan 2.1
+VAE at its real width (96; its 3-D latents: 16 channels, one frame per image, 1/8 of the image), and
+ComfyUI's own UMT5-XXL class at 2 of its 24 layers with a small SentencePiece vocabulary (its
+tokenizer reads the SentencePiece model from the file; the width is the real 4096). ComfyUI's loader
+recognises a UMT5-XXL file only by its 24th block, so the CLIP is built as CLIPLoader(type wan) builds
+it for a full file (checkpoints.load_wan). ComfyUI builds Wan's UMT5 tokenizer without an embeddings
+folder (as Gemma's): prompts read the word through DTI Enable Embeddings.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from dti_core.embedding_file import load_embedding
+from tests_host_helpers import run_train
+
+KEY = "umt5xxl"
+WIDTH = 4096
+
+
+@pytest.fixture(scope="module")
+def wan(comfy, checkpoints, checkpoint_cache_dir, embeddings_dir):
+    import comfy.supported_models as sm
+    if not hasattr(sm, "WAN21_T2V"):
+        pytest.skip("HOST TESTS SKIPPED: this ComfyUI has no Wan 2.1 (supported_models.WAN21_T2V)")
+    return checkpoints.load_wan(checkpoint_cache_dir, embedding_directory=comfy.folder_paths.get_folder_paths("embeddings"))
+
+
+def table_norm_mean(encoder):
+    emb = encoder.transformer.get_input_embeddings()
+    with torch.no_grad():
+        return float(emb.weight.float().norm(dim=-1).mean())
+
+
+def enabled(dti_pack, clip):
+    (out,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
+    return out
+
+
+def test_thin_wan_is_detected_by_comfyui_loaders(wan, checkpoints, dti_pack):
+    model, clip, vae = wan.out
+    assert checkpoints.load_problems(wan.log) == []
+    assert type(model.model).__name__ == "WAN21" and type(model.model.model_config).__name__ == "WAN21_T2V"
+    assert model.get_model_object("latent_format").latent_dimensions == 3
+    assert vae.latent_channels == 16 and vae.spacial_compression_encode() == 8
+    assert type(clip.tokenizer).__name__ == "WanT5Tokenizer"
+    ct = dti_pack.comfy_host
+    assert ct.text.text_encoders(clip)[KEY][1].embedding_directory is None  # ComfyUI builds it without a folder
+    assert list(ct.text.text_encoders(clip)) == [KEY] and ct.text.clip_widths(clip) == {KEY: WIDTH}
+    fam = ct.families.family_of(model, clip)
+    assert fam.name == "Wan 2.1 / 2.2" and fam.enable_embeddings and fam.resolution == 512
+
+
+def test_m_star_is_umt5s_mean_token_norm(wan, dti_pack):
+    ct = dti_pack.comfy_host
+    _, clip, _ = wan.out
+    enc = ct.text.text_encoders(clip)[KEY][2]
+    assert ct.text.lookup_scale(enc) == 1.0
+    with torch.inference_mode():
+        _, _, m_star = ct.text.initial_vectors(clip, "cat", 1, "mean")
+    assert m_star[KEY] == pytest.approx(table_norm_mean(enc), rel=1e-4)
+
+
+def test_training_prompt_is_what_clip_text_encode_gives(wan, dti_pack, embeddings_dir, comfy_nodes):
+    """The step's text path (512 tokens, the padding zeroed as Wan's encoder does, the word where the
+    stock tokenizer puts ``embedding:NAME`` once the CLIP went through DTI Enable Embeddings) equals
+    the stock CLIPTextEncode's output."""
+    from dti_core.embedding_file import dti_metadata, save_embedding
+    from dti_core.sphere import normalize
+
+    _, clip, _ = wan.out
+    clip = enabled(dti_pack, clip)
+    ct = dti_pack.comfy_host
+    with torch.inference_mode():
+        _, _, m_star = ct.text.initial_vectors(clip, "cat", 2, "mean")
+    vectors = m_star[KEY] * normalize(torch.randn(2, WIDTH, generator=torch.Generator().manual_seed(4)))
+    save_embedding(str(embeddings_dir), "wan-end", {KEY: vectors}, dti_metadata(initializer="cat"))
+    for template in ("a photo of a {}", "{}, on a beach"):
+        with torch.inference_mode():
+            (prompt,) = ct.text.tokenize_templates(clip, [template], 2)
+            cond, _ = ct.text.encode_each(clip, [prompt.with_vectors({KEY: vectors})], False)
+            (ref,) = comfy_nodes.CLIPTextEncode().encode(clip, template.replace("{}", "embedding:wan-end"))
+        assert cond[0].shape == (1, 512, WIDTH)
+        assert torch.equal(cond[0], ref[0][0]), template
+        assert float(cond[0][0, -1].abs().max()) == 0.0  # the padding, zeroed
+
+
+def test_wan_trains_on_still_images_through_the_node_and_the_stock_encode_reads_the_file(wan, dti_pack, embeddings_dir,
+                                                                                        comfy_nodes, caplog):
+    """The node's run on one-frame 3-D latents (preview too, decoded by the video VAE), the input CLIP
+    left as it was, a file that the stock encode reads through DTI Enable Embeddings."""
+    model, clip, vae = wan.out
+    ct = dti_pack.comfy_host
+    enc = ct.text.text_encoders(clip)[KEY][2]
+    with torch.inference_mode():
+        dog = torch.nn.functional.normalize(ct.text.vocabulary(enc)[
+            ct.text.initializer_ids(ct.text.text_encoders(clip)[KEY][1], "dog")].detach().float().clone(), dim=-1)
+    out = run_train(dti_pack, wan.out, name="wan-dog", initializer="dog", steps=2, batch_size=2,
+                    resolution=64, kappa=5e-5, learning_rate=0.05, templates="custom",
+                    custom_templates="a photo of a {}\n{} on a beach, a good photo", preview_every=2, preview_steps=1)
+    assert out["ui"]["text"][0].startswith("Saved embedding:wan-dog")
+    assert ct.text.text_encoders(clip)[KEY][1].embedding_directory is None  # the input CLIP was left alone
+    emb = load_embedding(str(embeddings_dir / "wan-dog.safetensors"))
+    assert set(emb.vectors) == {KEY} and emb.metadata["dti.model_family"] == "Wan 2.1 / 2.2"
+    v = emb.vectors[KEY]
+    assert v.dtype == torch.float32 and v.shape == dog.shape
+    assert emb.m_star(KEY) == pytest.approx(table_norm_mean(enc), rel=1e-4)
+    assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(KEY)), rtol=0, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(v, dog, dim=-1)
+    assert bool((cos < 1 - 1e-4).all()), f"the vectors did not move from the initializer: {cos}"
+    preview = out["result"][3]
+    assert preview.dim() == 4 and preview.shape[-1] == 3 and bool(torch.isfinite(preview).all())
+
+    caplog.set_level(logging.WARNING)
+    with torch.inference_mode():
+        on = enabled(dti_pack, clip)
+        (with_word,) = comfy_nodes.CLIPTextEncode().encode(on, "a photo of embedding:wan-dog")
+        (plain,) = comfy_nodes.CLIPTextEncode().encode(on, "a photo of dog")
+        (prompt,) = ct.text.tokenize_templates(on, ["a photo of {}"], v.shape[0])
+        spliced = on.encode_from_tokens_scheduled(prompt.with_vectors({KEY: v}))
+    assert with_word[0][0].shape[-1] == WIDTH and not torch.equal(with_word[0][0], plain[0][0])
+    assert torch.equal(with_word[0][0], spliced[0][0])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_flow_loss_on_one_frame_latents_equals_an_independent_computation(wan, dti_pack):
+    """One step of the node's loss on a 3-D latent: x_t = (1 - s) x0 + s n at the model's own shifted
+    sigma, target n - x0, the Wan DiT called directly with the UMT5 conditioning."""
+    ct = dti_pack.comfy_host
+    training = dti_pack.dti_core.training
+    model, clip, vae = wan.out
+    clip = enabled(dti_pack, clip)
+    with torch.inference_mode():
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], {KEY: init[KEY].shape[0]})
+        latents = ct.latents.encode_latents(vae, model, torch.rand(2, 64, 64, 3), hflip=False)
+    vectors = {KEY: m_star[KEY] * init[KEY]}
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        lat = latents.cloned()
+        assert lat.mean.shape == (2, 16, 1, 8, 8)
+        step = ct.step.DiffusionStep(model, clip, prompts, lat, None, 2, 11, 64, "cpu")
+        loss = float(step(vectors, 0))
+        g = training.step_generator(11, 0)
+        idx = torch.randint(2, (2,), generator=g)
+        torch.rand(2, generator=g)  # flip draws (no mirrored latents here)
+        torch.randint(1, (2,), generator=g)  # prompt choice
+        u = torch.rand(2, generator=g, dtype=torch.float64)
+        noise = torch.randn((2, 16, 1, 8, 8), generator=g)
+        ms = model.get_model_object("model_sampling")
+        t = (float(ms.timestep(ms.sigma_min)) + u * (float(ms.timestep(ms.sigma_max)) - float(ms.timestep(ms.sigma_min)))).float()
+        sigma = ms.sigma(t)
+        x0 = lat.mean[idx].float()
+        x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
+        cond, _ = ct.text.encode_tokens(clip, prompts[0].with_vectors(vectors))
+        v_pred = model.model.diffusion_model(x_t, ms.timestep(sigma).float(), context=cond.float().expand(2, -1, -1)).float()
+        ref = float(((v_pred - (noise - x0)) ** 2).mean())
+    assert loss == pytest.approx(ref, rel=1e-4)
+
+
+def test_teacher_student_recovers_a_word_through_umt5(wan, dti_pack):
+    """Target: Wan's conditioning of "a photo of a {}" with UMT5's "dog" row at m* in the word's place;
+    the student starts at "car"; the loss on the conditioning (bidirectional attention: every position
+    sees the word). The learned direction must turn toward the dog row."""
+    ct = dti_pack.comfy_host
+    core = dti_pack.dti_core.training
+    model, clip, _ = wan.out
+    clip = enabled(dti_pack, clip)
+    _, tok, enc = ct.text.text_encoders(clip)[KEY]
+    with torch.inference_mode():
+        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
+        (prompt,) = ct.text.tokenize_templates(clip, ["a photo of a {}"], {KEY: init[KEY].shape[0]})
+        dog = ct.text.initializer_ids(tok, "dog")
+    with torch.inference_mode(False):
+        dog_dir = torch.nn.functional.normalize(ct.text.vocabulary(enc)[dog].detach().float().clone().mean(0, keepdim=True), dim=-1)
+    n = init[KEY].shape[0]
+    with torch.inference_mode():
+        target, _ = ct.text.encode_tokens(clip, prompt.with_vectors({KEY: (m_star[KEY] * dog_dir).expand(n, -1)}))
+    with torch.inference_mode(False):
+        target = target.clone().float()
+
+    def cos(vectors):
+        return float((torch.nn.functional.normalize(vectors[KEY], dim=-1) * dog_dir).sum(-1).mean())
+
+    def loss_fn(embeds, step):
+        cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors({KEY: embeds[KEY]}))
+        return ((cond.float() - target) ** 2).mean(-1).sum()
+
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        before = cos(init)
+        result = core.train(init, mu, m_star, loss_fn, core.TrainConfig(steps=30, lr=0.1, kappa=0.0))
+    after = cos(result.vectors)
+    # seen here: -0.005 -> 0.137 in 30 steps, the loss 7.82 -> 3.77
+    print(f"\nWan teacher-student through UMT5: cos(v, dog) {before:.3f} -> {after:.3f} in 30 steps; "
+          f"loss {result.history.loss[0]:.3g} -> {result.history.loss[-1]:.3g}")
+    assert result.history.loss[-1] < 0.5 * result.history.loss[0], result.history.loss
+    assert after > before + 8 / WIDTH ** 0.5, (before, after, result.history.loss[::5])
+    assert torch.allclose(result.vectors[KEY].norm(dim=-1), torch.tensor(m_star[KEY]), atol=1e-5)
