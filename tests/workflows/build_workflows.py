@@ -272,7 +272,7 @@ def _column(nodes, x=RENDER_X, y=300, gap=40):
 
 def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, sampler, train=None, text_clip=None,
                     before_text=(), positive=None, negative=("CLIP Text Encode (Negative)", NEGATIVE, 140),
-                    extra_links=(), height=1050, latent="EmptySD3LatentImage"):
+                    extra_links=(), height=1050, latent="EmptySD3LatentImage", latent_widgets=None):
     """One DiT train workflow: photos note + loader nodes -> DTI Train -> Replace('...{}...') -> [before_text]
     -> CLIPTextEncode (+ negative) -> [positive] -> KSampler (EmptySD3LatentImage) -> VAEDecode -> SaveImage.
 
@@ -290,7 +290,7 @@ def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, s
         {"key": "neg", "type": "CLIPTextEncode", "size": [420, neg_height], "title": neg_title,
          "widgets": {"text": neg_text}},
         {"key": "latent", "type": latent, "size": [420, 106],
-         "widgets": {"width": 1024, "height": 1024, "batch_size": 1}},
+         "widgets": latent_widgets or {"width": 1024, "height": 1024, "batch_size": 1}},
     ]
     bottom = _column(column)
     nodes = [
@@ -452,6 +452,33 @@ def flux2_klein_graph():
         sampler={"steps": 28, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"})
 
 
+def wan_graph():
+    """Wan 2.1 text-to-video as ComfyUI's Wan template loads it: UNETLoader + CLIPLoader (wan, UMT5-XXL) +
+    VAELoader -> DTI Train (the authors' Wan launcher, on still photos) -> Replace -> DTI Enable Embeddings
+    -> CLIPTextEncode -> KSampler (EmptyHunyuanLatentVideo, 33 frames) -> VAEDecode -> SaveImage (frames)."""
+    readme = (
+        "DTI Train (Wan 2.1 / 2.2 text-to-video): teach the video model a new word from photos\n\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
+        "2. Load Wan as ComfyUI's Wan template does: wan2.1_t2v_1.3B in models/diffusion_models (or a Wan 2.2 "
+        "A14B expert), umt5_xxl in models/text_encoders (CLIPLoader type wan), wan_2.1_vae in models/vae.\n"
+        "3. DTI Train learns a UMT5-XXL vector for the word from still photos, each a one-frame video, as the "
+        "authors' Wan launcher: kappa 5e-5, 500 steps, 512 px.\n"
+        "4. ComfyUI's UMT5 tokenizer ignores embedding:NAME: the prompt goes through DTI Enable Embeddings "
+        "first, then a stock CLIP Text Encode reads the word. The render is a 33-frame video (saved as frames), "
+        "cfg 5 (the authors' guidance), uni_pc.\n\n"
+        "Short of memory? Turn gradient_checkpointing on, lower resolution or batch_size."
+    )
+    return dit_train_graph(
+        label="Wan", name="my-concept-wan", readme=readme,
+        loaders=[_unet(h.WAN_DIT), _clip_loader(h.WAN_UMT5, "wan"), _vae(h.WAN_VAE)],
+        model=("unet", 0), clip=("clip", 0), vae=("vae", 0), train={"steps": 500, "kappa": 0.00005},
+        prompt=PIER,
+        before_text=[{"key": "enable", "type": "DTIEnableEmbeddings", "size": [420, 80]}],
+        extra_links=[("clip", 0, "enable", "clip")], text_clip=("enable", 0),
+        latent="EmptyHunyuanLatentVideo", latent_widgets={"width": 832, "height": 480, "length": 33, "batch_size": 1},
+        sampler={"steps": 30, "cfg": 5.0, "sampler_name": "uni_pc", "scheduler": "simple"})
+
+
 def sd35_graph():
     """SD3.5 as ComfyUI's SD3.5 examples load it: CheckpointLoaderSimple (MMDiT + VAE) + TripleCLIPLoader
     (clip_l, clip_g, t5xxl) -> DTI Train (all three encoders) -> Replace -> CLIPTextEncode -> KSampler -> SaveImage."""
@@ -517,6 +544,7 @@ GRAPHS = {
     "dti_train_chroma.json": chroma_graph,
     "dti_train_z_image.json": z_image_graph,
     "dti_train_flux2_klein.json": flux2_klein_graph,
+    "dti_train_wan.json": wan_graph,
 }
 
 
@@ -613,7 +641,8 @@ def main(argv=None):
                              ("diffusion_models", h.LUMINA2_DIT), ("text_encoders", h.LUMINA2_GEMMA),
                              ("text_encoders", h.SD35_CLIP_G), ("diffusion_models", h.CHROMA_DIT),
                              ("diffusion_models", h.ZIMAGE_DIT), ("text_encoders", h.ZIMAGE_QWEN3),
-                             ("diffusion_models", h.FLUX2_KLEIN_DIT), ("vae", h.FLUX2_VAE)):
+                             ("diffusion_models", h.FLUX2_KLEIN_DIT), ("vae", h.FLUX2_VAE),
+                             ("diffusion_models", h.WAN_DIT), ("text_encoders", h.WAN_UMT5), ("vae", h.WAN_VAE)):
             (server.folder("models", folder) / name).write_bytes(b"")
         h.write_example_images(server.input)
         h.write_concept_embeddings(server.embeddings)

@@ -91,6 +91,10 @@ def _start_server(base, comfy_path, test_checkpoints, flux_files, extra_args=())
     # and for the FLUX.2 klein workflow's
     srv.link_model(lumina["diffusion_model"], "diffusion_models", h.FLUX2_KLEIN_DIT)
     srv.link_model(flux_files["vae"], "vae", h.FLUX2_VAE)
+    # and for the Wan workflow's
+    srv.link_model(lumina["diffusion_model"], "diffusion_models", h.WAN_DIT)
+    srv.link_model(flux_files["t5xxl"], "text_encoders", h.WAN_UMT5)
+    srv.link_model(flux_files["vae"], "vae", h.WAN_VAE)
     h.write_example_images(srv.input)
     h.write_concept_embeddings(srv.embeddings)
     # The shipped workflows run with sub-quadratic attention on its chunked path (what a busy

@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json",
              "dti_train_flux_dev.json", "dti_train_lumina2.json", "dti_train_sd35.json", "dti_train_chroma.json",
-             "dti_train_z_image.json", "dti_train_flux2_klein.json")
+             "dti_train_z_image.json", "dti_train_flux2_klein.json", "dti_train_wan.json")
 # Workflows that need a newer ComfyUI than the oldest tested: the node type whose absence from the
 # server's /object_info says so (a capability, not a version), and why.
 NEEDS_NEWER_HOST = {"dti_train_flux2_klein.json": ("EmptyFlux2LatentImage", "FLUX.2 came after ComfyUI 0.3.64")}
@@ -59,6 +59,10 @@ ZIMAGE_QWEN3 = "qwen_3_4b.safetensors"
 FLUX2_KLEIN_DIT = "flux-2-klein-base-4b.safetensors"
 FLUX2_QWEN3 = ZIMAGE_QWEN3
 FLUX2_VAE = "flux2-vae.safetensors"
+# Wan 2.1 text-to-video as ComfyUI's Wan template loads it: UNETLoader + CLIPLoader(type wan) + VAELoader.
+WAN_DIT = "wan2.1_t2v_1.3B_fp16.safetensors"
+WAN_UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
+WAN_VAE = "wan_2.1_vae.safetensors"
 
 
 def skip_if_host_lacks(name, object_info):

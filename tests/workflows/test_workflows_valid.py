@@ -72,6 +72,18 @@ def test_workflows_use_the_public_file_names(object_info):
             (train,) = h.find_nodes(prompt, "DTITrain")
             assert (train["inputs"]["steps"], train["inputs"]["kappa"]) == (1000, 0.00005)  # the authors' klein config
             continue
+        if "wan" in name:
+            assert ckpts == set()
+            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [h.WAN_DIT]
+            (clip,) = h.find_nodes(prompt, "CLIPLoader")
+            assert (clip["inputs"]["clip_name"], clip["inputs"]["type"]) == (h.WAN_UMT5, "wan")
+            assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.WAN_VAE]
+            (latent,) = h.find_nodes(prompt, "EmptyHunyuanLatentVideo")
+            assert latent["inputs"]["length"] > 1  # the word drives a video
+            (enable,) = h.find_nodes(prompt, "DTIEnableEmbeddings")  # UMT5's tokenizer has no folder
+            (train,) = h.find_nodes(prompt, "DTITrain")
+            assert (train["inputs"]["steps"], train["inputs"]["kappa"]) == (500, 0.00005)  # the authors' Wan launcher
+            continue
         if "flux" in name:
             assert ckpts == set()
             assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [h.FLUX_DIT]
