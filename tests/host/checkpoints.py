@@ -518,17 +518,22 @@ _DIT_EXPECT = {
 }
 
 
-def _host_dit_config(kind):
-    """The host's detected config for a one-block ``kind`` model (see _DIT_SKELETONS)."""
+def _detected_config(skeleton, expect, what, hint=""):
+    """The host's detected config for a key layout (``{key: shape}``), checked against ``expect``."""
     import comfy.model_detection
-    sd = {k: _ShapeOnly._T.of(shape) for k, shape in _DIT_SKELETONS[kind].items()}
+    sd = {k: _ShapeOnly._T.of(shape) for k, shape in skeleton.items()}
     cfg = comfy.model_detection.detect_unet_config(sd, "")
     if cfg is None:
-        raise AssertionError(f"this ComfyUI does not detect the {kind} key layout")
-    for k, v in _DIT_EXPECT[kind].items():
+        raise AssertionError(f"this ComfyUI does not detect the {what} key layout{hint}")
+    for k, v in expect.items():
         if cfg.get(k) != v:
-            raise AssertionError(f"{kind}: this ComfyUI detects {k!r} = {cfg.get(k)!r}, the tests expect {v!r}")
+            raise AssertionError(f"{what}: this ComfyUI detects {k!r} = {cfg.get(k)!r}, the tests expect {v!r}")
     return cfg
+
+
+def _host_dit_config(kind):
+    """The host's detected config for a one-block ``kind`` model (see _DIT_SKELETONS)."""
+    return _detected_config(_DIT_SKELETONS[kind], _DIT_EXPECT[kind], kind)
 
 
 # Depth 2 (width 128, 2 heads): one ordinary joint block and the final one, whose text
@@ -1121,6 +1126,14 @@ def spiece_model_bytes():
     return out.getvalue()
 
 
+def _write_with_spiece(path, entries, sp, metadata):
+    """A text-encoder file with its SentencePiece model under ``spiece_model`` (uint8), where ComfyUI's
+    loaders read a tokenizer model from (Gemma-2, UMT5)."""
+    raw = torch.frombuffer(bytearray(sp), dtype=torch.uint8)
+    write_safetensors_streaming(path, list(entries) + [("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone())],
+                                metadata)
+
+
 def gemma_thin_options(vocab_size):
     return {"gemma2_2b_model_config": {"num_hidden_layers": GEMMA_THIN_LAYERS, "intermediate_size": GEMMA_THIN_FFN,
                                        "vocab_size": int(vocab_size)}}
@@ -1169,11 +1182,8 @@ def ensure_lumina2_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
     te = folder / component_filename(name, seed, dtype)
     if not te.exists():
         gen = torch.Generator().manual_seed(_component_seed(name, seed))
-        entries = _entries(_gemma_plan(vocab), gen, dtype)
-        raw = torch.frombuffer(bytearray(sp), dtype=torch.uint8)
-        entries.append(("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone()))
-        write_safetensors_streaming(te, entries, {"dti_test_generator": FAMILY_GENERATOR_VERSION,
-                                                  "dti_test_component": name})
+        _write_with_spiece(te, _entries(_gemma_plan(vocab), gen, dtype), sp,
+                           {"dti_test_generator": FAMILY_GENERATOR_VERSION, "dti_test_component": name})
     return {"diffusion_model": dit, "text_encoder": te, "vae": ensure_component("vae16", folder, seed, dtype),
             "vocab_size": vocab}
 
@@ -1392,15 +1402,8 @@ VAE32BN_DDCONFIG = {**VAE_DDCONFIG, "z_channels": 32, "batch_norm_latent": True}
 
 
 def _flux2_klein_config():
-    import comfy.model_detection
-    sd = {k: _ShapeOnly._T.of(shape) for k, shape in _FLUX2_KLEIN_SKELETON.items()}
-    cfg = comfy.model_detection.detect_unet_config(sd, "")
-    if cfg is None:
-        raise AssertionError("this ComfyUI does not detect the FLUX.2 key layout (FLUX.2 needs ComfyUI 0.33 or newer)")
-    for k, v in _FLUX2_KLEIN_EXPECT.items():
-        if cfg.get(k) != v:
-            raise AssertionError(f"flux2-klein: this ComfyUI detects {k!r} = {cfg.get(k)!r}, the tests expect {v!r}")
-    return cfg
+    return _detected_config(_FLUX2_KLEIN_SKELETON, _FLUX2_KLEIN_EXPECT, "flux2-klein",
+                            " (FLUX.2 needs ComfyUI 0.33 or newer)")
 
 
 def _flux2_klein_dit_plan():
@@ -1492,15 +1495,7 @@ def umt5_thin_options(vocab_size):
 
 
 def _wan_dit_config():
-    import comfy.model_detection
-    sd = {k: _ShapeOnly._T.of(shape) for k, shape in _WAN_SKELETON.items()}
-    cfg = comfy.model_detection.detect_unet_config(sd, "")
-    if cfg is None:
-        raise AssertionError("this ComfyUI does not detect the Wan 2.1 key layout")
-    for k, v in _WAN_EXPECT.items():
-        if cfg.get(k) != v:
-            raise AssertionError(f"wan: this ComfyUI detects {k!r} = {cfg.get(k)!r}, the tests expect {v!r}")
-    return cfg
+    return _detected_config(_WAN_SKELETON, _WAN_EXPECT, "wan")
 
 
 def _wan_dit_plan():
@@ -1555,10 +1550,7 @@ def ensure_wan_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
     te = folder / component_filename(name, seed, dtype)
     if not te.exists():
         gen = torch.Generator().manual_seed(_component_seed(name, seed))
-        entries = _entries(_umt5_plan(vocab), gen, dtype)
-        raw = torch.frombuffer(bytearray(sp), dtype=torch.uint8)
-        entries.append(("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone()))
-        write_safetensors_streaming(te, entries, {**meta, "dti_test_component": name})
+        _write_with_spiece(te, _entries(_umt5_plan(vocab), gen, dtype), sp, {**meta, "dti_test_component": name})
     vae = folder / component_filename(f"wan21-vae-{WAN_VAE_DIM}", seed, dtype)
     if not vae.exists():
         gen = torch.Generator().manual_seed(_component_seed("wan21-vae", seed))

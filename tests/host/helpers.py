@@ -92,3 +92,96 @@ def encoder_grad_and_saved_bytes(ct, model, clip, prompt, vectors, gradient_chec
             cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors(leaves))
         cond.float().square().mean().backward()
     return {k: v.grad.detach().clone() for k, v in leaves.items()}, total[0]
+
+
+def dog_teacher(ct, clip, key):
+    """``(init, mu, m_star, prompt, target, cos)`` for encoder ``key``: the student word at "car" in
+    "a photo of a {}", the conditioning of that prompt with the encoder's own "dog" row(s) (their mean
+    direction) at m* in the word's place (fp32, a normal tensor), and ``cos(vectors)``: the student's
+    mean cosine to that direction."""
+    tkey, tok, enc = ct.text.text_encoders(clip)[key]
+    with torch.inference_mode():
+        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
+        n = init[key].shape[0]
+        (prompt,) = ct.text.tokenize_templates(clip, ["a photo of a {}"], {k: v.shape[0] for k, v in init.items()})
+        dog = ct.text.initializer_ids(tok, "dog")
+    with torch.inference_mode(False):
+        rows = ct.text.vocabulary(enc)[dog].detach().float().clone()
+        dog_dir = torch.nn.functional.normalize(rows.mean(0, keepdim=True), dim=-1)
+    with torch.inference_mode():
+        target, _ = ct.text.encode_tokens(clip, prompt.with_vectors({tkey: (m_star[key] * dog_dir).expand(n, -1)}))
+    with torch.inference_mode(False):
+        target = target.clone().float()
+
+    def cos(vectors):
+        return float((torch.nn.functional.normalize(vectors[key], dim=-1) * dog_dir).sum(-1).mean())
+    return init, mu, m_star, prompt, target, cos
+
+
+def teacher_student_through_the_text_encoder(ct, core, model, clip, key, steps, lr):
+    """Train the student of ``dog_teacher`` with the loss on the conditioning (squared error, mean over
+    the width, summed over positions: with causal attention only the word's position and what follows
+    see it). Returns ``(before, after, result)``; the norm stays m* (asserted here)."""
+    init, mu, m_star, prompt, target, cos = dog_teacher(ct, clip, key)
+    tkey = ct.text.text_encoders(clip)[key][0]
+
+    def loss_fn(embeds, step):
+        cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors({tkey: embeds[key]}))
+        return ((cond.float() - target) ** 2).mean(-1).sum()
+
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        before = cos(init)
+        result = core.train(init, mu, m_star, loss_fn, core.TrainConfig(steps=steps, lr=lr, kappa=0.0))
+    assert torch.allclose(result.vectors[key].norm(dim=-1), torch.tensor(m_star[key]), atol=1e-5)
+    return before, cos(result.vectors), result
+
+
+def assert_checkpointing_keeps_the_gradient(ct, model, clip, key, what, max_ratio):
+    """The word's gradient through encoder ``key`` with and without gradient checkpointing: equal, and
+    the activations kept for backward at most ``max_ratio`` of those without."""
+    tkey = ct.text.text_encoders(clip)[key][0]
+    with torch.inference_mode():
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 1, "mean")
+        (prompt,) = ct.text.tokenize_templates(clip, ["a photo of a {} on a beach"], 1)
+    vectors = {tkey: m_star[key] * init[key]}
+    grad, saved = {}, {}
+    for gc in (False, True):
+        grad[gc], saved[gc] = encoder_grad_and_saved_bytes(ct, model, clip, prompt, vectors, gc)
+    print(f"\n{what} activations kept for backward: {saved[False] / 2**20:.1f} MiB without, "
+          f"{saved[True] / 2**20:.1f} MiB with gradient checkpointing")
+    assert saved[True] < max_ratio * saved[False]
+    g0, g1 = grad[False][tkey], grad[True][tkey]
+    assert float(g0.norm()) > 0
+    assert torch.allclose(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
+
+
+def assert_m_star_is_the_tables_mean_norm(ct, clip, key):
+    """An encoder whose lookup is a plain table (no scale, unlike 0.33's Gemma): m* is the mean norm of
+    its rows."""
+    enc = ct.text.text_encoders(clip)[key][2]
+    assert ct.text.lookup_scale(enc) == 1.0
+    with torch.inference_mode():
+        _, _, m_star = ct.text.initial_vectors(clip, "cat", 1, "mean")
+        table = enc.transformer.get_input_embeddings().weight
+        mean_norm = float(table.float().norm(dim=-1).mean())
+    assert abs(m_star[key] - mean_norm) <= 1e-4 * mean_norm, (m_star[key], mean_norm)
+
+
+def assert_saved_word(ct, clip, key, emb, family, initializer="dog"):
+    """A file the node wrote for one language-model encoder ``key``: that key only, the family named,
+    fp32 rows at the table's mean norm m*, each moved away from its initializer token's direction."""
+    enc = ct.text.text_encoders(clip)[key][2]
+    tok = ct.text.text_encoders(clip)[key][1]
+    with torch.inference_mode():
+        table = enc.transformer.get_input_embeddings().weight
+        mean_norm = float(table.float().norm(dim=-1).mean())
+        start = torch.nn.functional.normalize(
+            ct.text.vocabulary(enc)[ct.text.initializer_ids(tok, initializer)].detach().float().clone(), dim=-1)
+    assert set(emb.vectors) == {key} and emb.metadata["dti.model_family"] == family
+    v = emb.vectors[key]
+    assert v.dtype == torch.float32 and v.shape == start.shape
+    assert abs(emb.m_star(key) - mean_norm) <= 1e-4 * mean_norm
+    assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(key)), rtol=0, atol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(v, start, dim=-1)
+    assert bool((cos < 1 - 1e-4).all()), f"the vectors did not move from the initializer: {cos}"
+    return v

@@ -331,22 +331,10 @@ def test_gemma_prompts_of_different_lengths_encode_as_one_encode_each(lumina, dt
 def test_gradient_checkpointing_recomputes_gemmas_layers_with_the_same_gradient(lumina, dti_pack):
     """Gemma-2 under checkpointing (0.33's block adds its residual with out=, 0.3.64's in place): the
     word's gradient is the same, and the encoder keeps fewer activations for backward."""
-    from tests_host_helpers import encoder_grad_and_saved_bytes
-    ct, fam = dti_pack.comfy_host, dti_pack.comfy_host.families
+    from tests_host_helpers import assert_checkpointing_keeps_the_gradient
+    ct = dti_pack.comfy_host
     model, clip, _ = lumina.out
     (clip,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
     enc = ct.text.text_encoders(clip)["gemma2_2b"][2]
     assert len(ct.autograd.encoder_checkpoint_units(enc)) == len(enc.transformer.model.layers)
-    with torch.inference_mode():
-        init, _, m_star = ct.text.initial_vectors(clip, "cat", 1, "mean")
-        (prompt,) = ct.text.tokenize_templates(clip, [fam.LUMINA2_PREFIX + "a photo of a {}"], 1)
-    vectors = {"gemma2_2b": m_star["gemma2_2b"] * init["gemma2_2b"]}
-    grad, saved = {}, {}
-    for gc in (False, True):
-        grad[gc], saved[gc] = encoder_grad_and_saved_bytes(ct, model, clip, prompt, vectors, gc)
-    print(f"\nGemma-2 (thin) activations kept for backward: {saved[False] / 2**20:.1f} MiB without, "
-          f"{saved[True] / 2**20:.1f} MiB with gradient checkpointing")
-    assert saved[True] < 0.6 * saved[False]
-    g0, g1 = grad[False]["gemma2_2b"], grad[True]["gemma2_2b"]
-    assert float(g0.norm()) > 0
-    assert torch.allclose(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
+    assert_checkpointing_keeps_the_gradient(ct, model, clip, "gemma2_2b", "Gemma-2 (thin)", 0.6)

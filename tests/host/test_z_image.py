@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from dti_core.embedding_file import load_embedding
-from tests_host_helpers import run_train
+from tests_host_helpers import (assert_checkpointing_keeps_the_gradient, dog_teacher, run_train,
+                                teacher_student_through_the_text_encoder)
 
 KEY = "qwen3_4b"
 
@@ -132,28 +133,6 @@ def test_z_image_trains_through_the_node_and_the_stock_encode_reads_the_file(zim
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def dog_teacher(ct, clip):
-    """``(init, mu, m_star, prompt, target, cos)``: the student word at "car" in "a photo of a {}", the
-    conditioning of that prompt with Qwen3's "dog" row at m* in the word's place (fp32, a normal
-    tensor), and ``cos(vectors)``: the student's cosine to that row."""
-    _, tok, enc = ct.text.text_encoders(clip)[KEY]
-    with torch.inference_mode():
-        init, mu, m_star = ct.text.initial_vectors(clip, "car", 0, "mean")
-        (prompt,) = ct.text.tokenize_templates(clip, ["a photo of a {}"], 1)
-        dog = ct.text.initializer_ids(tok, "dog")
-    assert init[KEY].shape[0] == 1 and len(dog) == 1
-    with torch.inference_mode(False):
-        dog_dir = torch.nn.functional.normalize(ct.text.vocabulary(enc)[dog].detach().float().clone(), dim=-1)
-    with torch.inference_mode():
-        target, _ = ct.text.encode_tokens(clip, prompt.with_vectors({KEY: m_star[KEY] * dog_dir}))
-    with torch.inference_mode(False):
-        target = target.clone().float()
-
-    def cos(vectors):
-        return float((torch.nn.functional.normalize(vectors[KEY], dim=-1) * dog_dir).sum())
-    return init, mu, m_star, prompt, target, cos
-
-
 def test_teacher_student_recovers_a_word_through_qwen3(zimage, dti_pack):
     """Target: Qwen3's conditioning of "a photo of a {}" (in the chat template, as Z-Image reads it)
     with Qwen3's "dog" row, at m*, in the word's place; the student word starts at "car". The learned
@@ -163,24 +142,13 @@ def test_teacher_student_recovers_a_word_through_qwen3(zimage, dti_pack):
     The loss is on the text encoder's output, as in the Gemma (Lumina 2) test; the next test puts it on
     the DiT's prediction."""
     ct = dti_pack.comfy_host
-    core = dti_pack.dti_core.training
     model, clip, _ = zimage.out
-    init, mu, m_star, prompt, target, cos = dog_teacher(ct, clip)
-
-    def loss_fn(embeds, step):
-        cond, _ = ct.text.encode_tokens(clip, prompt.with_vectors({KEY: embeds[KEY]}))
-        # causal attention: only the word's position and the chat template's tail see it: sum over positions
-        return ((cond.float() - target) ** 2).mean(-1).sum()
-
-    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
-        before = cos(init)
-        result = core.train(init, mu, m_star, loss_fn, core.TrainConfig(steps=60, lr=0.1, kappa=0.0))
-    after = cos(result.vectors)
+    before, after, result = teacher_student_through_the_text_encoder(ct, dti_pack.dti_core.training, model, clip, KEY,
+                                                                     steps=60, lr=0.1)
     print(f"\nZ-Image teacher-student through Qwen3: cos(v, dog) {before:.3f} -> {after:.3f} in 60 steps")
     assert result.history.loss[-1] < 0.5 * result.history.loss[0], result.history.loss
     # a clear rise: more than eight standard deviations of a random direction's cosine (1/sqrt(2560))
     assert after > before + 8 / 2560 ** 0.5, (before, after, result.history.loss[::10])
-    assert torch.allclose(result.vectors[KEY].norm(dim=-1), torch.tensor(m_star[KEY]), atol=1e-5)
 
 
 def test_teacher_student_recovers_a_word_through_the_dit(zimage, dti_pack):
@@ -191,7 +159,7 @@ def test_teacher_student_recovers_a_word_through_the_dit(zimage, dti_pack):
     ct = dti_pack.comfy_host
     core = dti_pack.dti_core.training
     model, clip, _ = zimage.out
-    init, mu, m_star, prompt, target_cond, cos = dog_teacher(ct, clip)
+    init, mu, m_star, prompt, target_cond, cos = dog_teacher(ct, clip, KEY)
     dit = model.model.diffusion_model
 
     def predict(x_t, sigma, cond):
@@ -220,21 +188,8 @@ def test_gradient_checkpointing_recomputes_qwen3s_layers_with_the_same_gradient(
     """Qwen3 (a Llama-style block whose residual add writes with out=) under checkpointing: the
     recomputation in the backward pass runs outside the encoder's forward, and still gives the word
     the same gradient; the encoder keeps fewer activations for backward."""
-    from tests_host_helpers import encoder_grad_and_saved_bytes
     ct = dti_pack.comfy_host
     model, clip, _ = zimage.out
     enc = ct.text.text_encoders(clip)[KEY][2]
     assert len(ct.autograd.encoder_checkpoint_units(enc)) == len(enc.transformer.model.layers)
-    with torch.inference_mode():
-        init, _, m_star = ct.text.initial_vectors(clip, "cat", 1, "mean")
-        (prompt,) = ct.text.tokenize_templates(clip, ["a photo of a {} on a beach"], 1)
-    vectors = {KEY: m_star[KEY] * init[KEY]}
-    grad, saved = {}, {}
-    for gc in (False, True):
-        grad[gc], saved[gc] = encoder_grad_and_saved_bytes(ct, model, clip, prompt, vectors, gc)
-    print(f"\nQwen3 (3 layers) activations kept for backward: {saved[False] / 2**20:.1f} MiB without, "
-          f"{saved[True] / 2**20:.1f} MiB with gradient checkpointing")
-    assert saved[True] < 0.6 * saved[False]
-    g0, g1 = grad[False][KEY], grad[True][KEY]
-    assert float(g0.norm()) > 0
-    assert torch.allclose(g1, g0, rtol=1e-5, atol=1e-6 * float(g0.abs().max()))
+    assert_checkpointing_keeps_the_gradient(ct, model, clip, KEY, "Qwen3 (3 layers)", 0.6)
