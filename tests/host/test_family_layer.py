@@ -108,3 +108,25 @@ def test_z_image_is_taken_for_z_image_never_for_lumina2(comfy, dti_pack, checkpo
     with pytest.raises(ValueError, match="Z-Image"):
         run_train(dti_pack, (model, clip, vae), name="zimage_refused", steps=1, batch_size=1)
     assert sorted(p.name for p in embeddings_dir.rglob("*")) == before
+
+
+def test_readme_family_table_agrees_with_the_family_table(dti_pack):
+    """Every family row of comfy_host/families.py has a README row: its name first, its encoder keys in
+    the encoder column, its default resolution; and the README lists no family the code lacks."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = text.index("| family | encoders that learn vectors")
+    lines = text[start:].splitlines()[2:]
+    rows = lines[:next((i for i, r in enumerate(lines) if not r.startswith("|")), len(lines))]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    fams = dti_pack.comfy_host.families.FAMILIES
+    for fam in fams:
+        name = fam.name.replace(" (no T5)", "")
+        row = next((c for c in cells if c[0].startswith(name)), None)
+        assert row is not None, f"README has no row for {name}"
+        assert all(f"`{k}`" in row[1] for k in fam.encoders), (name, fam.encoders, row[1])
+        assert row[2] == str(fam.resolution), (name, fam.resolution, row[2])
+    names = {f.name.replace(" (no T5)", "") for f in fams}
+    for c in cells:
+        assert any(c[0].startswith(n) for n in names), f"README row {c[0]!r} names no family of the code"
