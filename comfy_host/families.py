@@ -78,6 +78,12 @@ NOT_YET = {"ZImagePixelSpace": "Z-Image pixel-space", "QwenImage": "Qwen-Image",
            "WAN22_T2V": "Wan 2.2 TI2V 5B", "WAN21_I2V": "Wan image-to-video", "HiDream": "HiDream"}
 
 
+# Why, where it is not only a matter of time.
+NOT_YET_WHY = {"QwenImage": "ComfyUI's own Qwen-Image tokenizer fails on any embedding:NAME in a prompt (it compares "
+                            "every token with an image-token id, and a learned word's token is a vector), so a "
+                            "trained word could not be used"}
+
+
 def supported_text() -> str:
     return ", ".join(dict.fromkeys(f.name.replace(" (no T5)", "") for f in FAMILIES))
 
@@ -89,7 +95,8 @@ def family_of(model, clip) -> Family:
     if config in NOT_YET:
         raise UnsupportedModelError(
             f"DTI Train does not train {NOT_YET[config]} models yet (this MODEL is {model_class} with the "
-            f"{config} configuration); it supports {supported_text()}")
+            f"{config} configuration{'; ' + NOT_YET_WHY[config] if config in NOT_YET_WHY else ''}); "
+            f"it supports {supported_text()}")
     try:
         available = set(text_encoders(clip))
     except UnsupportedModelError as e:

@@ -1580,3 +1580,68 @@ def load_wan(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.fl
             logging.warning("clip missing: {}".format(m))
     vae, log_v = load_vae(paths["vae"])
     return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)
+
+
+# ----------------------------------------------------------------------------
+# Qwen-Image: its MMDiT (the real width: the loader reads only the depth and input channels from a
+# file), Qwen2.5-VL-7B's language model (CLIPLoader type qwen_image)
+# ----------------------------------------------------------------------------
+
+QWEN_IMAGE_SKELETON = {"txt_norm.weight": (3584,), "img_in.weight": (3072, 64),
+                       "transformer_blocks.0.attn.to_q.weight": (3072, 3072)}
+# Qwen2.5-VL-7B at 2 of its 28 layers, 4 query and 4 key/value heads (ComfyUI tells Qwen2.5-7B by its
+# 4 key/value heads), FFN 256, the real 152064 x 3584 table (its tokenizer is Qwen's own BPE).
+QWEN25_THIN_LAYERS = 2
+QWEN25_THIN_OPTIONS = {"qwen25_7b_model_config": {"num_hidden_layers": QWEN25_THIN_LAYERS, "intermediate_size": 256,
+                                                  "num_attention_heads": 4, "num_key_value_heads": 4}}
+
+
+def _qwen_image_dit_plan():
+    import comfy.supported_models as sm
+    cfg = _detected_config(QWEN_IMAGE_SKELETON, {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1},
+                           "qwen-image")
+    with torch.device("meta"):
+        base = sm.QwenImage(cfg).get_model({}, "")
+    return _plan_module(base.diffusion_model)
+
+
+def _qwen25_plan():
+    import comfy.text_encoders.qwen_image
+    with torch.device("meta"):
+        te = comfy.text_encoders.qwen_image.Qwen25_7BVLIModel(device=None, dtype=torch.float32,
+                                                             model_options={"model_name": "qwen25_7b", **QWEN25_THIN_OPTIONS})
+    return _plan_module(te.transformer)
+
+
+def ensure_qwen_image_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
+    """``{"diffusion_model", "text_encoder"}``: a one-block Qwen-Image DiT (detected as
+    ``supported_models.QwenImage``) and the thin Qwen2.5-VL-7B file (detected as ``TEModel.QWEN25_7B``)."""
+    import comfy.model_detection
+    import comfy.supported_models as sm
+    from safetensors import safe_open
+    folder = Path(folder)
+    meta = {"dti_test_generator": FAMILY_GENERATOR_VERSION}
+    dit = folder / component_filename("qwen-image-dit", seed, dtype)
+    if not dit.exists():
+        gen = torch.Generator().manual_seed(_component_seed("qwen-image-dit", seed))
+        write_safetensors_streaming(dit, _entries(_qwen_image_dit_plan(), gen, dtype),
+                                    {**meta, "dti_test_component": "qwen-image-dit"})
+        with safe_open(str(dit), framework="pt") as f:
+            sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
+        if type(comfy.model_detection.model_config_from_unet(sd, "")) is not sm.QwenImage:
+            raise AssertionError("the generated Qwen-Image DiT is not detected as supported_models.QwenImage")
+    name = f"qwen25_7b-{QWEN25_THIN_LAYERS}layer"
+    te = folder / component_filename(name, seed, dtype)
+    if not te.exists():
+        gen = torch.Generator().manual_seed(_component_seed(name, seed))
+        write_safetensors_streaming(te, _entries(_qwen25_plan(), gen, dtype), {**meta, "dti_test_component": name})
+    return {"diffusion_model": dit, "text_encoder": te}
+
+
+def load_qwen_image(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
+    """UNETLoader + CLIPLoader(type qwen_image; the thin Qwen2.5's model_options), under inference mode.
+    Returns ``SimpleNamespace(out=(model, clip), log, paths)``."""
+    paths = ensure_qwen_image_files(folder, seed, dtype)
+    model, log_m = load_diffusion_model(paths["diffusion_model"])
+    clip, log_c = load_text_encoders([paths["text_encoder"]], "QWEN_IMAGE", embedding_directory, QWEN25_THIN_OPTIONS)
+    return types.SimpleNamespace(out=(model, clip), log=log_m + log_c, paths=paths)
