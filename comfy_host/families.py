@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import memory
 from .contracts import UnsupportedModelError
 from .text import text_encoders
 
@@ -103,8 +104,14 @@ def family_of(model, clip) -> Family:
         raise UnsupportedModelError(f"DTI Train supports {supported_text()}; {e}") from None
     for key, what in ENCODERS_NOT_YET.items():
         if key in available:
+            # The memory a run would need, before anything runs: the encoder's weights as loaded, run
+            # forward and backward every step (activations on top), beside the diffusion model's.
+            te, dm = memory.weights_gib(clip.patcher), memory.weights_gib(model)
             raise UnsupportedModelError(
-                f"DTI Train does not train {what} yet (this MODEL is {model_class}); it supports {supported_text()}")
+                f"DTI Train does not train {what} yet (this MODEL is {model_class}). Training would run its "
+                f"text encoders ({te:.1f} GiB of weights as loaded) forward and backward at every step beside "
+                f"the diffusion model ({dm:.1f} GiB): more than {te + dm:.0f} GiB before activations. "
+                f"It supports {supported_text()}")
     candidates = [f for f in FAMILIES if model_class in f.model_classes and (not f.configs or config in f.configs)]
     for fam in candidates:
         if set(fam.encoders) == available:

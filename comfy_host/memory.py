@@ -95,6 +95,11 @@ def resident(model, clip) -> str:
     return "weights on the device: " + ", ".join(parts) if parts else ""
 
 
+def weights_gib(patcher) -> float:
+    """GiB of weights a model patcher holds as loaded (``model_size``: the dtype it loaded in)."""
+    return patcher.model_size() / 2**30
+
+
 def peak_line(device, was_dynamic: bool, weights: str = "") -> str | None:
     """One log line with the run's peak GPU memory (torch's allocations), or None off CUDA. A
     dynamic-VRAM model trains on a classic copy, whose weights sit whole in VRAM: the line says so, as

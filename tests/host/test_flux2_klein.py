@@ -137,3 +137,20 @@ def test_teacher_student_recovers_a_word_through_kleins_text_encoder(klein, dti_
     assert result.history.loss[-1] < 0.5 * result.history.loss[0], result.history.loss
     # a clear rise: more than four standard deviations of a random direction's cosine (1/sqrt(2560))
     assert after > before + 4 / WIDTH ** 0.5, (before, after, result.history.loss[::5])
+
+
+def test_a_refused_text_encoder_is_named_with_the_memory_a_run_would_need(klein, dti_pack, monkeypatch):
+    """FLUX.2 dev (Flux2 + Mistral-3 24B) is refused before anything runs, with the weights a run would
+    hold. No thin Mistral-3 file is built here (its tokenizer is a tekken file): the refusal path is run
+    on klein's real CLIP with its Qwen3 key standing in for mistral3_24b in the table of refused encoders."""
+    fam = dti_pack.comfy_host.families
+    model, clip, _ = klein.out
+    assert "mistral3_24b" in fam.ENCODERS_NOT_YET
+    monkeypatch.setattr(fam, "ENCODERS_NOT_YET", {KEY: "FLUX.2 dev (its Mistral-3 24B text encoder)"})
+    te, dm = clip.patcher.model_size() / 2**30, model.model_size() / 2**30
+    with pytest.raises(ValueError) as e:
+        fam.family_of(model, clip)
+    text = str(e.value)
+    assert text.startswith("DTI Train does not train FLUX.2 dev (its Mistral-3 24B text encoder) yet (this MODEL is Flux2)")
+    assert f"({te:.1f} GiB of weights as loaded)" in text and f"({dm:.1f} GiB)" in text
+    assert f"more than {te + dm:.0f} GiB before activations" in text and "It supports SD1.x" in text
