@@ -1126,12 +1126,36 @@ def spiece_model_bytes():
     return out.getvalue()
 
 
-def _write_with_spiece(path, entries, sp, metadata):
-    """A text-encoder file with its SentencePiece model under ``spiece_model`` (uint8), where ComfyUI's
-    loaders read a tokenizer model from (Gemma-2, UMT5)."""
+def _ensure_generated(folder, component, plan, seed, dtype, detected_as=None, entries=None):
+    """Path of a generated file (``component`` in ``folder``), written from ``plan()`` (or the writer
+    ``entries(generator)``) when missing; ``detected_as``: the ``comfy.supported_models`` class ComfyUI's
+    detector must take a diffusion-model file for."""
+    path = Path(folder) / component_filename(component, seed, dtype)
+    if path.exists():
+        return path
+    gen = torch.Generator().manual_seed(_component_seed(component, seed))
+    write_safetensors_streaming(path, entries(gen) if entries is not None else _entries(plan(), gen, dtype),
+                                {"dti_test_generator": FAMILY_GENERATOR_VERSION, "dti_test_component": component})
+    if detected_as is not None:
+        import comfy.model_detection
+        import comfy.supported_models as sm
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
+        if type(comfy.model_detection.model_config_from_unet(sd, "")) is not getattr(sm, detected_as):
+            raise AssertionError(f"the generated {component} is not detected as supported_models.{detected_as}")
+    return path
+
+
+def _spiece_entry(sp):
+    """The writer entry of a SentencePiece model under ``spiece_model`` (uint8), where ComfyUI's loaders
+    read a tokenizer model from (Gemma-2, UMT5)."""
     raw = torch.frombuffer(bytearray(sp), dtype=torch.uint8)
-    write_safetensors_streaming(path, list(entries) + [("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone())],
-                                metadata)
+    return [("spiece_model", tuple(raw.shape), torch.uint8, lambda: raw.clone())]
+
+
+def _write_with_spiece(path, entries, sp, metadata):
+    write_safetensors_streaming(path, list(entries) + _spiece_entry(sp), metadata)
 
 
 def gemma_thin_options(vocab_size):
@@ -1435,30 +1459,11 @@ def ensure_flux2_klein_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
     """``{"diffusion_model", "text_encoder", "vae"}``: the thin FLUX.2 DiT (detected as
     ``supported_models.Flux2``), the thin Qwen3-4B file (detected as ``TEModel.QWEN3_4B``), the FLUX.2
     VAE layout (32 channels + batch norm: 128-channel latents at 1/16)."""
-    import comfy.model_detection
-    import comfy.supported_models as sm
-    from safetensors import safe_open
-    folder = Path(folder)
-    meta = {"dti_test_generator": FAMILY_GENERATOR_VERSION}
-    dit = folder / component_filename("flux2-klein-dit", seed, dtype)
-    if not dit.exists():
-        gen = torch.Generator().manual_seed(_component_seed("flux2-klein-dit", seed))
-        write_safetensors_streaming(dit, _entries(_flux2_klein_dit_plan(), gen, dtype),
-                                    {**meta, "dti_test_component": "flux2-klein-dit"})
-        with safe_open(str(dit), framework="pt") as f:
-            sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
-        if type(comfy.model_detection.model_config_from_unet(sd, "")) is not sm.Flux2:
-            raise AssertionError("the generated FLUX.2 klein DiT is not detected as supported_models.Flux2")
-    name = f"qwen3_4b-klein-{QWEN3_KLEIN_LAYERS}layer"
-    te = folder / component_filename(name, seed, dtype)
-    if not te.exists():
-        gen = torch.Generator().manual_seed(_component_seed(name, seed))
-        write_safetensors_streaming(te, _entries(_qwen3_klein_plan(), gen, dtype), {**meta, "dti_test_component": name})
-    vae = folder / component_filename("vae32bn", seed, dtype)
-    if not vae.exists():
-        gen = torch.Generator().manual_seed(_component_seed("vae32bn", seed))
-        write_safetensors_streaming(vae, _vae32bn_entries(gen, dtype), {**meta, "dti_test_component": "vae32bn"})
-    return {"diffusion_model": dit, "text_encoder": te, "vae": vae}
+    return {"diffusion_model": _ensure_generated(folder, "flux2-klein-dit", _flux2_klein_dit_plan, seed, dtype, "Flux2"),
+            "text_encoder": _ensure_generated(folder, f"qwen3_4b-klein-{QWEN3_KLEIN_LAYERS}layer", _qwen3_klein_plan,
+                                              seed, dtype),
+            "vae": _ensure_generated(folder, "vae32bn", None, seed, dtype,
+                                     entries=lambda gen: _vae32bn_entries(gen, dtype))}
 
 
 def load_flux2_klein(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
@@ -1530,32 +1535,15 @@ def ensure_wan_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
     """``{"diffusion_model", "text_encoder", "vae", "vocab_size"}``: the thin Wan DiT (detected as
     ``supported_models.WAN21_T2V``), the thin UMT5-XXL file with its ``spiece_model``, the thin Wan 2.1
     VAE (detected by ComfyUI's VAE loader as Wan 2.1's: 16 channels, 8x, 3-D latents)."""
-    import comfy.model_detection
-    import comfy.supported_models as sm
     import sentencepiece
-    from safetensors import safe_open
-    folder = Path(folder)
-    meta = {"dti_test_generator": FAMILY_GENERATOR_VERSION}
-    dit = folder / component_filename("wan-dit", seed, dtype)
-    if not dit.exists():
-        gen = torch.Generator().manual_seed(_component_seed("wan-dit", seed))
-        write_safetensors_streaming(dit, _entries(_wan_dit_plan(), gen, dtype), {**meta, "dti_test_component": "wan-dit"})
-        with safe_open(str(dit), framework="pt") as f:
-            sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
-        if type(comfy.model_detection.model_config_from_unet(sd, "")) is not sm.WAN21_T2V:
-            raise AssertionError("the generated Wan DiT is not detected as supported_models.WAN21_T2V")
     sp = spiece_model_bytes()
     vocab = sentencepiece.SentencePieceProcessor(model_proto=sp).get_piece_size()
     name = f"umt5xxl-{UMT5_THIN_LAYERS}layer-v{vocab}"
-    te = folder / component_filename(name, seed, dtype)
-    if not te.exists():
-        gen = torch.Generator().manual_seed(_component_seed(name, seed))
-        _write_with_spiece(te, _entries(_umt5_plan(vocab), gen, dtype), sp, {**meta, "dti_test_component": name})
-    vae = folder / component_filename(f"wan21-vae-{WAN_VAE_DIM}", seed, dtype)
-    if not vae.exists():
-        gen = torch.Generator().manual_seed(_component_seed("wan21-vae", seed))
-        write_safetensors_streaming(vae, _entries(_wan_vae_plan(), gen, dtype), {**meta, "dti_test_component": "wan21-vae"})
-    return {"diffusion_model": dit, "text_encoder": te, "vae": vae, "vocab_size": vocab}
+    return {"diffusion_model": _ensure_generated(folder, "wan-dit", _wan_dit_plan, seed, dtype, "WAN21_T2V"),
+            "text_encoder": _ensure_generated(folder, name, None, seed, dtype,
+                                              entries=lambda gen: _entries(_umt5_plan(vocab), gen, dtype) + _spiece_entry(sp)),
+            "vae": _ensure_generated(folder, f"wan21-vae-{WAN_VAE_DIM}", _wan_vae_plan, seed, dtype),
+            "vocab_size": vocab}
 
 
 def load_wan(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
@@ -1616,26 +1604,8 @@ def _qwen25_plan():
 def ensure_qwen_image_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
     """``{"diffusion_model", "text_encoder"}``: a one-block Qwen-Image DiT (detected as
     ``supported_models.QwenImage``) and the thin Qwen2.5-VL-7B file (detected as ``TEModel.QWEN25_7B``)."""
-    import comfy.model_detection
-    import comfy.supported_models as sm
-    from safetensors import safe_open
-    folder = Path(folder)
-    meta = {"dti_test_generator": FAMILY_GENERATOR_VERSION}
-    dit = folder / component_filename("qwen-image-dit", seed, dtype)
-    if not dit.exists():
-        gen = torch.Generator().manual_seed(_component_seed("qwen-image-dit", seed))
-        write_safetensors_streaming(dit, _entries(_qwen_image_dit_plan(), gen, dtype),
-                                    {**meta, "dti_test_component": "qwen-image-dit"})
-        with safe_open(str(dit), framework="pt") as f:
-            sd = _ShapeOnly({k: f.get_slice(k) for k in f.keys()})
-        if type(comfy.model_detection.model_config_from_unet(sd, "")) is not sm.QwenImage:
-            raise AssertionError("the generated Qwen-Image DiT is not detected as supported_models.QwenImage")
-    name = f"qwen25_7b-{QWEN25_THIN_LAYERS}layer"
-    te = folder / component_filename(name, seed, dtype)
-    if not te.exists():
-        gen = torch.Generator().manual_seed(_component_seed(name, seed))
-        write_safetensors_streaming(te, _entries(_qwen25_plan(), gen, dtype), {**meta, "dti_test_component": name})
-    return {"diffusion_model": dit, "text_encoder": te}
+    return {"diffusion_model": _ensure_generated(folder, "qwen-image-dit", _qwen_image_dit_plan, seed, dtype, "QwenImage"),
+            "text_encoder": _ensure_generated(folder, f"qwen25_7b-{QWEN25_THIN_LAYERS}layer", _qwen25_plan, seed, dtype)}
 
 
 def load_qwen_image(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
