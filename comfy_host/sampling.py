@@ -12,6 +12,7 @@ import torch
 import comfy.sample
 
 from . import memory
+from .latents import vae_downscale
 from .text import encode_conditioning, text_encoders, tokenize_templates
 
 SAMPLER, SCHEDULER = "euler", "simple"
@@ -35,8 +36,7 @@ def render(model, clip, vae, vectors: dict[str, torch.Tensor], prompt: str, seed
         by_token_key = {tkey: vectors[key].detach().float() for key, (tkey, _, _) in encoders.items()}
         positive = encode_conditioning(clip, tokens.with_vectors(by_token_key), guidance)
         negative = encode_conditioning(clip, clip.tokenize(prefix), guidance)
-        # (the model's own latent grid: 8 px per cell for most, 16 for FLUX.2's patchified latents)
-        down = int(getattr(model.get_model_object("latent_format"), "spacial_downscale_ratio", 8) or 8)
+        down = vae_downscale(vae)  # (the latent grid training uses: 16 px per cell for FLUX.2, 8 for most)
         latent = torch.zeros((1, 4, max(1, size // down), max(1, size // down)))
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, int(seed))  # seeds the global RNG: fork_rng restores it

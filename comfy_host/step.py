@@ -206,7 +206,7 @@ class _Bucket:
         orig = tl.original_size
         self.original_size = list(orig) if isinstance(orig, list) else [orig] * n
         self.index = list(tl.index) if tl.index is not None else list(range(n))
-        self.down = int(getattr(tl, "downscale", 8) or 8)
+        self.down = tl.downscale
         if tl.crop is not None:
             self.crop = tuple(tl.crop)
         else:

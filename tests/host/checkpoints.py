@@ -1346,22 +1346,31 @@ QWEN3_THIN_OPTIONS = {"qwen3_4b_model_config": {"num_hidden_layers": QWEN3_THIN_
                                                 "intermediate_size": QWEN3_THIN_FFN}}
 
 
-def _zimage_dit_plan():
+def _config_model_plan(config_class, cfg):
+    """The plan of the diffusion model that ``comfy.supported_models.<config_class>(cfg)`` builds."""
     import comfy.supported_models as sm
     with torch.device("meta"):
-        base = sm.ZImage(dict(ZIMAGE_DIT_CONFIG)).get_model({}, "")
-    plan = _plan_module(base.diffusion_model)
+        base = getattr(sm, config_class)(dict(cfg)).get_model({}, "")
+    return _plan_module(base.diffusion_model)
+
+
+def _encoder_plan(model_cls, model_name, options):
+    """The plan of a host text-encoder class's ``transformer``, built with ``options`` (thin sizes)."""
+    with torch.device("meta"):
+        te = model_cls(device=None, dtype=torch.float32, model_options={"model_name": model_name, **options})
+    return _plan_module(te.transformer)
+
+
+def _zimage_dit_plan():
+    plan = _config_model_plan("ZImage", ZIMAGE_DIT_CONFIG)
     return [(n, s, _zero_fill if _is_idle_lumina_matrix(n) else f) for n, s, f in plan]
 
 
 def _qwen3_thin_plan():
     import comfy.text_encoders.z_image
-    with torch.device("meta"):
-        te = comfy.text_encoders.z_image.Qwen3_4BModel(device=None, dtype=torch.float32,
-                                                        model_options={"model_name": "qwen3_4b", **QWEN3_THIN_OPTIONS})
     last = f"model.layers.{QWEN3_THIN_LAYERS - 1}."
     return [(n, s, _zero_fill if n.startswith(last) and "norm" not in n else f)
-            for n, s, f in _plan_module(te.transformer)]
+            for n, s, f in _encoder_plan(comfy.text_encoders.z_image.Qwen3_4BModel, "qwen3_4b", QWEN3_THIN_OPTIONS)]
 
 
 def ensure_zimage_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
@@ -1431,18 +1440,12 @@ def _flux2_klein_config():
 
 
 def _flux2_klein_dit_plan():
-    import comfy.supported_models as sm
-    with torch.device("meta"):
-        base = sm.Flux2(_flux2_klein_config()).get_model({}, "")
-    return _plan_module(base.diffusion_model)
+    return _config_model_plan("Flux2", _flux2_klein_config())
 
 
 def _qwen3_klein_plan():
     import comfy.text_encoders.flux
-    with torch.device("meta"):
-        te = comfy.text_encoders.flux.Qwen3_4BModel(device=None, dtype=torch.float32,
-                                                     model_options={"model_name": "qwen3_4b", **QWEN3_KLEIN_OPTIONS})
-    return _plan_module(te.transformer)
+    return _encoder_plan(comfy.text_encoders.flux.Qwen3_4BModel, "qwen3_4b", QWEN3_KLEIN_OPTIONS)
 
 
 def _vae32bn_entries(gen, dtype):
@@ -1504,18 +1507,12 @@ def _wan_dit_config():
 
 
 def _wan_dit_plan():
-    import comfy.supported_models as sm
-    with torch.device("meta"):
-        base = sm.WAN21_T2V(_wan_dit_config()).get_model({}, "")
-    return _plan_module(base.diffusion_model)
+    return _config_model_plan("WAN21_T2V", _wan_dit_config())
 
 
 def _umt5_plan(vocab_size):
     import comfy.text_encoders.wan
-    with torch.device("meta"):
-        te = comfy.text_encoders.wan.UMT5XXlModel(device=None, dtype=torch.float32,
-                                                  model_options={"model_name": "umt5xxl", **umt5_thin_options(vocab_size)})
-    return _plan_module(te.transformer)
+    return _encoder_plan(comfy.text_encoders.wan.UMT5XXlModel, "umt5xxl", umt5_thin_options(vocab_size))
 
 
 def _wan_vae_plan():
@@ -1585,20 +1582,14 @@ QWEN25_THIN_OPTIONS = {"qwen25_7b_model_config": {"num_hidden_layers": QWEN25_TH
 
 
 def _qwen_image_dit_plan():
-    import comfy.supported_models as sm
     cfg = _detected_config(QWEN_IMAGE_SKELETON, {"image_model": "qwen_image", "in_channels": 64, "num_layers": 1},
                            "qwen-image")
-    with torch.device("meta"):
-        base = sm.QwenImage(cfg).get_model({}, "")
-    return _plan_module(base.diffusion_model)
+    return _config_model_plan("QwenImage", cfg)
 
 
 def _qwen25_plan():
     import comfy.text_encoders.qwen_image
-    with torch.device("meta"):
-        te = comfy.text_encoders.qwen_image.Qwen25_7BVLIModel(device=None, dtype=torch.float32,
-                                                             model_options={"model_name": "qwen25_7b", **QWEN25_THIN_OPTIONS})
-    return _plan_module(te.transformer)
+    return _encoder_plan(comfy.text_encoders.qwen_image.Qwen25_7BVLIModel, "qwen25_7b", QWEN25_THIN_OPTIONS)
 
 
 def ensure_qwen_image_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
