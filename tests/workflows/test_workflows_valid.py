@@ -55,6 +55,13 @@ def test_api_prompt_is_valid_against_object_info(name, object_info):
     assert any(object_info[n["class_type"]].get("output_node") for n in prompt.values())
 
 
+ONE_CLIP = {"klein": (h.FLUX2_KLEIN_DIT, h.FLUX2_QWEN3, "flux2", h.FLUX2_VAE),
+            "wan": (h.WAN_DIT, h.WAN_UMT5, "wan", h.WAN_VAE),
+            "lumina": (h.LUMINA2_DIT, h.LUMINA2_GEMMA, "lumina2", h.FLUX_VAE),
+            "chroma": (h.CHROMA_DIT, h.FLUX_T5, "chroma", h.FLUX_VAE),
+            "z_image": (h.ZIMAGE_DIT, h.ZIMAGE_QWEN3, "lumina2", h.FLUX_VAE)}
+
+
 def test_workflows_use_the_public_file_names(object_info):
     uses = {}
     loadable = [n for n in WORKFLOWS if not (n in h.NEEDS_NEWER_HOST and h.NEEDS_NEWER_HOST[n][0] not in object_info)]
@@ -62,27 +69,24 @@ def test_workflows_use_the_public_file_names(object_info):
         prompt = h.ui_to_api(h.load_workflow(name), object_info)
         uses[name] = prompt
         ckpts = {n["inputs"]["ckpt_name"] for n in h.find_nodes(prompt, "CheckpointLoaderSimple")}
-        if "klein" in name:
+        # One CLIPLoader: (diffusion model, text encoder, CLIP type, VAE) by workflow.
+        kind = next((k for k in ONE_CLIP if k in name), None)
+        if kind is not None:
+            dit, te, clip_type, vae = ONE_CLIP[kind]
             assert ckpts == set()
-            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [h.FLUX2_KLEIN_DIT]
+            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [dit]
             (clip,) = h.find_nodes(prompt, "CLIPLoader")
-            assert (clip["inputs"]["clip_name"], clip["inputs"]["type"]) == (h.FLUX2_QWEN3, "flux2")
-            assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX2_VAE]
-            assert len(h.find_nodes(prompt, "EmptyFlux2LatentImage")) == 1
+            assert (clip["inputs"]["clip_name"], clip["inputs"]["type"]) == (te, clip_type)
+            assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [vae]
             (train,) = h.find_nodes(prompt, "DTITrain")
-            assert (train["inputs"]["steps"], train["inputs"]["kappa"]) == (1000, 0.00005)  # the authors' klein config
-            continue
-        if "wan" in name:
-            assert ckpts == set()
-            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [h.WAN_DIT]
-            (clip,) = h.find_nodes(prompt, "CLIPLoader")
-            assert (clip["inputs"]["clip_name"], clip["inputs"]["type"]) == (h.WAN_UMT5, "wan")
-            assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.WAN_VAE]
-            (latent,) = h.find_nodes(prompt, "EmptyHunyuanLatentVideo")
-            assert latent["inputs"]["length"] > 1  # the word drives a video
-            (enable,) = h.find_nodes(prompt, "DTIEnableEmbeddings")  # UMT5's tokenizer has no folder
-            (train,) = h.find_nodes(prompt, "DTITrain")
-            assert (train["inputs"]["steps"], train["inputs"]["kappa"]) == (500, 0.00005)  # the authors' Wan launcher
+            if kind == "klein":
+                assert len(h.find_nodes(prompt, "EmptyFlux2LatentImage")) == 1
+                assert (train["inputs"]["steps"], train["inputs"]["kappa"]) == (1000, 0.00005)  # the authors' klein config
+            if kind == "wan":
+                (latent,) = h.find_nodes(prompt, "EmptyHunyuanLatentVideo")
+                assert latent["inputs"]["length"] > 1  # the word drives a video
+                (enable,) = h.find_nodes(prompt, "DTIEnableEmbeddings")  # UMT5's tokenizer has no folder
+                assert (train["inputs"]["steps"], train["inputs"]["kappa"]) == (500, 0.00005)  # the authors' Wan launcher
             continue
         if "flux" in name:
             assert ckpts == set()
@@ -90,17 +94,6 @@ def test_workflows_use_the_public_file_names(object_info):
             (clip,) = h.find_nodes(prompt, "DualCLIPLoader")
             assert (clip["inputs"]["clip_name1"], clip["inputs"]["clip_name2"], clip["inputs"]["type"]) == \
                 (h.FLUX_CLIP_L, h.FLUX_T5, "flux")
-            assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX_VAE]
-            continue
-        if "lumina" in name or "chroma" in name or "z_image" in name:
-            dit, te, clip_type = {"lumina": (h.LUMINA2_DIT, h.LUMINA2_GEMMA, "lumina2"),
-                                  "chroma": (h.CHROMA_DIT, h.FLUX_T5, "chroma"),
-                                  "z_image": (h.ZIMAGE_DIT, h.ZIMAGE_QWEN3, "lumina2")}[
-                next(k for k in ("lumina", "chroma", "z_image") if k in name)]
-            assert ckpts == set()
-            assert [n["inputs"]["unet_name"] for n in h.find_nodes(prompt, "UNETLoader")] == [dit]
-            (clip,) = h.find_nodes(prompt, "CLIPLoader")
-            assert (clip["inputs"]["clip_name"], clip["inputs"]["type"]) == (te, clip_type)
             assert [n["inputs"]["vae_name"] for n in h.find_nodes(prompt, "VAELoader")] == [h.FLUX_VAE]
             continue
         if "sd35" in name:
