@@ -68,6 +68,11 @@ FAMILIES = (
     # UMT5-XXL, whose ComfyUI tokenizer is built without an embeddings folder (as Gemma's); trained
     # on still images as one-frame videos, 512 px, as the authors' Wan launcher.
     Family("Wan 2.1 / 2.2", ("WAN21",), ("umt5xxl",), 512, enable_embeddings=True, configs=("WAN21_T2V",)),
+    # Qwen-Image (supported_models.QwenImage): Qwen2.5-VL-7B's language model, whose ComfyUI tokenizer
+    # is built without an embeddings folder and whose template code reads tokens as ints (text.py,
+    # INT_TOKENS_ONLY: DTI Enable Embeddings mends both on its copy); 3-D latents of the Wan 2.1 VAE;
+    # 1328 px, the size ComfyUI's Qwen-Image template renders (the authors published no Qwen-Image recipe).
+    Family("Qwen-Image", ("QwenImage",), ("qwen25_7b",), 1328, enable_embeddings=True, configs=("QwenImage",)),
 )
 
 # Text encoders of families that DTI Train does not train yet, where the model config is shared with
@@ -75,14 +80,8 @@ FAMILIES = (
 ENCODERS_NOT_YET = {"mistral3_24b": "FLUX.2 dev (its Mistral-3 24B text encoder)"}
 
 # Model configs of current ComfyUI that DTI Train does not train yet, by the name users know them by.
-NOT_YET = {"ZImagePixelSpace": "Z-Image pixel-space", "QwenImage": "Qwen-Image",
-           "WAN22_T2V": "Wan 2.2 TI2V 5B", "WAN21_I2V": "Wan image-to-video", "HiDream": "HiDream"}
-
-
-# Why, where it is not only a matter of time.
-NOT_YET_WHY = {"QwenImage": "ComfyUI's own Qwen-Image tokenizer fails on any embedding:NAME in a prompt (it compares "
-                            "every token with an image-token id, and a learned word's token is a vector), so a "
-                            "trained word could not be used"}
+NOT_YET = {"ZImagePixelSpace": "Z-Image pixel-space", "WAN22_T2V": "Wan 2.2 TI2V 5B",
+           "WAN21_I2V": "Wan image-to-video", "HiDream": "HiDream"}
 
 
 def supported_text() -> str:
@@ -96,7 +95,7 @@ def family_of(model, clip) -> Family:
     if config in NOT_YET:
         raise UnsupportedModelError(
             f"DTI Train does not train {NOT_YET[config]} models yet (this MODEL is {model_class} with the "
-            f"{config} configuration{'; ' + NOT_YET_WHY[config] if config in NOT_YET_WHY else ''}); "
+            f"{config} configuration); "
             f"it supports {supported_text()}")
     try:
         available = set(text_encoders(clip))

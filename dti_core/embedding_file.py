@@ -23,7 +23,7 @@ from .names import resolve_inside
 
 # Encoder key -> token width, as ComfyUI's sd1_clip.load_embed matches them.
 ENCODER_WIDTHS = {"clip_l": 768, "clip_g": 1280, "clip_h": 1024, "t5xxl": 4096, "gemma2_2b": 2304, "qwen3_4b": 2560,
-                  "qwen3_8b": 4096, "umt5xxl": 4096}
+                  "qwen3_8b": 4096, "umt5xxl": 4096, "qwen25_7b": 3584}
 # A file that names no encoder is read by its width; where two encoders share one (T5-XXL and
 # Qwen3-8B, UMT5-XXL: 4096), the earlier in ENCODER_WIDTHS wins (T5: the older files in the wild).
 WIDTH_TO_ENCODER: dict[int, str] = {}

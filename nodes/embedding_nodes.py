@@ -166,7 +166,7 @@ def _vectors_fingerprint(a: Embedding, b: Embedding, t: float) -> str:
 
 class DTIEnableEmbeddings:
     DESCRIPTION = ("Make embedding:NAME work for text encoders whose ComfyUI tokenizer ignores it (Gemma-2 of "
-                   "Lumina 2 / Neta Lumina, UMT5 of Wan, Pile-T5 of AuraFlow): returns a CLIP whose tokenizers "
+                   "Lumina 2 / Neta Lumina, UMT5 of Wan, Qwen2.5 of Qwen-Image, Pile-T5 of AuraFlow): returns a CLIP whose tokenizers "
                    "read models/embeddings. The input CLIP is left as it was.")
     CATEGORY = CATEGORY
     FUNCTION = "enable"

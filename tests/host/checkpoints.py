@@ -1593,16 +1593,19 @@ def _qwen25_plan():
 
 
 def ensure_qwen_image_files(folder, seed=DEFAULT_SEED, dtype=torch.float16):
-    """``{"diffusion_model", "text_encoder"}``: a one-block Qwen-Image DiT (detected as
-    ``supported_models.QwenImage``) and the thin Qwen2.5-VL-7B file (detected as ``TEModel.QWEN25_7B``)."""
+    """``{"diffusion_model", "text_encoder", "vae"}``: a one-block Qwen-Image DiT (detected as
+    ``supported_models.QwenImage``), the thin Qwen2.5-VL-7B file (detected as ``TEModel.QWEN25_7B``) and
+    the Wan 2.1 VAE that Qwen-Image renders with (Wan's thin one)."""
     return {"diffusion_model": _ensure_generated(folder, "qwen-image-dit", _qwen_image_dit_plan, seed, dtype, "QwenImage"),
-            "text_encoder": _ensure_generated(folder, f"qwen25_7b-{QWEN25_THIN_LAYERS}layer", _qwen25_plan, seed, dtype)}
+            "text_encoder": _ensure_generated(folder, f"qwen25_7b-{QWEN25_THIN_LAYERS}layer", _qwen25_plan, seed, dtype),
+            "vae": _ensure_generated(folder, f"wan21-vae-{WAN_VAE_DIM}", _wan_vae_plan, seed, dtype)}
 
 
 def load_qwen_image(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=torch.float16):
-    """UNETLoader + CLIPLoader(type qwen_image; the thin Qwen2.5's model_options), under inference mode.
-    Returns ``SimpleNamespace(out=(model, clip), log, paths)``."""
+    """UNETLoader + CLIPLoader(type qwen_image; the thin Qwen2.5's model_options) + VAELoader, under
+    inference mode. Returns ``SimpleNamespace(out=(model, clip, vae), log, paths)``."""
     paths = ensure_qwen_image_files(folder, seed, dtype)
     model, log_m = load_diffusion_model(paths["diffusion_model"])
     clip, log_c = load_text_encoders([paths["text_encoder"]], "QWEN_IMAGE", embedding_directory, QWEN25_THIN_OPTIONS)
-    return types.SimpleNamespace(out=(model, clip), log=log_m + log_c, paths=paths)
+    vae, log_v = load_vae(paths["vae"])
+    return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)
