@@ -272,16 +272,18 @@ def _column(nodes, x=RENDER_X, y=300, gap=40):
 
 def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, sampler, train=None, text_clip=None,
                     before_text=(), positive=None, negative=("CLIP Text Encode (Negative)", NEGATIVE, 140),
-                    extra_links=(), height=1050, latent="EmptySD3LatentImage", latent_widgets=None):
+                    extra_links=(), height=1050, latent="EmptySD3LatentImage", latent_widgets=None, render_model=None):
     """One DiT train workflow: photos note + loader nodes -> DTI Train -> Replace('...{}...') -> [before_text]
     -> CLIPTextEncode (+ negative) -> [positive] -> KSampler (EmptySD3LatentImage) -> VAEDecode -> SaveImage.
 
     ``model`` / ``clip`` / ``vae``: (loader key, output slot).  ``text_clip``: the CLIP the render's
-    encoders read (default ``clip``).  ``before_text``: nodes stacked above the positive encoder
-    (DTI Enable Embeddings); ``positive``: a node between the positive encoder and the sampler
+    encoders read (default ``clip``).  ``render_model``: the MODEL the sampler reads (default ``model``).
+    ``before_text``: nodes stacked above the positive encoder (DTI Enable Embeddings, a sampling shift);
+    ``positive``: a node between the positive encoder and the sampler
     (FluxGuidance), reading ``conditioning``.  ``negative``: (title, text, height).
     ``sampler``: KSampler's steps, cfg, sampler_name, scheduler."""
     text_clip = text_clip or clip
+    render_model = render_model or model
     neg_title, neg_text, neg_height = negative
     column = list(before_text) + [
         {"key": "pos", "type": "CLIPTextEncode", "size": [420, 100], "title": "CLIP Text Encode (Positive)",
@@ -315,7 +317,7 @@ def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, s
         *extra_links,
         ("prompt", 0, "pos", "text"), (*text_clip, "pos", "clip"), (*text_clip, "neg", "clip"),
         *([("pos", 0, positive["key"], "conditioning")] if positive else []),
-        (*model, "ksampler", "model"), (pos_out, 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
+        (*render_model, "ksampler", "model"), (pos_out, 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
         ("latent", 0, "ksampler", "latent_image"),
         ("ksampler", 0, "decode", "samples"), (*vae, "decode", "vae"),
         ("decode", 0, "save", "images"),
@@ -479,6 +481,35 @@ def wan_graph():
         sampler={"steps": 30, "cfg": 5.0, "sampler_name": "uni_pc", "scheduler": "simple"})
 
 
+def qwen_image_graph():
+    """Qwen-Image as ComfyUI's Qwen-Image template loads it: UNETLoader + CLIPLoader (qwen_image, Qwen2.5-VL-7B)
+    + VAELoader -> DTI Train -> Replace -> DTI Enable Embeddings -> CLIPTextEncode -> KSampler on the model
+    through ModelSamplingAuraFlow (shift 3.1, the template's) -> VAEDecode -> SaveImage."""
+    readme = (
+        "DTI Train (Qwen-Image): teach the model a new word for your subject\n\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
+        "2. Load Qwen-Image as ComfyUI's Qwen-Image template does: qwen_image in models/diffusion_models, "
+        "qwen_2.5_vl_7b in models/text_encoders (CLIPLoader type qwen_image), qwen_image_vae in models/vae.\n"
+        "3. DTI Train learns a Qwen2.5 vector for the word at its mean vocabulary length m*; 1328 px "
+        "(resolution 0 = auto, the template's size), kappa 5e-5, 500 steps (the authors published no "
+        "Qwen-Image recipe: these are their language-model settings).\n"
+        "4. ComfyUI's Qwen-Image tokenizer ignores embedding:NAME and breaks on a learned word: the prompt goes "
+        "through DTI Enable Embeddings first, then a stock CLIP Text Encode reads the word. The render is the "
+        "template's: shift 3.1, 20 steps, cfg 2.5, euler.\n\n"
+        "Short of memory? Turn gradient_checkpointing on, lower resolution or batch_size."
+    )
+    return dit_train_graph(
+        label="Qwen-Image", name="my-concept-qwen-image", readme=readme,
+        loaders=[_unet(h.QWEN_IMAGE_DIT), _clip_loader(h.QWEN_IMAGE_TE, "qwen_image"), _vae(h.QWEN_IMAGE_VAE)],
+        model=("unet", 0), clip=("clip", 0), vae=("vae", 0), train={"steps": 500, "kappa": 0.00005},
+        prompt=PIER,
+        before_text=[{"key": "enable", "type": "DTIEnableEmbeddings", "size": [420, 80]},
+                     {"key": "shift", "type": "ModelSamplingAuraFlow", "size": [420, 60], "widgets": {"shift": 3.1}}],
+        extra_links=[("clip", 0, "enable", "clip"), ("unet", 0, "shift", "model")], text_clip=("enable", 0),
+        render_model=("shift", 0), latent_widgets={"width": 1328, "height": 1328, "batch_size": 1},
+        sampler={"steps": 20, "cfg": 2.5, "sampler_name": "euler", "scheduler": "simple"})
+
+
 def sd35_graph():
     """SD3.5 as ComfyUI's SD3.5 examples load it: CheckpointLoaderSimple (MMDiT + VAE) + TripleCLIPLoader
     (clip_l, clip_g, t5xxl) -> DTI Train (all three encoders) -> Replace -> CLIPTextEncode -> KSampler -> SaveImage."""
@@ -545,6 +576,7 @@ GRAPHS = {
     "dti_train_z_image.json": z_image_graph,
     "dti_train_flux2_klein.json": flux2_klein_graph,
     "dti_train_wan.json": wan_graph,
+    "dti_train_qwen_image.json": qwen_image_graph,
 }
 
 

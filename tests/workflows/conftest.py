@@ -95,6 +95,10 @@ def _start_server(base, comfy_path, test_checkpoints, flux_files, extra_args=())
     srv.link_model(lumina["diffusion_model"], "diffusion_models", h.WAN_DIT)
     srv.link_model(flux_files["t5xxl"], "text_encoders", h.WAN_UMT5)
     srv.link_model(flux_files["vae"], "vae", h.WAN_VAE)
+    # and for the Qwen-Image workflow's
+    srv.link_model(lumina["diffusion_model"], "diffusion_models", h.QWEN_IMAGE_DIT)
+    srv.link_model(lumina["text_encoder"], "text_encoders", h.QWEN_IMAGE_TE)
+    srv.link_model(flux_files["vae"], "vae", h.QWEN_IMAGE_VAE)
     h.write_example_images(srv.input)
     h.write_concept_embeddings(srv.embeddings)
     # The shipped workflows run with sub-quadratic attention on its chunked path (what a busy

@@ -57,6 +57,7 @@ def test_api_prompt_is_valid_against_object_info(name, object_info):
 
 ONE_CLIP = {"klein": (h.FLUX2_KLEIN_DIT, h.FLUX2_QWEN3, "flux2", h.FLUX2_VAE),
             "wan": (h.WAN_DIT, h.WAN_UMT5, "wan", h.WAN_VAE),
+            "qwen_image": (h.QWEN_IMAGE_DIT, h.QWEN_IMAGE_TE, "qwen_image", h.QWEN_IMAGE_VAE),
             "lumina": (h.LUMINA2_DIT, h.LUMINA2_GEMMA, "lumina2", h.FLUX_VAE),
             "chroma": (h.CHROMA_DIT, h.FLUX_T5, "chroma", h.FLUX_VAE),
             "z_image": (h.ZIMAGE_DIT, h.ZIMAGE_QWEN3, "lumina2", h.FLUX_VAE)}
@@ -87,6 +88,15 @@ def test_workflows_use_the_public_file_names(object_info):
                 assert latent["inputs"]["length"] > 1  # the word drives a video
                 (enable,) = h.find_nodes(prompt, "DTIEnableEmbeddings")  # UMT5's tokenizer has no folder
                 assert (train["inputs"]["steps"], train["inputs"]["kappa"]) == (500, 0.00005)  # the authors' Wan launcher
+            if kind == "qwen_image":
+                (enable,) = h.find_nodes(prompt, "DTIEnableEmbeddings")  # its tokenizer has no folder
+                (shift,) = h.find_nodes(prompt, "ModelSamplingAuraFlow")
+                (sampler,) = h.find_nodes(prompt, "KSampler")
+                (shift_id,) = [k for k, v in prompt.items() if v["class_type"] == "ModelSamplingAuraFlow"]
+                (unet_id,) = [k for k, v in prompt.items() if v["class_type"] == "UNETLoader"]
+                # the template's shift for the render; training on the model as loaded
+                assert (sampler["inputs"]["model"], train["inputs"]["model"]) == ([shift_id, 0], [unet_id, 0])
+                assert shift["inputs"]["shift"] == 3.1
             continue
         if "flux" in name:
             assert ckpts == set()
