@@ -25,6 +25,13 @@ class NonFiniteError(RuntimeError):
     """The loss, a gradient or a vector became NaN/inf; the run stops, nothing is saved."""
 
 
+METHODS = ("dti", "ti")
+# The authors' plain-TI baseline (their ti_sdxl / ti_sana launchers: --optimizer=adamw, no magnitude
+# decomposition, kappa 0): AdamW with the trainer's defaults.
+TI_BETAS = (0.9, 0.999)
+TI_WEIGHT_DECAY = 1e-2
+
+
 @dataclass
 class TrainConfig:
     steps: int = 400
@@ -34,6 +41,9 @@ class TrainConfig:
     eps: float = 1e-8
     seed: int = 0
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    # "dti": directions on the sphere at m*, Riemannian SGD with the vMF prior. "ti": the plain-TI
+    # baseline, free vectors (starting at the initializer rows, their own norms), AdamW, no prior.
+    method: str = "dti"
 
     def validate(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -46,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
         if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
             raise ValueError(f"checkpoint interval must be a whole number >= 0, got {self.checkpoint_every!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
 
 
 @dataclass
@@ -91,7 +103,9 @@ def train(
 ) -> TrainResult:
     """Learn the directions of ``init`` (``{encoder: (n, width)}``) and return ``m* . v``.
 
-    ``mu`` holds the prior directions per encoder, ``m_star`` the fixed norms.
+    ``mu`` holds the prior directions per encoder, ``m_star`` the fixed norms. With
+    ``config.method == "ti"`` the vectors themselves learn (plain TI: ``init`` as given, norms
+    included; AdamW; ``mu``, ``m_star`` and kappa unused; no resumption) and are returned as they are.
     ``on_step(step, loss, norms)`` runs after every step (it may raise to cancel);
     ``on_checkpoint(step, result)`` every ``config.checkpoint_every`` steps before the last.
     ``on_vectors(step, vectors)`` runs after ``on_step`` with detached copies of the current ``m* . v``
@@ -103,15 +117,25 @@ def train(
     if not 0 <= start_step <= config.steps:
         raise ValueError(f"resume step {start_step} is outside 0..{config.steps}")
     keys = sorted(init)
-    params = {k: torch.nn.Parameter(normalize(init[k].detach().to(device, torch.float32)).clone()) for k in keys}
-    scales = {k: float(m_star[k]) for k in keys}
-    optimizer = DTIOptimizer(
-        [{"params": [params[k]], "mu": [mu[k].to(device, torch.float32)]} for k in keys],
-        lr=config.lr,
-        kappa=config.kappa,
-        beta=config.beta,
-        eps=config.eps,
-    )
+    ti = config.method == "ti"
+    if ti and start_step:
+        raise ValueError("a plain-TI run cannot resume from a step checkpoint (AdamW's moments are not saved); "
+                         "start it again")
+    if ti:
+        params = {k: torch.nn.Parameter(init[k].detach().to(device, torch.float32).clone()) for k in keys}
+        scales = {k: 1.0 for k in keys}
+        optimizer = torch.optim.AdamW([params[k] for k in keys], lr=config.lr, betas=TI_BETAS,
+                                      weight_decay=TI_WEIGHT_DECAY, eps=config.eps)
+    else:
+        params = {k: torch.nn.Parameter(normalize(init[k].detach().to(device, torch.float32)).clone()) for k in keys}
+        scales = {k: float(m_star[k]) for k in keys}
+        optimizer = DTIOptimizer(
+            [{"params": [params[k]], "mu": [mu[k].to(device, torch.float32)]} for k in keys],
+            lr=config.lr,
+            kappa=config.kappa,
+            beta=config.beta,
+            eps=config.eps,
+        )
     if optimizer_state and start_step > 0:
         for k in keys:
             if k in optimizer_state:

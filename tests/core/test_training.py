@@ -154,9 +154,48 @@ def test_cancel_from_callback_stops_within_a_step():
 
 
 @pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("lr", float("nan")), ("lr", 1e9),
-                                          ("kappa", -1e-4), ("beta", 1.0), ("checkpoint_every", -1)])
+                                          ("kappa", -1e-4), ("beta", 1.0), ("checkpoint_every", -1),
+                                          ("method", "adam")])
 def test_bad_settings_are_refused(field, value):
     init, mu, target = setup()
     cfg = TrainConfig(**{field: value})
     with pytest.raises(ValueError, match=field.split("_")[0] if field != "lr" else "learning rate"):
         train(init, mu, M_STAR, noisy_loss(target), cfg)
+
+
+def test_plain_ti_is_adamw_on_the_free_vectors_from_their_own_norms():
+    """method "ti" (the authors' baseline): the step function gets the vectors as they are, starting at
+    ``init`` with its norms; each step is torch's AdamW (betas 0.9/0.999, weight decay 1e-2) on the
+    gradient, with no prior and no projection, so the norms leave m*."""
+    from dti_core.training import TI_BETAS, TI_WEIGHT_DECAY
+    init, mu, target = setup()
+    seen = []
+
+    def step_fn(embeds, step):
+        seen.append({k: e.detach().clone() for k, e in embeds.items()})
+        return noisy_loss(target)(embeds, step)
+
+    cfg = TrainConfig(steps=30, lr=0.02, kappa=1.0, method="ti")  # (kappa is not used by TI)
+    result = train(init, mu, M_STAR, step_fn, cfg)
+    for k in init:
+        assert torch.equal(seen[0][k], init[k].float())
+    # the same run, by hand: AdamW on parameters that start at init
+    ref = {k: torch.nn.Parameter(init[k].float().clone()) for k in sorted(init)}
+    opt = torch.optim.AdamW([ref[k] for k in sorted(init)], lr=0.02, betas=TI_BETAS, weight_decay=TI_WEIGHT_DECAY,
+                            eps=1e-8)
+    for step in range(30):
+        opt.zero_grad()
+        noisy_loss(target)(ref, step).backward()
+        opt.step()
+    for k in init:
+        assert torch.allclose(result.vectors[k], ref[k].detach(), atol=1e-6, rtol=0)
+        norms = result.vectors[k].norm(dim=-1)
+        assert (abs(norms - init[k].norm(dim=-1)) > 0.01).all(), norms  # free norms: they moved
+        assert result.history.norms[k][-1] == pytest.approx(norms.tolist(), abs=1e-5)
+    assert result.history.loss[-1] < result.history.loss[0]
+
+
+def test_plain_ti_does_not_resume_from_a_step():
+    init, mu, target = setup()
+    with pytest.raises(ValueError, match="plain-TI run cannot resume"):
+        train(init, mu, M_STAR, noisy_loss(target), TrainConfig(steps=10, method="ti"), start_step=5)
