@@ -130,6 +130,24 @@ def initial_vectors(clip, words: str, count: int, magnitude, keys=None) -> tuple
     return init, mu, m_star
 
 
+def initializer_rows(clip, words: str, count: int, keys) -> dict[str, torch.Tensor]:
+    """``{key: (n, width)}``: the initializer's token rows as the encoder sees them where learned rows
+    enter (times ``lookup_scale``), one per token, or their mean repeated ``count`` times: where the
+    plain-TI baseline starts, its own norms included."""
+    out = {}
+    for key, (_, tok, encoder) in text_encoders(clip).items():
+        if key not in keys:
+            continue
+        ids = initializer_ids(tok, words)
+        if not ids:
+            raise ValueError(f"initializer {words!r} produced no tokens")
+        with torch.inference_mode(False):
+            rows = vocabulary(encoder)[ids].detach().float().cpu().clone() * lookup_scale(encoder)
+        n = count if count > 0 else len(ids)
+        out[key] = rows.mean(dim=0, keepdim=True).expand(n, -1).clone() if n != len(ids) else rows
+    return out
+
+
 def _marker(n: int, width: int) -> torch.Tensor:
     marker = torch.zeros(n, width)
     marker[:, 0], marker[:, 2] = _MARK_A, _MARK_B

@@ -30,6 +30,7 @@ WIDTH_TO_ENCODER: dict[int, str] = {}
 for _k, _w in ENCODER_WIDTHS.items():
     WIDTH_TO_ENCODER.setdefault(_w, _k)
 METHOD = "dti"
+TI_METHOD = "ti"  # DTI Train's plain-TI baseline
 META_PREFIX = "dti."
 # A real embedding's header is a few hundred bytes; anything this large is hostile.
 MAX_HEADER_BYTES = 1 << 20
@@ -55,6 +56,11 @@ class Embedding:
     @property
     def is_dti(self) -> bool:
         return self.metadata.get(META_PREFIX + "method") == METHOD
+
+    @property
+    def is_plain_ti(self) -> bool:
+        """Trained by DTI Train's plain-TI baseline (method ``ti``): free lengths, no prior."""
+        return self.metadata.get(META_PREFIX + "method") == TI_METHOD
 
     def m_star(self, key: str) -> float | None:
         return finite_float(self.metadata.get(f"{META_PREFIX}m_star.{key}"))
@@ -277,8 +283,8 @@ def load_embedding(path: str) -> Embedding:
             raise EmbeddingFileError(
                 f"{path}: key {key!r} is {t.shape[1]} wide, expected {ENCODER_WIDTHS[key]} for that encoder"
             )
-    if metadata.get(META_PREFIX + "method") == METHOD:
-        fmt = METHOD
+    if metadata.get(META_PREFIX + "method") in (METHOD, TI_METHOD):
+        fmt = metadata[META_PREFIX + "method"]
     return Embedding(vectors=vectors, metadata=metadata, source_format=fmt, path=path, source_keys=source_keys)
 
 

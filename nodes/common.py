@@ -76,8 +76,9 @@ class WritesEmbeddingFile:
 
 
 def train_summary(name: str, counts: dict, m_star: dict, initializer: str, num_vectors: int = 0,
-                  final_loss: float | None = None, learned=None) -> str:
-    """DTI Train's result text: the file, then per encoder how many vectors it learned and why.
+                  final_loss: float | None = None, learned=None, norms: dict | None = None) -> str:
+    """DTI Train's result text: the file, then per encoder how many vectors it learned and why
+    (``norms``: a plain-TI run's final lengths per encoder, shown instead of m*).
 
     An initializer that one tokenizer splits into several pieces ('teddy bear', or a rare word)
     trains one vector per piece; the text says so, since the user only typed one word."""
@@ -93,6 +94,9 @@ def train_summary(name: str, counts: dict, m_star: dict, initializer: str, num_v
         state = "learned" if key in learned else "kept at the initializer (not in train_encoders)"
         m = m_star.get(key)
         length = f", |v| = m* {m:.4f}" if m is not None else ""
+        if norms is not None and key in norms:  # plain TI: the lengths are free
+            shown = ", ".join(f"{x:.4f}" for x in norms[key])
+            length = f", |v| = {shown} (plain TI: free lengths; m* {m:.4f})" if m is not None else f", |v| = {shown}"
         lines.append(f"{key}: {n} {plural} ({why}), {state}{length}")
     if not num_vectors and max(counts.values(), default=1) > 1:
         lines.append("Every token of the initializer becomes one vector of the word; "

@@ -77,6 +77,10 @@ class DTISlerpConcepts(WritesEmbeddingFile):
         name = check_name(name)
         t = check_t(t)
         vectors, warnings = slerp_embeddings(embedding_a.vectors, embedding_b.vectors, t)
+        warnings = [f"{which} ({_label(emb)}) is a plain-TI embedding (method ti): its lengths are free, so the "
+                    f"blend moves in length as well as in direction; DTI words all sit at m*, where a slerp "
+                    f"moves in meaning only" for which, emb in (("A", embedding_a), ("B", embedding_b))
+                    if emb.is_plain_ti] + warnings
         for w in warnings:
             log.warning("DTI Slerp Concepts: %s", w)
         fingerprint = _vectors_fingerprint(embedding_a, embedding_b, t)

@@ -50,6 +50,9 @@ class DTIInspect:
         # the file name, not its absolute path: the report's first line must fit a node's width
         name = embedding.metadata.get("dti.name") or (os.path.basename(embedding.path) if embedding.path else "embedding")
         lines.append(f"{name}  [{embedding.source_format}]")
+        if embedding.is_plain_ti:
+            lines.append("plain TI (method ti): the vectors' lengths were free to grow; compare each norm with "
+                         "the vocabulary's below (a DTI word keeps m*)")
         for ci, (key, (_, tok, encoder)) in enumerate(sorted(encoders.items())):
             with torch.inference_mode(False):
                 vocab = host_text.vocabulary(encoder).detach().float().cpu().clone()

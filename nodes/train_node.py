@@ -21,7 +21,7 @@ from ..dti_core import __version__
 from ..dti_core.embedding_file import Embedding, EmbeddingFileError, dti_metadata, load_embedding, save_embedding
 from ..dti_core.names import check_name
 from ..dti_core.templates import parse_captions, resolve_templates
-from ..dti_core.training import NonFiniteError, TrainConfig, train
+from ..dti_core.training import METHODS, TI_WEIGHT_DECAY, NonFiniteError, TrainConfig, train
 from . import previews
 from .common import (CATEGORY, EMBEDDING_TYPE, HISTORY_TYPE, WritesEmbeddingFile, embeddings_root, existing_result,
                      log, send_to_client, target_path, train_summary)
@@ -90,6 +90,7 @@ class DTITrain(WritesEmbeddingFile):
                 "preview_prompt": ("STRING", {"default": "a photo of {}", "tooltip": "The preview's prompt; {} is the word being trained."}),
                 "preview_seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": False, "tooltip": "Noise seed of every preview (fixed, so successive previews show only what the vectors changed)."}),
                 "preview_steps": ("INT", {"default": 12, "min": 1, "max": 100, "tooltip": "Sampler steps per preview (euler). Previews are at most 512 px (the training resolution if smaller)."}),
+                "method": (list(METHODS), {"default": "dti", "tooltip": "dti: Directional Textual Inversion (the vectors stay at the vocabulary's length m*, only their direction learns, pulled toward the initializer by kappa). ti: the plain textual-inversion baseline the paper compares with (the authors' launchers: free vectors from the initializer's rows, AdamW with weight decay 1e-2, no prior; kappa and magnitude are not used). For the authors' TI setting set learning_rate 0.005 (x batch 4 = 0.02). The file records the method."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -98,7 +99,7 @@ class DTITrain(WritesEmbeddingFile):
             magnitude, magnitude_value, templates, custom_templates, resolution, horizontal_flip, seed,
             save_every, resume_from, overwrite, images=None, num_vectors=0, gradient_checkpointing=False, guidance=3.5,
             train_encoders="all", mask=None, image_folder="", captions="", preview_every=0,
-            preview_prompt="a photo of {}", preview_seed=0, preview_steps=12, unique_id=None):
+            preview_prompt="a photo of {}", preview_seed=0, preview_steps=12, method="dti", unique_id=None):
         name = check_name(name)
         _check_numbers(steps=steps, batch_size=batch_size, learning_rate=learning_rate, kappa=kappa,
                        magnitude_value=magnitude_value, resolution=resolution, save_every=save_every,
@@ -131,6 +132,11 @@ class DTITrain(WritesEmbeddingFile):
             settings["guidance"] = float(guidance)
         if learn != family.encoders:
             settings["train_encoders"] = list(learn)
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+        ti = method == "ti"
+        if ti:  # (only then: the fingerprints of DTI runs stay what they were)
+            settings["method"] = method
         fingerprint = _fingerprint(settings, pixels, model, clip)
         path = target_path(name)
 
@@ -151,18 +157,24 @@ class DTITrain(WritesEmbeddingFile):
                             "Delete the file or enable overwrite to train again.", image)
 
         rate = float(learning_rate) * int(batch_size)  # the reference's scale_lr
-        config = TrainConfig(steps=int(steps), lr=rate, kappa=float(kappa), seed=int(seed), checkpoint_every=int(save_every))
+        config = TrainConfig(steps=int(steps), lr=rate, kappa=float(kappa), seed=int(seed), checkpoint_every=int(save_every),
+                             method=method)
         config.validate()
 
         init, mu, m_star = host_text.initial_vectors(clip, initializer, int(num_vectors), mag, keys=family.encoders)
+        if ti:  # plain TI starts at the initializer's rows themselves, their norms included
+            init = host_text.initializer_rows(clip, initializer, int(num_vectors), family.encoders)
         start_step, opt_state = 0, None
         if resume_from and resume_from != NONE:
             init, start_step, opt_state = _resume(resume_from, init, int(steps))
-        # Encoders left out of train_encoders keep their starting vectors, on the sphere of radius m*.
-        frozen = {k: (m_star[k] * init[k]).float() for k in init if k not in learn}
+            if ti:
+                start_step, opt_state = 0, None  # AdamW's moments are not saved: the file sets the start
+        # Encoders left out of train_encoders keep their starting vectors (DTI: on the sphere of radius m*).
+        frozen = {k: (init[k] if ti else m_star[k] * init[k]).float() for k in init if k not in learn}
         learn_init = {k: init[k] for k in learn}
 
-        base_meta = dict(m_star=m_star, kappa=float(kappa), lr=rate, lr_per_image=float(learning_rate),
+        base_meta = dict(method=method, m_star=m_star, kappa=None if ti else float(kappa),
+                         weight_decay=TI_WEIGHT_DECAY if ti else None, lr=rate, lr_per_image=float(learning_rate),
                          batch_size=int(batch_size), steps=int(steps), initializer=initializer, seed=int(seed),
                          model_family=family.name, resolution=resolution, version=__version__, fingerprint=fingerprint,
                          templates=templates, magnitude=str(mag), name=name,
@@ -249,7 +261,8 @@ class DTITrain(WritesEmbeddingFile):
         emb = Embedding(vectors=vectors, metadata=meta, path=saved)
         history = dict(result.history.as_dict(), m_star=m_star)
         summary = train_summary(name, counts, m_star, initializer, num_vectors=int(num_vectors),
-                                final_loss=result.history.loss[-1] if result.history.loss else None, learned=learn)
+                                final_loss=result.history.loss[-1] if result.history.loss else None, learned=learn,
+                                norms={k: v.norm(dim=-1).tolist() for k, v in result.vectors.items()} if ti else None)
         send_to_client("dti.done", {"node": unique_id, "name": name, "path": saved, "reused": False,
                                     "m_star": m_star, "final_loss": result.history.loss[-1] if result.history.loss else None})
         return _outputs(name, emb, history, summary, last_preview[0])
