@@ -27,6 +27,11 @@ def load_for_training(model, clip) -> None:
     mm.load_models_gpu([model, clip.patcher], force_full_load=full_load())
 
 
+def load_text_encoders(clip) -> None:
+    """The CLIP's text encoders on the device (for encodes outside ``CLIP.encode_from_tokens``)."""
+    mm.load_models_gpu([clip.patcher])
+
+
 def device_context(device):
     """The host's CUDA device context for ``device`` (0.33: ``cuda_device_context``, so kernels such
     as comfy-kitchen's fp8 ones pick the right card); nothing on hosts without it."""

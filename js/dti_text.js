@@ -4,7 +4,7 @@
 import { app } from "../../scripts/app.js";
 import { refreshFileLists } from "./dti_train.js";
 
-const NODES = new Set(["DTITrain", "DTIInspect", "DTISlerpConcepts"]);
+const NODES = new Set(["DTITrain", "DTIInspect", "DTISlerpConcepts", "DTIEvaluate"]);
 const WIDGET = "dti_result";
 
 function textWidget(node) {

@@ -1,6 +1,7 @@
 """The pack's ComfyUI nodes (classic node API). Imported only inside ComfyUI."""
 
 from .embedding_nodes import DTIEnableEmbeddings, DTIInterpolationStrip, DTILoadEmbedding, DTISlerpConcepts
+from .evaluate_node import DTIEvaluate
 from .inspect_node import DTIInspect
 from .train_node import DTITrain
 
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "DTIInterpolationStrip": DTIInterpolationStrip,
     "DTIInspect": DTIInspect,
     "DTIEnableEmbeddings": DTIEnableEmbeddings,
+    "DTIEvaluate": DTIEvaluate,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +22,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DTIInterpolationStrip": "DTI Interpolation Strip",
     "DTIInspect": "DTI Inspect",
     "DTIEnableEmbeddings": "DTI Enable Embeddings",
+    "DTIEvaluate": "DTI Evaluate",
 }

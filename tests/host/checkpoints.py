@@ -188,6 +188,15 @@ def _init_tensor_(mod, mname, pname, p, generator, *, weight_std=WEIGHT_STD,
     elif pname == "gamma":
         # (the Wan VAE's RMS_norm scale)
         p.fill_(1.0)
+    elif pname in ("class_embedding", "cls_token", "mask_token"):
+        # (the CLIP vision and DINOv2 class / mask tokens: token-like)
+        p.normal_(0.0, token_embedding_std, generator=generator)
+    elif pname == "position_embeddings":
+        # (DINOv2's position table, a plain parameter)
+        p.normal_(0.0, position_embedding_std, generator=generator)
+    elif pname == "lambda1":
+        # (DINOv2's layer scale: its config's layerscale_value, 1.0)
+        p.fill_(1.0)
     elif pname.endswith("_pad_token") and not mname:
         # (Z-Image's learned padding rows, x_pad_token / cap_pad_token: token-like)
         p.normal_(0.0, token_embedding_std, generator=generator)
@@ -1609,3 +1618,44 @@ def load_qwen_image(folder, embedding_directory=None, seed=DEFAULT_SEED, dtype=t
     clip, log_c = load_text_encoders([paths["text_encoder"]], "QWEN_IMAGE", embedding_directory, QWEN25_THIN_OPTIONS)
     vae, log_v = load_vae(paths["vae"])
     return types.SimpleNamespace(out=(model, clip, vae), log=log_m + log_c + log_v, paths=paths)
+
+
+# ----------------------------------------------------------------------------
+# Vision models for DTI Evaluate, as CLIPVisionLoader loads them: ComfyUI picks a fixed config by the
+# depth it finds (CLIP ViT-L/14 by its 23rd layer, DINOv2 large by its 24th), so these are full-size
+# (304M parameters each) with random weights, built from the host's own classes and configs.
+# ----------------------------------------------------------------------------
+
+VISION_KINDS = {"clip-vision-vitl": ("clip_model", "CLIPVisionModelProjection", "clip_vision_config_vitl.json"),
+                "dinov2-large": ("image_encoders.dino2", "Dinov2Model", "image_encoders/dino2_large.json")}
+
+
+def _vision_plan(kind):
+    import importlib
+    import json
+    import os
+
+    import comfy.ops
+    module, cls, config = VISION_KINDS[kind]
+    mod = importlib.import_module(f"comfy.{module}")
+    with open(os.path.join(os.path.dirname(mod.__file__) if "." not in module else
+                           os.path.dirname(os.path.dirname(mod.__file__)), config)) as f:
+        cfg = json.load(f)
+    with torch.device("meta"):
+        model = getattr(mod, cls)(cfg, torch.float32, None, comfy.ops.manual_cast)
+    return _plan_module(model)
+
+
+def ensure_clip_vision(folder, kind, seed=DEFAULT_SEED, dtype=torch.float16):
+    """Path of a random ``kind`` vision-model file (see VISION_KINDS) that CLIPVisionLoader detects."""
+    return _ensure_generated(folder, kind, lambda: _vision_plan(kind), seed, dtype)
+
+
+def load_clip_vision(path):
+    """CLIPVisionLoader's call, ``comfy.clip_vision.load(path)``, under inference mode; ``(clip_vision, log)``."""
+    import comfy.clip_vision
+    with capture_logs() as records, torch.inference_mode():
+        cv = comfy.clip_vision.load(str(path))
+    if cv is None:
+        raise AssertionError(f"CLIPVisionLoader does not recognise {path}")
+    return cv, records
