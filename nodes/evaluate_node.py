@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..comfy_host import images as host_images
 from ..comfy_host import scoring
 from .common import CATEGORY
 
@@ -42,21 +43,23 @@ class DTIEvaluate:
         return {
             "required": {
                 "generated": ("IMAGE", {"tooltip": "The images rendered with the learned word (one batch; e.g. a prompt set at seeds 0-3)."}),
-                "references": ("IMAGE", {"tooltip": "Photos of the subject (the training images)."}),
                 "image_vision": ("CLIP_VISION", {"tooltip": "For the image score, from CLIPVisionLoader: DINOv2 (the paper's feature; ComfyUI loads large and giant) or a CLIP vision model (CLIP-I)."}),
             },
             "optional": {
-                "reference_mask": ("MASK", {"tooltip": "Optional: where the subject is in the references (1 = subject); the rest is blacked out before scoring, as the paper's masked score. One mask for all or one per reference."}),
+                "references": ("IMAGE", {"tooltip": "Photos of the subject (the training images), as a batch; or name their folder in reference_folder (both may be used)."}),
+                "reference_mask": ("MASK", {"tooltip": "Optional: where the subject is in the references batch (1 = subject); the rest is blacked out before scoring, as the paper's masked score. One mask for all or one per reference."}),
+                "reference_folder": ("STRING", {"default": "", "tooltip": "Optional: a folder inside ComfyUI's input directory with the subject's photos (as DTI Train's image_folder), each at its own size; a PNG's transparency is its mask (opaque = subject)."}),
                 "clip": ("CLIP", {"tooltip": "For the text score: a CLIP whose text tower shares text_vision's space (clip_l with CLIP ViT-L/14, SDXL's clip_g with ViT-bigG/14). SD1.x checkpoints carry no text projection: load clip_l with CLIPLoader."}),
                 "text_vision": ("CLIP_VISION", {"tooltip": "For the text score: the CLIP vision model that pairs with clip's text tower."}),
-                "prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "The prompts the images were rendered from: one line per generated image, in order, or one line for all. embedding:NAME (the learned word) and {} are taken out before scoring, as the paper does."}),
+                "prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "The prompts the images were rendered from, in order: one line per generated image, or K lines for K equal groups of consecutive images (e.g. 2 prompts x 4 seeds: 2 lines), or one line for all. embedding:NAME (the learned word) and {} are taken out before scoring, as the paper does."}),
             },
         }
 
-    def evaluate(self, generated, references, image_vision, reference_mask=None, clip=None, text_vision=None,
-                 prompts=""):
-        n, m = _count(generated, "generated"), _count(references, "references")
-        refs = scoring.masked(references.float(), reference_mask)
+    def evaluate(self, generated, image_vision, references=None, reference_mask=None, reference_folder="", clip=None,
+                 text_vision=None, prompts=""):
+        n = _count(generated, "generated")
+        refs, masked_refs = _references(references, reference_mask, reference_folder)
+        m = len(refs)
         image_model = scoring.describe(image_vision)  # (refuses a model it cannot score with)
         want_text = clip is not None or text_vision is not None or bool(prompts.strip())
         key = lines = None
@@ -67,8 +70,8 @@ class DTIEvaluate:
             key = scoring.text_tower(clip, text_vision)
             lines = _prompt_lines(prompts, n)
 
-        per_image = scoring.image_scores(scoring.image_features(image_vision, generated.float()),
-                                         scoring.image_features(image_vision, refs))
+        ref_features = torch.cat([scoring.image_features(image_vision, r) for r in refs])
+        per_image = scoring.image_scores(scoring.image_features(image_vision, generated.float()), ref_features)
         image_scores = [float(x) for x in per_image]
         text_scores: list[float] = []
         if want_text:
@@ -79,7 +82,7 @@ class DTIEvaluate:
         image_score = float(np.mean(image_scores))
         text_score = float(np.mean(text_scores)) if text_scores else 0.0
         report = [f"image score {image_score:.4f}: {image_model}, {n} image(s) x {m} reference(s)"
-                  + (", references masked" if reference_mask is not None else "")]
+                  + (", references masked" if masked_refs else "")]
         if text_scores:
             report.append(f"text score {text_score:.4f}: CLIP-T, {key} with {scoring.describe(text_vision)}, "
                           f"the prompt without the learned word")
@@ -104,17 +107,39 @@ def _count(images, what: str) -> int:
     return int(images.shape[0])
 
 
+def _references(images, mask, folder: str):
+    """``([(1, H, W, 3) per reference], any masked)``: the batch (masked) first, then the folder's photos
+    (each at its own size, its transparency as its mask)."""
+    refs, any_mask = [], False
+    if mask is not None and images is None:
+        raise ValueError("reference_mask belongs to the references batch, which is not connected (the photos of "
+                         "reference_folder take their mask from their transparency)")
+    if images is not None and not (torch.is_tensor(images) and images.dim() == 4 and images.shape[0] == 0):
+        _count(images, "references")
+        batch = scoring.masked(images[..., :3].float(), mask)
+        refs += [batch[i:i + 1] for i in range(batch.shape[0])]
+        any_mask = mask is not None
+    if folder and folder.strip():
+        for item in host_images.load_training_images(None, None, folder.strip()):
+            px = item.pixels.float()
+            if item.mask is not None:
+                px, any_mask = px * item.mask.float()[..., None], True
+            refs.append(px[None])
+    if not refs:
+        raise ValueError("references is empty: connect a batch of the subject's photos or name their folder in "
+                         "reference_folder")
+    return refs, any_mask
+
+
 def _prompt_lines(prompts: str, n: int) -> list[str]:
     lines = [p.strip() for p in prompts.splitlines() if p.strip()]
     if not lines:
         raise ValueError("the text score needs the prompts the images were rendered from (one line per image, "
                          "or one for all)")
-    if len(lines) == 1:
-        return lines * n
-    if len(lines) != n:
+    if n % len(lines):
         raise ValueError(f"{n} generated images but {len(lines)} prompt lines: give one line per image, in order, "
-                         f"or one line for all")
-    return lines
+                         f"one per equal group of consecutive images, or one line for all")
+    return [line for line in lines for _ in range(n // len(lines))]
 
 
 def _chart(image_scores: list[float], text_scores: list[float]) -> torch.Tensor:

@@ -48,9 +48,10 @@ def cos(a, b):
     return a @ b.T
 
 
-def evaluate(dti_pack, *args, **kwargs):
+def evaluate(dti_pack, generated=None, references=None, image_vision=None, **kwargs):
     with torch.inference_mode():
-        return dti_pack.nodes.evaluate_node.DTIEvaluate().evaluate(*args, **kwargs)
+        return dti_pack.nodes.evaluate_node.DTIEvaluate().evaluate(generated, image_vision, references=references,
+                                                                   **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["clip-vision-vitl", "dinov2-large"])
@@ -101,9 +102,36 @@ def test_text_score_is_clip_t_of_the_prompt_without_the_learned_word(dti_pack, c
     assert per_text == pytest.approx(ref.tolist(), abs=1e-5)
     assert text_score == pytest.approx(float(ref.mean()), abs=1e-5)
     assert "CLIP-T, clip_l with CLIP vision (1024 wide, projection 768)" in report
-    # one prompt line for every image
+    # one prompt line for every image; one line per equal group of consecutive images
     one = evaluate(dti_pack, gen, photos(1, 6), cv, clip=clip_l, text_vision=cv, prompts="a photo of embedding:x")
     assert len(one["result"][3]) == 2
+    four = torch.cat([gen, gen])
+    grouped = evaluate(dti_pack, four, photos(1, 6), cv, clip=clip_l, text_vision=cv, prompts=prompts.replace(
+        "\n", "\n\n"))["result"][3]
+    # (images gen0, gen1, gen0, gen1 with prompts p1, p1, p2, p2: the first and last pairs were scored above)
+    assert (grouped[0], grouped[3]) == pytest.approx((per_text[0], per_text[1]), abs=1e-5)
+
+
+def test_reference_folder_reads_photos_and_their_transparency(dti_pack, comfy, vision, tmp_path, monkeypatch):
+    """reference_folder as DTI Train's image_folder: each photo at its own size, PNG alpha as its mask."""
+    from PIL import Image
+    import numpy as np
+    cv = vision["clip-vision-vitl"]
+    root = tmp_path / "input"
+    (root / "subject").mkdir(parents=True)
+    refs = photos(2, 9, (64, 64))
+    alpha = np.full((64, 64), 255, np.uint8)
+    alpha[:, :32] = 0
+    Image.fromarray((refs[0].numpy() * 255).round().astype(np.uint8)).save(root / "subject" / "a.png")
+    Image.fromarray(np.dstack([(refs[1].numpy() * 255).round().astype(np.uint8), alpha])).save(root / "subject" / "b.png")
+    monkeypatch.setattr(comfy.folder_paths, "get_input_directory", lambda: str(root))
+    gen = photos(1, 10)
+    out = evaluate(dti_pack, gen, None, cv, reference_folder="subject")["result"]
+    read = [torch.from_numpy(np.asarray(Image.open(root / "subject" / f).convert("RGB"), np.float32) / 255.0)
+            for f in ("a.png", "b.png")]
+    read[1] = read[1] * torch.from_numpy(alpha.astype(np.float32) / 255.0)[..., None]
+    ref = cos(by_hand(comfy, cv, gen), by_hand(comfy, cv, torch.stack(read))).mean(dim=1)
+    assert out[2] == pytest.approx(ref.tolist(), abs=1e-5) and "references masked" in out[4]
 
 
 def test_bad_inputs_get_clear_errors(dti_pack, vision, clip_l, fresh_sd15, fresh_sd2):
@@ -115,6 +143,10 @@ def test_bad_inputs_get_clear_errors(dti_pack, vision, clip_l, fresh_sd15, fresh
          "reference_mask has 3 masks for 2 reference images"),
         (dict(generated=gen, references=refs, image_vision=cv, clip=clip_l, text_vision=cv, prompts="a\nb\nc"),
          "2 generated images but 3 prompt lines"),
+        (dict(generated=gen, references=None, image_vision=cv, reference_mask=torch.ones(1, 8, 8)),
+         "reference_mask belongs to the references batch"),
+        (dict(generated=gen, references=None, image_vision=cv, reference_folder="no-such-folder"),
+         "no such folder"),
         (dict(generated=gen, references=refs, image_vision=cv, clip=clip_l, prompts="a"),
          "needs both clip and text_vision"),
         (dict(generated=gen, references=refs, image_vision=cv, clip=clip_l, text_vision=cv, prompts=""),
