@@ -35,3 +35,23 @@ def load_model(model: dict):
         vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(model["vae"]))
         vae.throw_exception_if_invalid()
         return m, clip, vae
+
+
+def load_clip_vision(path: str):
+    """A CLIP_VISION as CLIPVisionLoader loads it (``comfy.clip_vision.load``)."""
+    import comfy.clip_vision
+    with torch.inference_mode():
+        cv = comfy.clip_vision.load(path)
+    if cv is None:
+        raise ValueError(f"{path}: ComfyUI's CLIPVisionLoader does not recognise this vision model")
+    return cv
+
+
+def load_text_encoder(path: str, clip_type: str = "stable_diffusion"):
+    """A CLIP from one text-encoder file, as CLIPLoader loads it."""
+    ct = getattr(comfy.sd.CLIPType, str(clip_type).upper(), None)
+    if ct is None:
+        raise ValueError(f"unknown --clip-type {clip_type!r}; one of {', '.join(t.name.lower() for t in comfy.sd.CLIPType)}")
+    with torch.inference_mode():
+        return comfy.sd.load_clip(ckpt_paths=[path], embedding_directory=embedding_folders(), clip_type=ct,
+                                  model_options={})

@@ -2,6 +2,8 @@
 
 One job:   python -m dti_cli --checkpoint MODEL.safetensors --images DIR --name NAME [--initializer dog ...]
 Many jobs: python -m dti_cli --checkpoint MODEL.safetensors --jobs jobs.toml   (or .json)
+Scores:    python -m dti_cli evaluate --generated DIR --references DIR --image-model VISION.safetensors ...
+           (see dti_cli/evaluate.py)
 
 The model loads once, through ComfyUI's loaders (the checkpoint loader, or UNETLoader +
 CLIPLoader + VAELoader's calls); every job then runs DTI Train's ``run`` exactly as ComfyUI's
@@ -365,6 +367,13 @@ def _clock(seconds: float) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "evaluate" in argv[:2] and (argv[0] == "evaluate" or argv[0] == "--cpu"):
+        from . import evaluate
+        try:
+            return evaluate.main([a for i, a in enumerate(argv) if not (a == "evaluate" and i < 2)])
+        except UsageError as e:
+            print(f"dti_cli evaluate: error: {e}", file=sys.stderr)
+            return 2
     if any(a in ("-h", "--help") for a in argv):
         # The node's inputs are listed only when ComfyUI is found (they are read from the node).
         options = None

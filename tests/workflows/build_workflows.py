@@ -510,6 +510,97 @@ def qwen_image_graph():
         sampler={"steps": 20, "cfg": 2.5, "sampler_name": "euler", "scheduler": "simple"})
 
 
+# The paper's evaluation prompts: a simple one and a long one (its Japanese-street validation prompt).
+EVAL_PROMPTS = ("a photo of {}", "a {} with Japanese modern city street in the background, cherry blossoms, "
+                "evening light, detailed")
+
+
+def dti_vs_ti_graph():
+    """SD1.5: one photo folder -> DTI Train (dti) and DTI Train (ti) -> for each: 2 prompts x the same seeds
+    -> ImageBatch -> DTI Evaluate (DINOv2 image score; CLIP-T with clip_l + CLIP ViT-L/14) -> ImageStitch of
+    the two render batches (side by side) -> SaveImage; the two charts stitched -> PreviewImage."""
+    readme = (
+        "DTI vs plain TI on your subject, scored as the paper scores them\n\n"
+        f"1. Put 3-20 photos of your subject in ComfyUI/input/{h.EXAMPLE_FOLDER} (see Your photos).\n"
+        "2. Models: v1-5-pruned-emaonly (models/checkpoints) trains and renders. For the scores: "
+        "dinov2-large (models/clip_vision: facebook/dinov2-large, the image score), clip-vit-large-patch14 "
+        "(models/clip_vision, CLIP ViT-L/14) with clip_l (models/text_encoders, the one Flux and SD3 use: it "
+        "carries the text projection) for the text score.\n"
+        "3. Queue. Both words train on the same photos (DTI: the paper's recipe; TI: the authors' baseline, "
+        "AdamW, lr 0.005 x 4). Each renders a simple and a long prompt at the same seeds; DTI Evaluate shows "
+        "image score (looks like the photos) and text score (follows the prompt without the word).\n\n"
+        "The paper's claim: at a similar image score, DTI keeps the text score where TI loses it, since TI's "
+        "vector grows far beyond the vocabulary's length. The saved grid has DTI on the left, TI on the right."
+    )
+    nodes = [note("readme", [0, -330], [560, 300], readme, "Read me"), photos_note(),
+             {"key": "ckpt", "type": "CheckpointLoaderSimple", "pos": [620, 40], "size": [360, 98],
+              "widgets": {"ckpt_name": h.SD15_CKPT}},
+             {"key": "dino", "type": "CLIPVisionLoader", "pos": [620, 180], "size": [360, 60],
+              "title": "Image score model (DINOv2)", "widgets": {"clip_name": h.DINOV2_LARGE}},
+             {"key": "vitl", "type": "CLIPVisionLoader", "pos": [620, 280], "size": [360, 60],
+              "title": "Text score: vision (CLIP ViT-L/14)", "widgets": {"clip_name": h.CLIP_VISION_VITL}},
+             {"key": "clipl", "type": "CLIPLoader", "pos": [620, 380], "size": [360, 82],
+              "title": "Text score: text (clip_l)", "widgets": {"clip_name": h.FLUX_CLIP_L, "type": "stable_diffusion"}},
+             {"key": "neg", "type": "CLIPTextEncode", "pos": [620, 520], "size": [360, 100],
+              "title": "CLIP Text Encode (Negative)", "widgets": {"text": NEGATIVE}},
+             {"key": "latent", "type": "EmptyLatentImage", "pos": [620, 660], "size": [360, 106],
+              "title": "Seeds: the batch (same for both)", "widgets": {"width": 512, "height": 512, "batch_size": 4}}]
+    links = [("ckpt", 1, "neg", "clip")]
+    lines = "\n".join(EVAL_PROMPTS)
+    for row, (method, lr, label) in enumerate((("dti", 0.01, "DTI"), ("ti", 0.005, "plain TI"))):
+        y = 40 + row * 1000
+        train = f"train_{method}"
+        nodes.append({"key": train, "type": "DTITrain", "pos": [1010, y], "size": [420, 940],
+                      "title": f"DTI Train ({label})",
+                      "widgets": {**DIT_TRAIN_DEFAULTS, "name": f"my-concept-{method}", "learning_rate": lr,
+                                  "method": method}})
+        links += [("ckpt", 0, train, "model"), ("ckpt", 1, train, "clip"), ("ckpt", 2, train, "vae")]
+        for k, text in enumerate(EVAL_PROMPTS):
+            x = RENDER_X + k * 460
+            rep, pos, ks, dec = (f"{t}_{method}_{k}" for t in ("prompt", "pos", "ks", "dec"))
+            nodes += [{"key": rep, "type": "StringReplace", "pos": [x, y], "size": [420, 180],
+                       "title": f"{label}: prompt {k + 1}", "widgets": {"string": text, "find": "{}", "replace": ""}},
+                      {"key": pos, "type": "CLIPTextEncode", "pos": [x, y + 220], "size": [420, 100],
+                       "widgets": {"text": ""}},
+                      {"key": ks, "type": "KSampler", "pos": [x, y + 360], "size": [420, 262],
+                       "widgets": {"seed": 0, "control_after_generate": "fixed", "steps": 30, "cfg": 7.0,
+                                   "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+                      {"key": dec, "type": "VAEDecode", "pos": [x, y + 660], "size": [420, 46]}]
+            links += [(train, 0, rep, "replace"), (rep, 0, pos, "text"), ("ckpt", 1, pos, "clip"),
+                      ("ckpt", 0, ks, "model"), (pos, 0, ks, "positive"), ("neg", 0, ks, "negative"),
+                      ("latent", 0, ks, "latent_image"), (ks, 0, dec, "samples"), ("ckpt", 2, dec, "vae")]
+        batch, ev = f"batch_{method}", f"eval_{method}"
+        nodes += [{"key": batch, "type": "ImageBatch", "pos": [RENDER_X + 920, y], "size": [300, 46],
+                   "title": f"{label}: both prompts"},
+                  {"key": ev, "type": "DTIEvaluate", "pos": [RENDER_X + 920, y + 100], "size": [460, 520],
+                   "title": f"DTI Evaluate ({label})",
+                   "widgets": {"reference_folder": h.EXAMPLE_FOLDER, "prompts": lines}}]
+        links += [(f"dec_{method}_0", 0, batch, "image1"), (f"dec_{method}_1", 0, batch, "image2"),
+                  (batch, 0, ev, "generated"), ("dino", 0, ev, "image_vision"), ("clipl", 0, ev, "clip"),
+                  ("vitl", 0, ev, "text_vision")]
+    out_x = RENDER_X + 1420
+    nodes += [{"key": "grid", "type": "ImageStitch", "pos": [out_x, 40], "size": [320, 150],
+               "title": "DTI (left) | TI (right)", "widgets": {"direction": "right", "match_image_size": True,
+                                                            "spacing_width": 16, "spacing_color": "white"}},
+              {"key": "save", "type": "SaveImage", "pos": [out_x, 240], "size": [520, 580],
+               "widgets": {"filename_prefix": "DTI/dti-vs-ti"}},
+              {"key": "charts", "type": "ImageStitch", "pos": [out_x, 1040], "size": [320, 150],
+               "title": "Scores: DTI (top) | TI (bottom)", "widgets": {"direction": "down", "match_image_size": False,
+                                                                       "spacing_width": 8, "spacing_color": "black"}},
+              {"key": "chart_view", "type": "PreviewImage", "pos": [out_x, 1240], "size": [520, 420]}]
+    links += [("batch_dti", 0, "grid", "image1"), ("batch_ti", 0, "grid", "image2"), ("grid", 0, "save", "images"),
+              ("eval_dti", 5, "charts", "image1"), ("eval_ti", 5, "charts", "image2"),
+              ("charts", 0, "chart_view", "images")]
+    groups = [
+        {"title": "1. Photos of your subject", "bounding": [0, -30, 580, 450], "color": GROUP_INPUT},
+        {"title": "2. Models", "bounding": [600, -30, 400, 820], "color": GROUP_INPUT},
+        {"title": "3. DTI: train, render, score", "bounding": [1000, -30, 2400, 990], "color": GROUP_TRAIN},
+        {"title": "4. Plain TI: train, render, score", "bounding": [1000, 970, 2400, 990], "color": GROUP_BLEND},
+        {"title": "5. Side by side", "bounding": [out_x - 20, -30, 580, 1720], "color": GROUP_RENDER},
+    ]
+    return {"nodes": nodes, "links": links, "groups": groups}
+
+
 def sd35_graph():
     """SD3.5 as ComfyUI's SD3.5 examples load it: CheckpointLoaderSimple (MMDiT + VAE) + TripleCLIPLoader
     (clip_l, clip_g, t5xxl) -> DTI Train (all three encoders) -> Replace -> CLIPTextEncode -> KSampler -> SaveImage."""
@@ -577,6 +668,7 @@ GRAPHS = {
     "dti_train_flux2_klein.json": flux2_klein_graph,
     "dti_train_wan.json": wan_graph,
     "dti_train_qwen_image.json": qwen_image_graph,
+    "dti_vs_ti.json": dti_vs_ti_graph,
 }
 
 

@@ -95,6 +95,12 @@ def _start_server(base, comfy_path, test_checkpoints, flux_files, extra_args=())
     srv.link_model(lumina["diffusion_model"], "diffusion_models", h.WAN_DIT)
     srv.link_model(flux_files["t5xxl"], "text_encoders", h.WAN_UMT5)
     srv.link_model(flux_files["vae"], "vae", h.WAN_VAE)
+    # DTI Evaluate's vision models for the DTI-vs-TI workflow: the random CLIP ViT-L/14 file under both
+    # names (its DINOv2-large twin reads 518 px, ~6 s an image here; tests/host/test_evaluate.py scores
+    # with it); clip_l is Flux's (it carries the text projection)
+    vitl = ck.ensure_clip_vision(cache, "clip-vision-vitl")
+    srv.link_model(vitl, "clip_vision", h.CLIP_VISION_VITL)
+    srv.link_model(vitl, "clip_vision", h.DINOV2_LARGE)
     # and for the Qwen-Image workflow's
     srv.link_model(lumina["diffusion_model"], "diffusion_models", h.QWEN_IMAGE_DIT)
     srv.link_model(lumina["text_encoder"], "text_encoders", h.QWEN_IMAGE_TE)

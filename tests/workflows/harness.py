@@ -27,7 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS_DIR = REPO_ROOT / "workflows"
 WORKFLOWS = ("dti_train_sd15.json", "dti_train_sdxl.json", "dti_slerp_concepts.json", "dti_interpolation_strip.json",
              "dti_train_flux_dev.json", "dti_train_lumina2.json", "dti_train_sd35.json", "dti_train_chroma.json",
-             "dti_train_z_image.json", "dti_train_flux2_klein.json", "dti_train_wan.json", "dti_train_qwen_image.json")
+             "dti_train_z_image.json", "dti_train_flux2_klein.json", "dti_train_wan.json", "dti_train_qwen_image.json",
+             "dti_vs_ti.json")
 # Workflows that need a newer ComfyUI than the oldest tested: the node type whose absence from the
 # server's /object_info says so (a capability, not a version), and why.
 NEEDS_NEWER_HOST = {"dti_train_flux2_klein.json": ("EmptyFlux2LatentImage", "FLUX.2 came after ComfyUI 0.3.64")}
@@ -63,6 +64,10 @@ FLUX2_VAE = "flux2-vae.safetensors"
 WAN_DIT = "wan2.1_t2v_1.3B_fp16.safetensors"
 WAN_UMT5 = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"
 WAN_VAE = "wan_2.1_vae.safetensors"
+# DTI Evaluate's models in the DTI-vs-TI workflow (models/clip_vision): facebook/dinov2-large and
+# openai/clip-vit-large-patch14 (vision tower) under these names; clip_l is FLUX_CLIP_L.
+DINOV2_LARGE = "dinov2-large.safetensors"
+CLIP_VISION_VITL = "clip-vit-large-patch14.safetensors"
 # Qwen-Image as ComfyUI's Qwen-Image template loads it: UNETLoader + CLIPLoader(type qwen_image) + VAELoader.
 QWEN_IMAGE_DIT = "qwen_image_fp8_e4m3fn.safetensors"
 QWEN_IMAGE_TE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
