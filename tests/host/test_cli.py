@@ -169,3 +169,41 @@ def test_preview_follows_the_vectors(dti_pack, fresh_sd15):
     assert not torch.allclose(one, other, atol=1e-4)  # the vectors reach the image
     with pytest.raises(ValueError, match=r"must contain \{\}"):
         pv.check_prompt("a photo of a cat")
+
+
+def test_evaluate_writes_the_nodes_numbers(comfy, dti_pack, checkpoints, checkpoint_cache_dir, tmp_path):
+    """``python -m dti_cli evaluate``: the CSV holds DTI Evaluate's own numbers for the same images,
+    reference photos and models (loaded here with ComfyUI's loaders), and a chart PNG is written."""
+    import csv
+    gen = write_images(tmp_path / "generated", n=2, seed=3)
+    refs = write_images(tmp_path / "photos", n=2, seed=4)
+    vitl = checkpoints.ensure_clip_vision(checkpoint_cache_dir, "clip-vision-vitl")
+    clip_l = checkpoints.ensure_component("clip-l", checkpoint_cache_dir)
+    prompts = "a photo of embedding:my-dog\nembedding:my-dog on a beach"
+    r = cli(comfy, "evaluate", "--generated", tmp_path / "generated", "--references", tmp_path / "photos",
+            "--image-model", vitl, "--text-encoder", clip_l, "--text-vision", vitl, "--prompts", prompts,
+            "--out", tmp_path / "scores")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.reader(open(tmp_path / "scores" / "scores.csv")))
+    assert rows[0] == ["image", "prompt", "image_score", "text_score"] and [x[0] for x in rows[1:]] == ["00.png", "01.png", "mean"]
+    cv, _ = checkpoints.load_clip_vision(vitl)
+    clip, _ = checkpoints.load_text_encoders([clip_l], "STABLE_DIFFUSION")
+    with torch.inference_mode():
+        out = dti_pack.nodes.evaluate_node.DTIEvaluate().evaluate(gen, cv, references=refs, clip=clip, text_vision=cv,
+                                                                  prompts=prompts)["result"]
+    assert [float(x[2]) for x in rows[1:3]] == pytest.approx(out[2], abs=1e-5)
+    assert [float(x[3]) for x in rows[1:3]] == pytest.approx(out[3], abs=1e-5)
+    assert float(rows[3][2]) == pytest.approx(out[0], abs=1e-5) and float(rows[3][3]) == pytest.approx(out[1], abs=1e-5)
+    assert (tmp_path / "scores" / "scores.png").stat().st_size > 0
+
+
+def test_evaluate_refuses_bad_inputs_with_status_2(comfy, checkpoints, checkpoint_cache_dir, tmp_path):
+    write_images(tmp_path / "generated", n=1)
+    vitl = checkpoints.ensure_clip_vision(checkpoint_cache_dir, "clip-vision-vitl")
+    base = ["evaluate", "--generated", tmp_path / "generated", "--references", tmp_path / "generated",
+            "--out", tmp_path / "o"]
+    for extra, message in ((["--image-model", tmp_path / "nope.safetensors"], "does not exist"),
+                           (["--image-model", vitl, "--text-encoder", vitl], "needs --text-encoder, --text-vision"),
+                           (["--image-model", vitl, "--references", tmp_path / "missing"], "no such folder")):
+        r = cli(comfy, *base, *extra)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr[-2000:])
