@@ -526,6 +526,50 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server, fr
     assert page.dti_problems() == []
 
 
+def test_dti_vs_ti_queued_from_the_page_shows_both_words_the_grid_and_the_four_scores(page, ui_server, frontend):
+    """The shipped DTI-vs-TI workflow, loaded in the page and queued from it (cut to CPU size: 2 training
+    steps at 64 px, 1 sampler step, 2 seeds): both DTI Train nodes show their word, both DTI Evaluate
+    nodes show an image and a text score, the grid is saved and the charts previewed."""
+    wf = h.load_workflow("dti_vs_ti.json")
+    ids = page.evaluate("""async (wf) => {
+        await app.loadGraphData(wf);
+        const set = (type, values) => app.graph._nodes.filter((n) => n.type === type).forEach((n) => {
+            for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v; });
+        set("DTITrain", { steps: 2, resolution: 64, batch_size: 2 });
+        set("EmptyLatentImage", { width: 64, height: 64, batch_size: 2 });
+        set("KSampler", { steps: 1 });
+        const of = (type) => app.graph._nodes.filter((n) => n.type === type).map((n) => n.id);
+        await app.queuePrompt(0, 1);
+        return { train: of("DTITrain"), evaluate: of("DTIEvaluate"), save: of("SaveImage"), preview: of("PreviewImage") };
+    }""", wf)
+    assert len(ids["train"]) == 2 and len(ids["evaluate"]) == 2
+    try:
+        page.page.wait_for_function(
+            """(ids) => {""" + RESULT_BOX_JS + """
+                const t = [...ids.train, ...ids.evaluate].map((id) => resultBox(id)?.value ?? "");
+                return t.slice(0, 2).every((v) => /(embedding:|Reused )my-concept-(dti|ti)/.test(v))  // (a shared server reuses them)
+                    && t.slice(2).every((v) => v.startsWith("image score ") && v.includes("\\ntext score "));
+            }""", arg=ids, timeout=RESULT_TIMEOUT * 1000, polling=500)
+    except Exception as e:
+        shown = page.evaluate("(ids) => {" + RESULT_BOX_JS + "return [...ids.train, ...ids.evaluate].map("
+                              "(id) => resultBox(id)?.value ?? null); }", ids)
+        raise AssertionError(f"the words and scores never appeared in the page: {e}\nshown: {shown}\n"
+                             f"{page.toasts()}\n--- server log ---\n{ui_server.log_tail()[-3000:]}") from None
+    history = ui_server.get_json("/history")
+    entry = max(history.values(), key=lambda e: e.get("prompt", [0])[0])  # (the newest run)
+    outputs = entry["outputs"]
+    got = page.evaluate("""(ids) => {""" + RESULT_BOX_JS + """
+        return { texts: ids.evaluate.map((id) => resultBox(id).value) };
+    }""", ids)
+    got["saved"] = len(outputs.get(str(ids["save"][0]), {}).get("images", []))
+    got["charts"] = len(outputs.get(str(ids["preview"][0]), {}).get("images", []))
+    page.page.screenshot(path=str(h.REPO_ROOT / "test-artifacts" / f"dti_vs_ti_{frontend['name']}.png"))
+    for text in got["texts"]:
+        assert "4 image(s) x 3 reference(s)" in text and "CLIP-T, clip_l" in text, text
+    assert got["saved"] >= 1 and got["charts"] >= 1, got
+    assert page.dti_problems() == []
+
+
 STOPPED_RGB = (0xFF, 0x90, 0x40)  # js/dti_train.js STOPPED_COLOR
 
 
