@@ -36,20 +36,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="The prompts, one per line (one per image, per equal group, or one for all).")
     p.add_argument("--prompts-file", help="A text file with the prompts, one per line.")
     p.add_argument("--out", required=True, help="Folder for scores.csv and scores.png.")
+    g = p.add_argument_group("render first (into --generated, which must be empty or new)")
+    g.add_argument("--checkpoint", help="The checkpoint to render with (as CheckpointLoaderSimple loads it).")
+    g.add_argument("--embedding", help="The learned word's .safetensors file: each prompt's {} is this word.")
+    g.add_argument("--prompt-set", default="simple",
+                   help="simple (DreamBooth's prompts), complex (the authors' COMPLEX_LV1), or a text file of "
+                        "prompts with {} (one per line). Default: simple.")
+    g.add_argument("--limit", type=int, default=0, help="Only the first N prompts of the set (0 = all).")
+    g.add_argument("--seeds", default="0-3", help="Seeds per prompt: a range '0-3' (the paper's) or a list '0,5'.")
+    g.add_argument("--size", type=int, default=512, help="Image size in pixels (default 512).")
+    g.add_argument("--steps", type=int, default=30, help="Sampler steps (euler, simple; default 30).")
+    g.add_argument("--cfg", type=float, default=7.0, help="CFG scale (default 7).")
     p.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI this pack sits in).")
     p.add_argument("--cpu", action="store_true", help="Run on the CPU, as ComfyUI's --cpu.")
     return p
 
 
+def _render_plan(args) -> list[str] | None:
+    """The prompts to render (each ``{}`` the word), one per image, prompts x seeds; None without --embedding."""
+    if not (args.embedding or args.checkpoint):
+        return None
+    if not (args.embedding and args.checkpoint):
+        raise UsageError("rendering needs --checkpoint and --embedding together")
+    if args.prompts or args.prompts_file:
+        raise UsageError("with --embedding the prompts come from --prompt-set; leave --prompts out")
+    _safetensors(args.checkpoint, "--checkpoint")
+    _safetensors(args.embedding, "--embedding")
+    sets = _prompt_sets_module()  # (pure data, read before ComfyUI is set up)
+    PROMPT_SETS, parse_seeds = sets.PROMPT_SETS, sets.parse_seeds
+    if args.prompt_set in PROMPT_SETS:
+        prompts = list(PROMPT_SETS[args.prompt_set])
+    else:
+        try:
+            prompts = [p.strip() for p in Path(args.prompt_set).read_text(encoding="utf-8").splitlines() if p.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompt-set {args.prompt_set}: not simple or complex, and not a readable file ({e})") from None
+        bad = [p for p in prompts if "{}" not in p]
+        if not prompts or bad:
+            raise UsageError(f"--prompt-set {args.prompt_set}: every line needs {{}} for the word"
+                             + (f" (not: {bad[0]!r})" if bad else " (the file is empty)"))
+    if args.limit < 0:
+        raise UsageError("--limit must be 0 (all) or more")
+    if args.limit:
+        prompts = prompts[:args.limit]
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not (64 <= args.size <= 4096 and args.size % 8 == 0) or not (1 <= args.steps <= 1000) or not (0 < args.cfg <= 100):
+        raise UsageError("--size must be a multiple of 8 from 64 to 4096, --steps 1-1000, --cfg above 0 up to 100")
+    gen = Path(args.generated)
+    if gen.exists() and (not gen.is_dir() or any(gen.iterdir())):
+        raise UsageError(f"--generated {gen} must be a new or empty folder when rendering (nothing is overwritten)")
+    args.seed_list = seeds
+    return [p for p in prompts for _ in seeds]
+
+
 def main(argv) -> int:
     args = build_parser().parse_args(argv)
-    text_parts = [args.text_encoder, args.text_vision, args.prompts or args.prompts_file]
-    if any(text_parts) and not all(text_parts):
+    render = _render_plan(args)
+    want_text = bool(args.text_encoder or args.text_vision)
+    given_prompts = bool(args.prompts or args.prompts_file)
+    if (want_text and not (args.text_encoder and args.text_vision)) or (render is None and want_text != given_prompts):
         raise UsageError("the text score needs --text-encoder, --text-vision and --prompts (or --prompts-file) "
                          "together; leave all out for the image score alone")
     if args.prompts and args.prompts_file:
         raise UsageError("give --prompts or --prompts-file, not both")
-    for folder, what in ((args.generated, "--generated"), (args.references, "--references")):
+    for folder, what in ([] if render else [(args.generated, "--generated")]) + [(args.references, "--references")]:
         if not Path(folder).is_dir():
             raise UsageError(f"{what} {folder}: no such folder")
     for path, what in ((args.image_model, "--image-model"), (args.text_encoder, "--text-encoder"),
@@ -79,6 +132,9 @@ def main(argv) -> int:
     node_mod = importlib.import_module(f"{pack.__name__}.nodes.evaluate_node")
     previews = importlib.import_module(f"{pack.__name__}.nodes.previews")
 
+    if render is not None:
+        prompts = "\n".join(render)
+        _render(pack, args, render)
     names = host_images.image_files(str(args.generated))
     if not names:
         raise UsageError(f"no images in {args.generated}")
@@ -98,7 +154,10 @@ def main(argv) -> int:
     # The node's own numbers: one call for a folder of one size, else one per image (scores are per image).
     same = len({tuple(t.shape) for t in images}) == 1
     batches = [torch.stack(images)] if same else [t[None] for t in images]
-    lines = node_mod._prompt_lines(prompts, len(images)) if prompts.strip() else None
+    try:
+        lines = node_mod._prompt_lines(prompts, len(images)) if prompts.strip() else None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     # (the references folder is read by the node as its reference_folder, under its input directory)
     ref = Path(args.references).resolve()
     host_paths = importlib.import_module(f"{pack.__name__}.comfy_host.paths")
@@ -106,7 +165,7 @@ def main(argv) -> int:
     image_scores, text_scores, start = [], [], 0
     try:
         for batch in batches:
-            part = "\n".join(lines[start:start + batch.shape[0]]) if lines else ""
+            part = "\n".join(lines[start:start + batch.shape[0]]) if lines and want_text else ""
             with torch.inference_mode():
                 out = node_mod.DTIEvaluate().evaluate(batch, image_vision, reference_folder=ref.name, clip=clip,
                                                       text_vision=text_vision, prompts=part)
@@ -146,3 +205,41 @@ def _write_text(text: str, path: Path) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _prompt_sets_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dti_cli_prompt_sets",
+                                                  Path(__file__).resolve().parent.parent / "dti_core" / "prompt_sets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _render(pack, args, prompts: list[str]) -> None:
+    """Each prompt at each seed, with the word's vectors where ``{}`` is (the rows ``embedding:NAME`` gives),
+    through ComfyUI's sampler (euler, simple), into ``--generated`` as NNN.png in prompt-major order."""
+    import importlib
+
+    import torch
+    loaders = importlib.import_module(f"{pack.__name__}.comfy_host.loaders")
+    sampling = importlib.import_module(f"{pack.__name__}.comfy_host.sampling")
+    files = importlib.import_module(f"{pack.__name__}.dti_core.embedding_file")
+    previews = importlib.import_module(f"{pack.__name__}.nodes.previews")
+    try:
+        emb = files.load_embedding(args.embedding)
+        model, clip, vae = loaders.load_model({"checkpoint": args.checkpoint})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    gen = Path(args.generated)
+    gen.mkdir(parents=True, exist_ok=True)
+    seeds = args.seed_list
+    for i, prompt in enumerate(prompts):
+        seed = seeds[i % len(seeds)]
+        print(f"dti_cli evaluate: render {i + 1}/{len(prompts)}: {prompt!r} seed {seed}", file=sys.stderr)
+        try:
+            with torch.inference_mode():
+                image = sampling.render(model, clip, vae, emb.vectors, prompt, seed, args.size, args.steps, cfg=args.cfg)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        _write_png(previews.to_pil(image), str(gen / f"{i:03d}.png"))

@@ -207,3 +207,44 @@ def test_evaluate_refuses_bad_inputs_with_status_2(comfy, checkpoints, checkpoin
                            (["--image-model", vitl, "--references", tmp_path / "missing"], "no such folder")):
         r = cli(comfy, *base, *extra)
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr[-2000:])
+
+
+def test_evaluate_renders_a_prompt_set_at_seeds_then_scores(comfy, dti_pack, checkpoints, checkpoint_cache_dir,
+                                                            sd15_checkpoint, fresh_sd15, tmp_path):
+    """``--checkpoint --embedding --prompt-set FILE --seeds``: every prompt at every seed is rendered (the
+    word's rows where {} is, as embedding:NAME gives them) into --generated, then scored with the word taken
+    out of each prompt; the images are what the pack's own renderer gives for that prompt and seed."""
+    import csv
+    from dti_core.embedding_file import dti_metadata, save_embedding
+    from dti_core.sphere import normalize
+    refs = write_images(tmp_path / "photos", n=2, seed=5)
+    vitl = checkpoints.ensure_clip_vision(checkpoint_cache_dir, "clip-vision-vitl")
+    g = torch.Generator().manual_seed(0)
+    save_embedding(str(tmp_path), "word", {"clip_l": 0.39 * normalize(torch.randn(1, 768, generator=g))},
+                   dti_metadata(initializer="dog"))
+    (tmp_path / "prompts.txt").write_text("a photo of {}\na {} on the beach\n")
+    r = cli(comfy, "evaluate", "--checkpoint", sd15_checkpoint, "--embedding", tmp_path / "word.safetensors",
+            "--prompt-set", tmp_path / "prompts.txt", "--seeds", "0-1", "--size", 64, "--steps", 1,
+            "--generated", tmp_path / "gen", "--references", tmp_path / "photos", "--image-model", vitl,
+            "--out", tmp_path / "scores")
+    assert r.returncode == 0, r.stderr[-3000:]
+    made = sorted(p.name for p in (tmp_path / "gen").iterdir())
+    assert made == ["000.png", "001.png", "002.png", "003.png"]
+    rows = list(csv.reader(open(tmp_path / "scores" / "scores.csv")))
+    assert [x[1] for x in rows[1:5]] == ["a photo of {}", "a photo of {}", "a {} on the beach", "a {} on the beach"]
+    # image 3 is the second prompt at seed 0, as the pack's renderer makes it
+    from dti_core.embedding_file import load_embedding
+    emb = load_embedding(str(tmp_path / "word.safetensors"))
+    model, clip, vae = fresh_sd15
+    with torch.inference_mode():
+        want = dti_pack.comfy_host.sampling.render(model, clip, vae, emb.vectors, "a {} on the beach", 0, 64, 1, cfg=7.0)
+    got = torch.from_numpy(np.asarray(Image.open(tmp_path / "gen" / "002.png"), np.float32) / 255.0)
+    assert (got - want[0]).abs().max() <= 1 / 255 + 1e-6
+    # bad render inputs: a folder that already holds images, a prompt file line without {}
+    (tmp_path / "bad.txt").write_text("a photo of a dog\n")
+    for extra, message in ((["--prompt-set", tmp_path / "prompts.txt", "--generated", tmp_path / "gen"], "must be a new or empty folder"),
+                           (["--prompt-set", tmp_path / "bad.txt", "--generated", tmp_path / "gen2"], "every line needs {}"),
+                           (["--prompt-set", "simple", "--seeds", "3-1", "--generated", tmp_path / "gen3"], "seeds '3-1'")):
+        r = cli(comfy, "evaluate", "--checkpoint", sd15_checkpoint, "--embedding", tmp_path / "word.safetensors",
+                "--references", tmp_path / "photos", "--image-model", vitl, "--out", tmp_path / "o", *extra)
+        assert r.returncode == 2 and message in r.stderr, (extra, r.stderr[-2000:])
