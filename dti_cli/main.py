@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import shards
+
 PACK_ROOT = Path(__file__).resolve().parent.parent
 PACK_MODULE = "comfyui_dti_cli_pack"  # the pack's import name here (its folder name has a hyphen)
 MODEL_KEYS = ("checkpoint", "diffusion_model", "text_encoders", "clip_type", "vae")
@@ -178,6 +180,10 @@ def build_parser(options: dict | None) -> argparse.ArgumentParser:
     g.add_argument("--images", help="Folder of images of the concept (png/jpg/webp/bmp/tif; a PNG's transparency is its subject mask).")
     g.add_argument("--jobs", help="A jobs file (.toml or .json): many concepts, one model load. See the README.")
     g.add_argument("--output", help="Folder for the embeddings (default: ComfyUI's embeddings folder).")
+    g.add_argument("--shard", help="Train only shard K/N of the jobs (0 <= K < N; a job's shard depends on its name "
+                                   "only), or 'auto' in a Slurm array or a Kubernetes Indexed Job. A job whose file "
+                                   "already holds its result is skipped, so a requeued shard only trains what is left.")
+    g.add_argument("--summary", help="Append one JSON line per job (and one per run) to this file.")
     g = p.add_argument_group("host")
     g.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI this pack sits in).")
     g.add_argument("--cpu", action="store_true", help="Run on the CPU, as ComfyUI's --cpu.")
@@ -416,7 +422,14 @@ def _run(argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
         host.paths.add_embedding_folder(str(out.resolve()))
 
-    # Every input is checked before the model loads: a typo in job 7 must not cost a model load.
+    shard = None
+    if args.shard:
+        try:
+            shard = shards.parse_shard(args.shard)
+        except shards.ShardError as e:
+            raise UsageError(str(e)) from None
+    # Every input is checked before the model loads: a typo in job 7 must not cost a model load. Names are
+    # checked across the whole file (two shards must never write one file); folders in this shard.
     problems, names = [], {}
     for job in jobs:
         try:
@@ -424,6 +437,15 @@ def _run(argv) -> int:
             if name in names:
                 raise UsageError(f"name {name!r} is used by {names[name]} too")
             names[name] = job["where"]
+            job["inputs"]["name"] = name
+        except (UsageError, ValueError) as e:
+            problems.append(f"{job['where']}: {e}")
+    total = len(jobs)
+    if shard is not None and not problems:
+        jobs = shards.select(jobs, *shard)
+        print(f"dti_cli: shard {shard[0]}/{shard[1]}: {len(jobs)} of {total} job(s)", file=sys.stderr)
+    for job in jobs:
+        try:
             check_folder(job["images"], training)
         except (UsageError, ValueError) as e:
             problems.append(f"{job['where']}: {e}")
@@ -433,6 +455,11 @@ def _run(argv) -> int:
         problems.append(str(e))
     if problems:
         raise UsageError("\n  ".join(["the inputs have problems:"] + problems))
+    summary = shards.Summary(args.summary, shard or (0, 1)) if (shard or args.summary) else None
+    if not jobs:
+        if summary:
+            print(summary.close(), file=sys.stderr)
+        return 0
 
     label = model_paths.get("checkpoint") or model_paths.get("diffusion_model")
     print(f"dti_cli: loading model {label}", file=sys.stderr)
@@ -450,6 +477,7 @@ def _run(argv) -> int:
         inputs = job["inputs"]
         progress = TerminalProgress(f"[{i}/{len(jobs)}] {inputs['name']}")
         common.LISTENERS.append(progress)
+        job_started = time.monotonic()
         try:
             # The node reads image_folder under ComfyUI's input directory: make it this folder's parent.
             folder = Path(job["images"]).resolve()
@@ -459,16 +487,23 @@ def _run(argv) -> int:
         except Exception as e:  # one job's failure (a clash, out of memory) leaves the others to run
             failed += 1
             print(f"\ndti_cli: {job['where']} ({inputs['name']}) failed: {e}", file=sys.stderr)
+            if summary:
+                summary.job(inputs["name"], "failed", time.monotonic() - job_started, error=str(e))
             continue
         finally:
             common.LISTENERS.remove(progress)
-        summary = out["ui"]["text"][0]
+        text = out["ui"]["text"][0]
         emb = out["result"][1]
-        print(f"{summary}\n-> {emb.path}")
+        print(f"{text}\n-> {emb.path}")
+        if summary:
+            summary.job(inputs["name"], "reused" if text.startswith("Reused ") else "trained",
+                        time.monotonic() - job_started, path=emb.path)
         if inputs.get("preview_every"):
             path = os.path.splitext(emb.path)[0] + ".preview.png"
             _write_png(pack.nodes.previews.to_pil(out["result"][3]), path)
             print(f"-> {path}")
+    if summary:
+        print(summary.close(), file=sys.stderr)
     if failed:
         print(f"dti_cli: {failed} of {len(jobs)} job(s) failed", file=sys.stderr)
         return 1

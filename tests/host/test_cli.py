@@ -248,3 +248,86 @@ def test_evaluate_renders_a_prompt_set_at_seeds_then_scores(comfy, dti_pack, che
         r = cli(comfy, "evaluate", "--checkpoint", sd15_checkpoint, "--embedding", tmp_path / "word.safetensors",
                 "--references", tmp_path / "photos", "--image-model", vitl, "--out", tmp_path / "o", *extra)
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr[-2000:])
+
+
+def _jobs_file(tmp_path, checkpoint, names):
+    lines = [f'checkpoint = "{checkpoint}"', "[defaults]", "steps = 2", "batch_size = 1", "resolution = 64",
+             'initializer = "dog"']
+    for i, name in enumerate(names):
+        write_images(tmp_path / f"img{i}", n=2, seed=10 + i)
+        lines += ["[[job]]", f'name = "{name}"', f'images = "img{i}"']
+    path = tmp_path / "jobs.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _summary(path):
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+SHARD_NAMES = ["cat-a", "cat-b", "cat-c", "cat-d"]
+
+
+def test_shards_together_train_what_one_run_trains(comfy, sd15_checkpoint, tmp_path):
+    """--shard 0/2 and 1/2 into one folder: every job trained once, the same files as the unsharded run
+    (to the node's tolerance: the same seeds and inputs, so equal), a JSON line per job."""
+    from dti_cli.shards import shard_of
+    jobs = _jobs_file(tmp_path, sd15_checkpoint, SHARD_NAMES)
+    assert {shard_of(n, 2) for n in SHARD_NAMES} == {0, 1}  # both shards have work
+    r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for k in (0, 1):
+        r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "sharded", "--shard", f"{k}/2",
+                "--summary", tmp_path / "runs.jsonl")
+        assert r.returncode == 0, r.stderr[-3000:]
+        mine = [n for n in SHARD_NAMES if shard_of(n, 2) == k]
+        assert f"shard {k}/2: {len(mine)} of 4 job(s)" in r.stderr
+        assert f"dti_cli: shard {k}/2: {len(mine)} job(s): {len(mine)} trained, 0 reused, 0 failed" in r.stderr
+    records = _summary(tmp_path / "runs.jsonl")
+    assert sorted(r["job"] for r in records if "job" in r) == SHARD_NAMES
+    assert {r["status"] for r in records if "job" in r} == {"trained"}
+    for name in SHARD_NAMES:
+        a = load_embedding(str(tmp_path / "one" / f"{name}.safetensors"))
+        b = load_embedding(str(tmp_path / "sharded" / f"{name}.safetensors"))
+        assert torch.allclose(a.vectors["clip_l"], b.vectors["clip_l"], atol=1e-6)
+        assert a.metadata["dti.fingerprint"] == b.metadata["dti.fingerprint"]
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == sorted(f"{n}.safetensors" for n in SHARD_NAMES)
+
+
+def test_a_killed_shard_rerun_trains_only_what_was_left(comfy, sd15_checkpoint, tmp_path):
+    """The shard is killed once its first file is written; the rerun reuses that file (its fingerprint
+    matches) and trains the rest; every file in the folder loads whole."""
+    import time as _time
+    jobs = _jobs_file(tmp_path, sd15_checkpoint, SHARD_NAMES[:3])
+    out = tmp_path / "out"
+    env = dict(os.environ, COMFYUI_PATH=comfy.path)
+    proc = subprocess.Popen([sys.executable, "-m", "dti_cli", "--cpu", "--jobs", str(jobs), "--output", str(out),
+                             "--shard", "0/1", "--summary", str(tmp_path / "runs.jsonl")], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = _time.monotonic() + 600
+    while _time.monotonic() < deadline and proc.poll() is None:
+        if out.is_dir() and any(p.suffix == ".safetensors" for p in out.iterdir()):
+            break
+        _time.sleep(0.2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    done = sorted(p.stem for p in out.iterdir() if p.suffix == ".safetensors")
+    assert 1 <= len(done) < 3, done  # killed mid-run
+    r = cli(comfy, "--jobs", jobs, "--output", out, "--shard", "0/1", "--summary", tmp_path / "runs.jsonl")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rerun = [x for x in _summary(tmp_path / "runs.jsonl") if "job" in x][-3:]
+    assert {x["job"] for x in rerun if x["status"] == "reused"} == set(done)
+    assert {x["job"] for x in rerun if x["status"] == "trained"} == set(SHARD_NAMES[:3]) - set(done)
+    for p in out.iterdir():
+        if p.suffix == ".safetensors":
+            assert load_embedding(str(p)).is_dti
+    assert [p.name for p in out.iterdir() if not p.name.endswith(".safetensors")] == []  # no temp file left
+
+
+@pytest.mark.parametrize("spec", ["3/2", "0/0", "a/b"])
+def test_bad_shard_specs_exit_2_with_one_line(comfy, sd15_checkpoint, tmp_path, spec):
+    jobs = _jobs_file(tmp_path, sd15_checkpoint, ["only"])
+    r = cli(comfy, "--jobs", jobs, "--shard", spec)
+    assert r.returncode == 2 and "loading model" not in r.stderr, r.stderr
+    errors = [x for x in r.stderr.splitlines() if x.startswith("dti_cli: error:")]
+    assert len(errors) == 1 and "--shard" in errors[0], r.stderr
