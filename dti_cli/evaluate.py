@@ -16,10 +16,9 @@ import csv
 import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 
-from .main import UsageError, _safetensors, _write_png, find_comfyui, setup_comfyui
+from .main import UsageError, _safetensors, _write_png, find_comfyui, setup_comfyui, write_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,17 +194,7 @@ def main(argv) -> int:
 
 
 def _write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".dti-", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
+    write_atomic(str(path), lambda f: f.write(text.encode("utf-8")))
 
 def _prompt_sets_module():
     import importlib.util

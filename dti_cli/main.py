@@ -510,15 +510,19 @@ def _run(argv) -> int:
     return 0
 
 
-def _write_png(pil_image, path: str) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".dti-", suffix=".png.tmp", dir=folder)
+def write_atomic(path: str, write, suffix: str = ".tmp") -> None:
+    """``write(binary file)`` into a temporary file beside ``path``, then renamed onto it: never half-written."""
+    fd, tmp = tempfile.mkstemp(prefix=".dti-", suffix=suffix, dir=os.path.dirname(path) or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            pil_image.save(f, format="PNG")
+            write(f)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _write_png(pil_image, path: str) -> None:
+    write_atomic(path, lambda f: pil_image.save(f, format="PNG"), ".png.tmp")

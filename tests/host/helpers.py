@@ -185,3 +185,68 @@ def assert_saved_word(ct, clip, key, emb, family, initializer="dog"):
     cos = torch.nn.functional.cosine_similarity(v, start, dim=-1)
     assert bool((cos < 1 - 1e-4).all()), f"the vectors did not move from the initializer: {cos}"
     return v
+
+
+def one_frame_flow_loss_and_reference(ct, training, model, clip, vae, key):
+    """``(loss, ref)``: one DiffusionStep's loss (batch 2, seed 11, step 0, 64 px, one prompt) on one-frame
+    3-D latents (16 channels, 1/8), and the same loss computed independently: the step's draws replayed
+    from ``step_generator``, x_t = (1 - s) x0 + s n at the model's own shifted sigma, target n - x0, the
+    DiT called directly with the encoder's conditioning."""
+    with torch.inference_mode():
+        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
+        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], {key: init[key].shape[0]})
+        latents = ct.latents.encode_latents(vae, model, torch.rand(2, 64, 64, 3), hflip=False)
+    vectors = {key: m_star[key] * init[key]}
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+        lat = latents.cloned()
+        assert lat.mean.shape == (2, 16, 1, 8, 8)
+        step = ct.step.DiffusionStep(model, clip, prompts, lat, None, 2, 11, 64, "cpu")
+        loss = float(step(vectors, 0))
+        g = training.step_generator(11, 0)
+        idx = torch.randint(2, (2,), generator=g)
+        torch.rand(2, generator=g)  # flip draws (no mirrored latents here)
+        torch.randint(1, (2,), generator=g)  # prompt choice
+        u = torch.rand(2, generator=g, dtype=torch.float64)
+        noise = torch.randn((2, 16, 1, 8, 8), generator=g)
+        ms = model.get_model_object("model_sampling")
+        t_min, t_max = float(ms.timestep(ms.sigma_min)), float(ms.timestep(ms.sigma_max))
+        sigma = ms.sigma((t_min + u * (t_max - t_min)).float())
+        x0 = lat.mean[idx].float()
+        x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
+        cond, _ = ct.text.encode_tokens(clip, prompts[0].with_vectors(vectors))
+        v_pred = model.model.diffusion_model(x_t, ms.timestep(sigma).float(), context=cond.float().expand(2, -1, -1)).float()
+        ref = float(((v_pred - (noise - x0)) ** 2).mean())
+    return loss, ref
+
+
+def assert_node_trains_a_word_the_enabled_encode_reads(dti_pack, loaded, embeddings_dir, comfy_nodes, caplog, key,
+                                                       family, name):
+    """For a family whose tokenizer ComfyUI builds without an embeddings folder: DTI Train's run (2 steps,
+    a preview, on one-frame latents where the VAE gives them) leaves the input CLIP as it was and writes a
+    file (``assert_saved_word``); through DTI Enable Embeddings the stock CLIPTextEncode reads it, as the
+    training prompts placed it, without a warning. Returns the saved vectors."""
+    import logging
+
+    from dti_core.embedding_file import load_embedding
+    model, clip, vae = loaded
+    ct = dti_pack.comfy_host
+    out = run_train(dti_pack, loaded, name=name, initializer="dog", steps=2, batch_size=2,
+                    resolution=64, kappa=5e-5, learning_rate=0.05, templates="custom",
+                    custom_templates="a photo of a {}\n{} on a beach, a good photo", preview_every=2, preview_steps=1)
+    assert out["ui"]["text"][0].startswith(f"Saved embedding:{name}")
+    assert ct.text.text_encoders(clip)[key][1].embedding_directory is None  # the input CLIP was left alone
+    v = assert_saved_word(ct, clip, key, load_embedding(str(embeddings_dir / f"{name}.safetensors")), family)
+    preview = out["result"][3]
+    assert preview.dim() == 4 and preview.shape[-1] == 3 and bool(torch.isfinite(preview).all())
+
+    caplog.set_level(logging.WARNING)
+    with torch.inference_mode():
+        (on,) = dti_pack.nodes.embedding_nodes.DTIEnableEmbeddings().enable(clip)["result"]
+        (with_word,) = comfy_nodes.CLIPTextEncode().encode(on, f"a photo of embedding:{name}")
+        (plain,) = comfy_nodes.CLIPTextEncode().encode(on, "a photo of dog")
+        (prompt,) = ct.text.tokenize_templates(on, ["a photo of {}"], v.shape[0])
+        spliced = on.encode_from_tokens_scheduled(prompt.with_vectors({key: v}))
+    assert not torch.equal(with_word[0][0], plain[0][0])
+    assert torch.equal(with_word[0][0], spliced[0][0])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    return v

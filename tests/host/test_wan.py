@@ -10,13 +10,12 @@ it for a full file (checkpoints.load_wan). ComfyUI builds Wan's UMT5 tokenizer w
 folder (as Gemma's): prompts read the word through DTI Enable Embeddings.
 """
 
-import logging
-
 import pytest
 import torch
 
-from dti_core.embedding_file import load_embedding
-from tests_host_helpers import (assert_m_star_is_the_tables_mean_norm, assert_saved_word, run_train,
+from tests_host_helpers import (assert_m_star_is_the_tables_mean_norm,
+                                assert_node_trains_a_word_the_enabled_encode_reads,
+                                one_frame_flow_loss_and_reference,
                                 teacher_student_through_the_text_encoder)
 
 KEY = "umt5xxl"
@@ -82,61 +81,16 @@ def test_wan_trains_on_still_images_through_the_node_and_the_stock_encode_reads_
                                                                                         comfy_nodes, caplog):
     """The node's run on one-frame 3-D latents (preview too, decoded by the video VAE), the input CLIP
     left as it was, a file that the stock encode reads through DTI Enable Embeddings."""
-    model, clip, vae = wan.out
-    ct = dti_pack.comfy_host
-    out = run_train(dti_pack, wan.out, name="wan-dog", initializer="dog", steps=2, batch_size=2,
-                    resolution=64, kappa=5e-5, learning_rate=0.05, templates="custom",
-                    custom_templates="a photo of a {}\n{} on a beach, a good photo", preview_every=2, preview_steps=1)
-    assert out["ui"]["text"][0].startswith("Saved embedding:wan-dog")
-    assert ct.text.text_encoders(clip)[KEY][1].embedding_directory is None  # the input CLIP was left alone
-    v = assert_saved_word(ct, clip, KEY, load_embedding(str(embeddings_dir / "wan-dog.safetensors")),
-                          "Wan 2.1 / 2.2")
-    preview = out["result"][3]
-    assert preview.dim() == 4 and preview.shape[-1] == 3 and bool(torch.isfinite(preview).all())
-
-    caplog.set_level(logging.WARNING)
-    with torch.inference_mode():
-        on = enabled(dti_pack, clip)
-        (with_word,) = comfy_nodes.CLIPTextEncode().encode(on, "a photo of embedding:wan-dog")
-        (plain,) = comfy_nodes.CLIPTextEncode().encode(on, "a photo of dog")
-        (prompt,) = ct.text.tokenize_templates(on, ["a photo of {}"], v.shape[0])
-        spliced = on.encode_from_tokens_scheduled(prompt.with_vectors({KEY: v}))
-    assert with_word[0][0].shape[-1] == WIDTH and not torch.equal(with_word[0][0], plain[0][0])
-    assert torch.equal(with_word[0][0], spliced[0][0])
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert_node_trains_a_word_the_enabled_encode_reads(dti_pack, wan.out, embeddings_dir, comfy_nodes, caplog, KEY,
+                                                       "Wan 2.1 / 2.2", "wan-dog")
 
 
 def test_flow_loss_on_one_frame_latents_equals_an_independent_computation(wan, dti_pack):
     """One step of the node's loss on a 3-D latent: x_t = (1 - s) x0 + s n at the model's own shifted
     sigma, target n - x0, the Wan DiT called directly with the UMT5 conditioning."""
-    ct = dti_pack.comfy_host
-    training = dti_pack.dti_core.training
     model, clip, vae = wan.out
-    clip = enabled(dti_pack, clip)
-    with torch.inference_mode():
-        init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
-        prompts = ct.text.tokenize_templates(clip, ["a photo of a {}"], {KEY: init[KEY].shape[0]})
-        latents = ct.latents.encode_latents(vae, model, torch.rand(2, 64, 64, 3), hflip=False)
-    vectors = {KEY: m_star[KEY] * init[KEY]}
-    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
-        lat = latents.cloned()
-        assert lat.mean.shape == (2, 16, 1, 8, 8)
-        step = ct.step.DiffusionStep(model, clip, prompts, lat, None, 2, 11, 64, "cpu")
-        loss = float(step(vectors, 0))
-        g = training.step_generator(11, 0)
-        idx = torch.randint(2, (2,), generator=g)
-        torch.rand(2, generator=g)  # flip draws (no mirrored latents here)
-        torch.randint(1, (2,), generator=g)  # prompt choice
-        u = torch.rand(2, generator=g, dtype=torch.float64)
-        noise = torch.randn((2, 16, 1, 8, 8), generator=g)
-        ms = model.get_model_object("model_sampling")
-        t = (float(ms.timestep(ms.sigma_min)) + u * (float(ms.timestep(ms.sigma_max)) - float(ms.timestep(ms.sigma_min)))).float()
-        sigma = ms.sigma(t)
-        x0 = lat.mean[idx].float()
-        x_t = (1 - sigma.view(-1, 1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1, 1) * noise
-        cond, _ = ct.text.encode_tokens(clip, prompts[0].with_vectors(vectors))
-        v_pred = model.model.diffusion_model(x_t, ms.timestep(sigma).float(), context=cond.float().expand(2, -1, -1)).float()
-        ref = float(((v_pred - (noise - x0)) ** 2).mean())
+    loss, ref = one_frame_flow_loss_and_reference(dti_pack.comfy_host, dti_pack.dti_core.training, model,
+                                                  enabled(dti_pack, clip), vae, KEY)
     assert loss == pytest.approx(ref, rel=1e-4)
 
 
