@@ -175,10 +175,10 @@ def test_unsupported_models_are_refused_naming_what_is_supported(dti_pack, fresh
     ct = dti_pack.comfy_host
     model, clip, vae = fresh_sd15
     flux_like = types.SimpleNamespace(model=types.SimpleNamespace(model_config=object()))
-    with pytest.raises(ValueError, match=r"supports SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 / SD3.5, Lumina 2, Z-Image, FLUX.2 klein, Wan 2.1 / 2.2; this MODEL is SimpleNamespace"):
+    with pytest.raises(ValueError, match=r"supports SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 / SD3.5, Lumina 2, Z-Image, FLUX.2 klein, Wan 2.1 / 2.2, Qwen-Image; this MODEL is SimpleNamespace"):
         run_train(dti_pack, (flux_like, clip, vae))
     no_text = types.SimpleNamespace(tokenizer=types.SimpleNamespace(), cond_stage_model=types.SimpleNamespace())
-    with pytest.raises(ValueError, match=r"supports SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 / SD3.5, Lumina 2, Z-Image, FLUX.2 klein, Wan 2.1 / 2.2; this CLIP \(SimpleNamespace\) has no text encoder"):
+    with pytest.raises(ValueError, match=r"supports SD1.x, SD2.x, SDXL, Flux.1, Chroma, SD3 / SD3.5, Lumina 2, Z-Image, FLUX.2 klein, Wan 2.1 / 2.2, Qwen-Image; this CLIP \(SimpleNamespace\) has no text encoder"):
         ct.families.family_of(model, no_text)
 
 
