@@ -161,9 +161,9 @@ def coerce(name: str, value, option: tuple, where: str):
     return value
 
 
-def build_parser(options: dict | None) -> argparse.ArgumentParser:
+def build_parser(options: dict | None, add_help: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dti_cli",
+        prog="python -m dti_cli", add_help=add_help,
         description="Train Directional Textual Inversion embeddings from folders of images, without the "
                     "ComfyUI server. Uses ComfyUI's loaders and DTI Train's own code: the same defaults, "
                     "the same files.")
@@ -384,7 +384,8 @@ def main(argv=None) -> int:
         # The node's inputs are listed only when ComfyUI is found (they are read from the node).
         options = None
         try:
-            pre = build_parser(None).parse_known_args(argv)[0]
+            # (without its own -h: it would print the short help and exit before the node is read)
+            pre = build_parser(None, add_help=False).parse_known_args(argv)[0]
             pack = setup_comfyui(find_comfyui(pre.comfyui), cpu=True)
             options = node_options(pack.nodes.train_node.DTITrain)
         except Exception:

@@ -331,3 +331,12 @@ def test_bad_shard_specs_exit_2_with_one_line(comfy, sd15_checkpoint, tmp_path, 
     assert r.returncode == 2 and "loading model" not in r.stderr, r.stderr
     errors = [x for x in r.stderr.splitlines() if x.startswith("dti_cli: error:")]
     assert len(errors) == 1 and "--shard" in errors[0], r.stderr
+
+
+def test_help_lists_every_dti_train_input(comfy):
+    """``--help`` reads the node's inputs (ComfyUI found): every DTI Train widget input is an option."""
+    r = cli(comfy, "--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for flag in ("--learning-rate", "--kappa", "--method", "--gradient-checkpointing", "--preview-every",
+                 "--shard", "--summary"):
+        assert flag in r.stdout, flag
