@@ -112,14 +112,10 @@ def initial_vectors(clip, words: str, count: int, magnitude, keys=None) -> tuple
     for key, (_, tok, encoder) in text_encoders(clip).items():
         if keys is not None and key not in keys:
             continue
-        ids = initializer_ids(tok, words)
-        if not ids:
-            raise ValueError(f"initializer {words!r} produced no tokens")
         vocab = vocabulary(encoder)
-        with torch.inference_mode(False):
-            rows = normalize(vocab[ids].detach().float().cpu().clone())
-        n = count if count > 0 else len(ids)
-        if n != len(ids):
+        rows = normalize(_token_rows(tok, vocab, words))
+        n = count if count > 0 else rows.shape[0]
+        if n != rows.shape[0]:
             rows = normalize(rows.mean(dim=0, keepdim=True)).expand(n, -1).clone()
         init[key], mu[key] = rows, rows.clone()
         with torch.inference_mode(False):
@@ -138,14 +134,19 @@ def initializer_rows(clip, words: str, count: int, keys) -> dict[str, torch.Tens
     for key, (_, tok, encoder) in text_encoders(clip).items():
         if key not in keys:
             continue
-        ids = initializer_ids(tok, words)
-        if not ids:
-            raise ValueError(f"initializer {words!r} produced no tokens")
-        with torch.inference_mode(False):
-            rows = vocabulary(encoder)[ids].detach().float().cpu().clone() * lookup_scale(encoder)
-        n = count if count > 0 else len(ids)
-        out[key] = rows.mean(dim=0, keepdim=True).expand(n, -1).clone() if n != len(ids) else rows
+        rows = _token_rows(tok, vocabulary(encoder), words) * lookup_scale(encoder)
+        n = count if count > 0 else rows.shape[0]
+        out[key] = rows.mean(dim=0, keepdim=True).expand(n, -1).clone() if n != rows.shape[0] else rows
     return out
+
+
+def _token_rows(tok, vocab: torch.Tensor, words: str) -> torch.Tensor:
+    """The table rows (float32, CPU, as stored) of ``words``' tokens as ``tok`` splits them."""
+    ids = initializer_ids(tok, words)
+    if not ids:
+        raise ValueError(f"initializer {words!r} produced no tokens")
+    with torch.inference_mode(False):
+        return vocab[ids].detach().float().cpu().clone()
 
 
 def _marker(n: int, width: int) -> torch.Tensor:

@@ -154,7 +154,7 @@ def main(argv) -> int:
     same = len({tuple(t.shape) for t in images}) == 1
     batches = [torch.stack(images)] if same else [t[None] for t in images]
     try:
-        lines = node_mod._prompt_lines(prompts, len(images)) if prompts.strip() else None
+        lines = node_mod.prompt_lines(prompts, len(images)) if prompts.strip() else None
     except ValueError as e:
         raise UsageError(str(e)) from None
     # (the references folder is read by the node as its reference_folder, under its input directory)
@@ -186,7 +186,7 @@ def main(argv) -> int:
     mean_text = sum(text_scores) / len(text_scores) if text_scores else None
     w.writerow(["mean", "", f"{mean_image:.6f}", f"{mean_text:.6f}" if mean_text is not None else ""])
     _write_text(buf.getvalue(), out_dir / "scores.csv")
-    chart = node_mod._chart(image_scores, text_scores)
+    chart = node_mod.score_chart(image_scores, text_scores)
     _write_png(previews.to_pil(chart), str(out_dir / "scores.png"))
     print(report or f"image score {mean_image:.4f}" + (f"; text score {mean_text:.4f}" if mean_text is not None else ""))
     print(f"-> {out_dir / 'scores.csv'}\n-> {out_dir / 'scores.png'}")

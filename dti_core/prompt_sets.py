@@ -8,6 +8,8 @@ where the learned word goes.
 
 from __future__ import annotations
 
+import re
+
 PROMPT_SETS: dict[str, tuple[str, ...]] = {
     "simple": (
         'a {} in the jungle',
@@ -59,21 +61,12 @@ PROMPT_SETS: dict[str, tuple[str, ...]] = {
 def parse_seeds(text: str) -> list[int]:
     """``"0-3"`` -> [0, 1, 2, 3]; ``"0,5,7"`` -> [0, 5, 7]; each seed at most once, in order."""
     seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            if "-" in part[1:]:
-                a, b = part.split("-", 1) if not part.startswith("-") else (None, None)
-                lo, hi = int(a), int(b)
-                if hi < lo or hi - lo > 10000:
-                    raise ValueError
-                seeds += range(lo, hi + 1)
-            else:
-                seeds.append(int(part))
-        except (TypeError, ValueError):
-            raise ValueError(f"seeds {text!r}: write a range '0-3' or a list '0,5,7' of whole numbers >= 0") from None
-    if not seeds or min(seeds) < 0:
+    for part in (p.strip() for p in str(text).split(",")):
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        lo, hi = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, -1)
+        if part and (hi < lo or hi - lo > 10000):
+            raise ValueError(f"seeds {text!r}: write a range '0-3' or a list '0,5,7' of whole numbers >= 0")
+        seeds += range(lo, hi + 1)
+    if not seeds:
         raise ValueError(f"seeds {text!r}: write a range '0-3' or a list '0,5,7' of whole numbers >= 0")
     return list(dict.fromkeys(seeds))

@@ -68,7 +68,7 @@ class DTIEvaluate:
                 raise ValueError("the text score needs both clip and text_vision connected (and the prompts); "
                                  "leave all three out for the image score alone")
             key = scoring.text_tower(clip, text_vision)
-            lines = _prompt_lines(prompts, n)
+            lines = prompt_lines(prompts, n)
 
         ref_features = torch.cat([scoring.image_features(image_vision, r) for r in refs])
         per_image = scoring.image_scores(scoring.image_features(image_vision, generated.float()), ref_features)
@@ -92,7 +92,7 @@ class DTIEvaluate:
             report.append(f"  image {i + 1}: image {s:.4f}" + (f", text {text_scores[i]:.4f}" if text_scores else ""))
         text = "\n".join(report)
         log.info("DTI Evaluate: %s", text.replace("\n", "; "))
-        chart = _chart(image_scores, text_scores)
+        chart = score_chart(image_scores, text_scores)
         return {"ui": {"text": [text]},
                 "result": (image_score, text_score, image_scores, text_scores, text, chart)}
 
@@ -131,7 +131,7 @@ def _references(images, mask, folder: str):
     return refs, any_mask
 
 
-def _prompt_lines(prompts: str, n: int) -> list[str]:
+def prompt_lines(prompts: str, n: int) -> list[str]:
     lines = [p.strip() for p in prompts.splitlines() if p.strip()]
     if not lines:
         raise ValueError("the text score needs the prompts the images were rendered from (one line per image, "
@@ -142,7 +142,7 @@ def _prompt_lines(prompts: str, n: int) -> list[str]:
     return [line for line in lines for _ in range(n // len(lines))]
 
 
-def _chart(image_scores: list[float], text_scores: list[float]) -> torch.Tensor:
+def score_chart(image_scores: list[float], text_scores: list[float]) -> torch.Tensor:
     """Bars per generated image on a 0..1 axis (negative cosines drawn at 0)."""
     n = len(image_scores)
     width = max(320, MARGIN * 2 + n * (2 * BAR_W + 12))
