@@ -120,7 +120,8 @@ def main() -> None:
                 from torch.utils.flop_counter import FlopCounterMode
 
                 with FlopCounterMode(display=False) as fc:
-                    embeds = {k: m_star[k] * v.to(dev).requires_grad_() for k, v in init.items()}
+                    # clone: the initializer rows were read under inference mode (a leaf must be a normal tensor)
+                    embeds = {k: m_star[k] * v.to(dev).clone().requires_grad_() for k, v in init.items()}
                     step_fn(embeds, 0).backward()
                 total = fc.get_total_flops()
                 report["step_tflop"] = total / 1e12

@@ -25,7 +25,7 @@ def test_train_step_benchmark_runs_the_node_step(comfy_path, checkpoint_cache_di
           "--res", 64, "--bs", 2, "--steps", 1, "--warmup", 1, "--out", out)
     report = json.loads(out.read_text())
     assert report["model"] == "sd15" and report["res"] == 64 and report["bs"] == 2
-    assert report["s_per_step"] > 0 and report["step_tflop"] > 0, report
+    assert report["s_per_step"] > 0 and report.get("step_tflop", 0) > 0, report
 
 
 def test_memory_benchmark_reports_every_phase(comfy_path, checkpoint_cache_dir):
