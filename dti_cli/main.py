@@ -184,6 +184,13 @@ def build_parser(options: dict | None, add_help: bool = True) -> argparse.Argume
                                    "only), or 'auto' in a Slurm array or a Kubernetes Indexed Job. A job whose file "
                                    "already holds its result is skipped, so a requeued shard only trains what is left.")
     g.add_argument("--summary", help="Append one JSON line per job (and one per run) to this file.")
+    g.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="Train the jobs on a Ray cluster, one actor per GPU, each loading the model once: "
+                        "ADDRESS is HOST:PORT or ray://HOST:PORT, 'auto' (the default: the cluster this machine "
+                        "is in) or 'local' (start Ray here with the devices this machine has). Needs --output on "
+                        "a disk every node sees, and Ray installed (pip install ray).")
+    g.add_argument("--actors", type=int, help="With --ray: how many actors (default: one per GPU of the cluster; "
+                                              "with --cpu, 1).")
     g = p.add_argument_group("host")
     g.add_argument("--comfyui", help="ComfyUI folder (default: COMFYUI_PATH, else the ComfyUI this pack sits in).")
     g.add_argument("--cpu", action="store_true", help="Run on the CPU, as ComfyUI's --cpu.")
@@ -423,6 +430,19 @@ def _run(argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
         host.paths.add_embedding_folder(str(out.resolve()))
 
+    if args.ray is not None or args.actors is not None:
+        from . import ray_runner
+
+        if args.ray is None:
+            raise UsageError("--actors is for --ray")
+        if args.shard:
+            raise UsageError("give either --ray or --shard: a Ray cluster hands out the jobs itself")
+        if not args.output:
+            raise UsageError("--ray needs --output FOLDER, on a disk that every Ray node sees")
+        if args.actors is not None and args.actors < 1:
+            raise UsageError(f"--actors {args.actors}: give 1 or more")
+        ray_runner.import_ray()
+        ray_runner.check_address(args.ray)
     shard = None
     if args.shard:
         try:
@@ -461,6 +481,9 @@ def _run(argv) -> int:
         if summary:
             print(summary.close(), file=sys.stderr)
         return 0
+    if args.ray is not None:
+        summary = shards.Summary(args.summary, "ray") if args.summary else None
+        return ray_runner.run(args, model_paths, jobs, comfy_path, summary)
 
     label = model_paths.get("checkpoint") or model_paths.get("diffusion_model")
     print(f"dti_cli: loading model {label}", file=sys.stderr)
@@ -471,8 +494,6 @@ def _run(argv) -> int:
         raise UsageError(str(e)) from None
     print(f"dti_cli: model loaded in {time.monotonic() - started:.1f} s; {len(jobs)} job(s)", file=sys.stderr)
 
-    import torch
-
     failed = 0
     for i, job in enumerate(jobs, 1):
         inputs = job["inputs"]
@@ -480,11 +501,7 @@ def _run(argv) -> int:
         common.LISTENERS.append(progress)
         job_started = time.monotonic()
         try:
-            # The node reads image_folder under ComfyUI's input directory: make it this folder's parent.
-            folder = Path(job["images"]).resolve()
-            host.paths.set_input_directory(str(folder.parent))
-            with torch.inference_mode():
-                out = train_node.DTITrain().run(model, clip, vae, image_folder=folder.name, **inputs)
+            out = run_job(pack, (model, clip, vae), job)
         except Exception as e:  # one job's failure (a clash, out of memory) leaves the others to run
             failed += 1
             print(f"\ndti_cli: {job['where']} ({inputs['name']}) failed: {e}", file=sys.stderr)
@@ -509,6 +526,18 @@ def _run(argv) -> int:
         print(f"dti_cli: {failed} of {len(jobs)} job(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+def run_job(pack, loaded, job) -> dict:
+    """DTI Train's ``run`` on one job, as ComfyUI's executor calls it; returns the node's output."""
+    import torch
+
+    model, clip, vae = loaded
+    # The node reads image_folder under ComfyUI's input directory: make it this folder's parent.
+    folder = Path(job["images"]).resolve()
+    pack.comfy_host.paths.set_input_directory(str(folder.parent))
+    with torch.inference_mode():
+        return pack.nodes.train_node.DTITrain().run(model, clip, vae, image_folder=folder.name, **job["inputs"])
 
 
 def write_atomic(path: str, write, suffix: str = ".tmp") -> None:

@@ -72,8 +72,8 @@ class Summary:
     """One JSON line per job (``--summary FILE``, appended: shards may share one file on a shared disk;
     each line is written with one ``write`` call on a file opened for appending) and a closing line."""
 
-    def __init__(self, path: str | None, shard: tuple[int, int]):
-        self.path, self.shard = path, f"{shard[0]}/{shard[1]}"
+    def __init__(self, path: str | None, shard: tuple[int, int] | str):
+        self.path, self.shard = path, shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}"
         self.counts = {"trained": 0, "reused": 0, "failed": 0}
         self.started = time.monotonic()
 
@@ -85,7 +85,8 @@ class Summary:
     def line(self) -> str:
         c = self.counts
         total = sum(c.values())
-        return (f"dti_cli: shard {self.shard}: {total} job(s): {c['trained']} trained, {c['reused']} reused, "
+        where = "ray" if self.shard == "ray" else f"shard {self.shard}"
+        return (f"dti_cli: {where}: {total} job(s): {c['trained']} trained, {c['reused']} reused, "
                 f"{c['failed']} failed in {time.monotonic() - self.started:.0f} s")
 
     def close(self) -> str:

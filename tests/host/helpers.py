@@ -1,9 +1,15 @@
 """Helpers shared by host tests: call DTI Train the way ComfyUI's executor does."""
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import torch
-
+from PIL import Image
 
 def images(n=2, size=64, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -250,3 +256,39 @@ def assert_node_trains_a_word_the_enabled_encode_reads(dti_pack, loaded, embeddi
     assert torch.equal(with_word[0][0], spliced[0][0])
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     return v
+
+
+# --- the command line (python -m dti_cli) in a subprocess, on generated image folders ---------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_images(folder: Path, n=3, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    arrays = [(rng.rand(64, 64, 3) * 255).astype("uint8") for _ in range(n)]
+    for i, a in enumerate(arrays):
+        Image.fromarray(a).save(folder / f"{i:02d}.png")
+    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)
+
+
+def cli(comfy, *args, cwd=REPO, env_extra=None):
+    env = dict(os.environ, COMFYUI_PATH=comfy.path)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "dti_cli", "--cpu", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def jobs_file(tmp_path, checkpoint, names):
+    lines = [f'checkpoint = "{checkpoint}"', "[defaults]", "steps = 2", "batch_size = 1", "resolution = 64",
+             'initializer = "dog"']
+    for i, name in enumerate(names):
+        write_images(tmp_path / f"img{i}", n=2, seed=10 + i)
+        lines += ["[[job]]", f'name = "{name}"', f'images = "img{i}"']
+    path = tmp_path / "jobs.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def summary_records(path):
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []

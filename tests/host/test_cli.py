@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,26 +11,9 @@ import torch
 from PIL import Image
 
 from dti_core.embedding_file import load_embedding
-from tests_host_helpers import run_train
+from tests_host_helpers import REPO, cli, jobs_file as _jobs_file, run_train, summary_records as _summary, write_images
 
-REPO = Path(__file__).resolve().parents[2]
 TRAIN = dict(initializer="cat", steps=2, batch_size=2, resolution=64, seed=1, horizontal_flip=True)
-
-
-def write_images(folder: Path, n=3, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    arrays = [(rng.rand(64, 64, 3) * 255).astype("uint8") for _ in range(n)]
-    for i, a in enumerate(arrays):
-        Image.fromarray(a).save(folder / f"{i:02d}.png")
-    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0)
-
-
-def cli(comfy, *args, cwd=REPO, env_extra=None):
-    env = dict(os.environ, COMFYUI_PATH=comfy.path)
-    env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "dti_cli", "--cpu", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
 
 
 def flags(**values):
@@ -248,21 +230,6 @@ def test_evaluate_renders_a_prompt_set_at_seeds_then_scores(comfy, dti_pack, che
         r = cli(comfy, "evaluate", "--checkpoint", sd15_checkpoint, "--embedding", tmp_path / "word.safetensors",
                 "--references", tmp_path / "photos", "--image-model", vitl, "--out", tmp_path / "o", *extra)
         assert r.returncode == 2 and message in r.stderr, (extra, r.stderr[-2000:])
-
-
-def _jobs_file(tmp_path, checkpoint, names):
-    lines = [f'checkpoint = "{checkpoint}"', "[defaults]", "steps = 2", "batch_size = 1", "resolution = 64",
-             'initializer = "dog"']
-    for i, name in enumerate(names):
-        write_images(tmp_path / f"img{i}", n=2, seed=10 + i)
-        lines += ["[[job]]", f'name = "{name}"', f'images = "img{i}"']
-    path = tmp_path / "jobs.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _summary(path):
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 SHARD_NAMES = ["cat-a", "cat-b", "cat-c", "cat-d"]
