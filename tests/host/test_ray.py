@@ -12,7 +12,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from dti_core.embedding_file import load_embedding
 from tests_host_helpers import REPO, cli, jobs_file as _jobs_file, summary_records as _summary
@@ -68,10 +67,10 @@ class Driver:
 
 @needs_ray
 def test_ray_trains_the_jobs_file_as_the_sequential_run_and_survives_a_killed_actor(comfy, sd15_checkpoint, tmp_path):
-    """Four jobs on two CPU actors of a local Ray; one actor is killed (SIGKILL) two seconds into its
+    """Four jobs on two CPU actors of a local Ray; one actor is killed (SIGKILL) 1.5 s into its
     first job: that job runs again on another actor, a new actor takes the dead one's place, and the
     folder ends with the four files of the sequential run (same seeds and inputs), nothing else."""
-    jobs = _jobs(tmp_path, sd15_checkpoint, steps=30)
+    jobs = _jobs(tmp_path, sd15_checkpoint, steps=12)  # ~5 s a job here
     r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "one")
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -81,7 +80,7 @@ def test_ray_trains_the_jobs_file_as_the_sequential_run_and_survives_a_killed_ac
     started = d.wait_for(" started on actor ")
     victim_job = started.split("dti_cli: ray: ")[1].split(" started on ")[0]
     pid = int(started.split("(pid ")[1].split(" ")[0])
-    time.sleep(2.0)
+    time.sleep(1.5)
     os.kill(pid, signal.SIGKILL)
     rc, err = d.finish()
     assert rc == 0, err[-4000:]
@@ -97,16 +96,16 @@ def test_ray_trains_the_jobs_file_as_the_sequential_run_and_survives_a_killed_ac
         a = load_embedding(str(tmp_path / "one" / f"{name}.safetensors"))
         b = load_embedding(str(out / f"{name}.safetensors"))
         assert a.metadata["dti.fingerprint"] == b.metadata["dti.fingerprint"]
-        # fp32 vectors; the actors run torch on one thread, the sequential run on two (another summation order)
-        assert torch.allclose(a.vectors["clip_l"], b.vectors["clip_l"], atol=1e-5), name
-
-    # Run again: every file is there with its fingerprint, so every job is reused and none trains.
-    r = cli(comfy, "--jobs", jobs, "--output", out, "--ray", "local", "--actors", 2)
-    assert r.returncode == 0 and "4/4 done" in r.stderr and r.stdout.count("Reused ") == 4, r.stderr[-3000:]
+        # fp32 vectors; the actors run torch on one thread, the sequential run on two (another summation
+        # order): 1e-8 seen here
+        diff = (a.vectors["clip_l"] - b.vectors["clip_l"]).abs().max().item()
+        assert diff <= 1e-6, (name, diff)
 
 
 @needs_ray
 def test_ctrl_c_stops_the_ray_run_and_leaves_whole_files(comfy, sd15_checkpoint, tmp_path):
+    """SIGINT to the driver (Ctrl-C) during a long job: exit 130 with a line saying what to do, the
+    actors killed, no temp file in the output folder, and no Ray process of this run left."""
     jobs = _jobs(tmp_path, sd15_checkpoint, steps=200)
     out = tmp_path / "out"
     d = Driver(comfy, "--jobs", jobs, "--output", out, "--ray", "local", "--actors", 1)
@@ -117,6 +116,8 @@ def test_ctrl_c_stops_the_ray_run_and_leaves_whole_files(comfy, sd15_checkpoint,
     assert rc == 130, err[-3000:]
     assert "interrupted; stopping the actors" in err and "run again to train what is left" in err, err[-3000:]
     assert not out.exists() or [p.name for p in out.iterdir() if not p.name.endswith(".safetensors")] == []
+    left = subprocess.run(["pgrep", "-f", "ray::Trainer"], capture_output=True, text=True).stdout.split()
+    assert left == [], left
 
 
 def _free_port():

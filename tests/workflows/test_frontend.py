@@ -526,6 +526,9 @@ def test_result_text_of_slerp_and_inspect_shows_on_the_nodes(page, ui_server, fr
     assert page.dti_problems() == []
 
 
+# The newest frontend only: its widgets and nodes are the ones every other test here checks in all three
+# frontends; this run adds only the workflow's own wiring (~40 s a frontend on the CI machine).
+@pytest.mark.parametrize("frontend", ["newest"], indirect=True)
 def test_dti_vs_ti_queued_from_the_page_shows_both_words_the_grid_and_the_four_scores(page, ui_server, frontend):
     """The shipped DTI-vs-TI workflow, loaded in the page and queued from it (cut to CPU size: 2 training
     steps at 64 px, 1 sampler step, 2 seeds): both DTI Train nodes show their word, both DTI Evaluate
