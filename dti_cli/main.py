@@ -411,6 +411,8 @@ def main(argv=None) -> int:
 
 def _run(argv) -> int:
     pre = build_parser(None).parse_known_args(argv)[0]
+    if pre.ray is not None or pre.actors is not None:
+        check_ray_options(pre)  # before ComfyUI is imported: a wrong address must not wait for that
     comfy_path = find_comfyui(pre.comfyui)
     print(f"dti_cli: ComfyUI at {comfy_path}", file=sys.stderr)
     pack = setup_comfyui(comfy_path, cpu=pre.cpu)
@@ -430,19 +432,6 @@ def _run(argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
         host.paths.add_embedding_folder(str(out.resolve()))
 
-    if args.ray is not None or args.actors is not None:
-        from . import ray_runner
-
-        if args.ray is None:
-            raise UsageError("--actors is for --ray")
-        if args.shard:
-            raise UsageError("give either --ray or --shard: a Ray cluster hands out the jobs itself")
-        if not args.output:
-            raise UsageError("--ray needs --output FOLDER, on a disk that every Ray node sees")
-        if args.actors is not None and args.actors < 1:
-            raise UsageError(f"--actors {args.actors}: give 1 or more")
-        ray_runner.import_ray()
-        ray_runner.check_address(args.ray)
     shard = None
     if args.shard:
         try:
@@ -483,6 +472,8 @@ def _run(argv) -> int:
         return 0
     if args.ray is not None:
         summary = shards.Summary(args.summary, "ray") if args.summary else None
+        from . import ray_runner
+
         return ray_runner.run(args, model_paths, jobs, comfy_path, summary)
 
     label = model_paths.get("checkpoint") or model_paths.get("diffusion_model")
@@ -526,6 +517,21 @@ def _run(argv) -> int:
         print(f"dti_cli: {failed} of {len(jobs)} job(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+def check_ray_options(args) -> None:
+    from . import ray_runner
+
+    if args.ray is None:
+        raise UsageError("--actors is for --ray")
+    if args.shard:
+        raise UsageError("give either --ray or --shard: a Ray cluster hands out the jobs itself")
+    if not args.output:
+        raise UsageError("--ray needs --output FOLDER, on a disk that every Ray node sees")
+    if args.actors is not None and args.actors < 1:
+        raise UsageError(f"--actors {args.actors}: give 1 or more")
+    ray_runner.import_ray()
+    ray_runner.check_address(args.ray)
 
 
 def run_job(pack, loaded, job) -> dict:

@@ -25,6 +25,7 @@ from .main import PACK_ROOT, UsageError, _clock
 
 ATTEMPTS = 2  # a job runs at most twice: once, then once more elsewhere
 CONNECT_TIMEOUT_S = 5.0
+WAIT_NOTICE_S = 120.0  # no actor placed by then: say so (a busy cluster), keep waiting
 
 
 def import_ray():
@@ -67,13 +68,15 @@ class Trainer:
         self.cli = cli
         self.pack = cli.setup_comfyui(Path(comfy_path), cpu)
         self.pack.comfy_host.paths.add_embedding_folder(output)
+        started = time.monotonic()
         self.loaded = self.pack.comfy_host.loaders.load_model(model_paths)
+        self.load_s = time.monotonic() - started
         self.state = {"job": None, "step": 0, "steps": 0}
 
     def where(self) -> dict:
         import ray
 
-        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+        return {"pid": os.getpid(), "node": ray.util.get_node_ip_address(), "load_s": self.load_s}
 
     def progress(self) -> dict:
         return dict(self.state)
@@ -164,13 +167,18 @@ def run(args, model_paths: dict, jobs: list[dict], comfy_path: Path, summary) ->
 def _drive(ray, args, model_paths, jobs, comfy_path, summary) -> int:
     from ray.exceptions import RayActorError
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cluster = ray.cluster_resources()
+    gpus, cpus = int(cluster.get("GPU", 0)), int(cluster.get("CPU", 0))
     if args.cpu:
-        count, resources = args.actors or 1, {"num_cpus": 1}
+        count, resources, have = args.actors or 1, {"num_cpus": 1}, cpus
     else:
         if not gpus:
             raise UsageError(f"--ray {args.ray or 'auto'}: the cluster has no GPU; add --cpu to train on CPU actors")
-        count, resources = args.actors or gpus, {"num_gpus": 1}
+        count, resources, have = args.actors or gpus, {"num_gpus": 1}, gpus
+    if count > have:  # Ray would leave the rest waiting for a device forever
+        print(f"dti_cli: ray: {count} actors asked for, the cluster has {have} {'CPU' if args.cpu else 'GPU'}(s): "
+              f"starting {have}", file=sys.stderr)
+        count = have
     count = max(1, min(count, len(jobs)))
     actor_cls = ray.remote(Trainer).options(max_concurrency=2, **resources)
     spare = count  # replacements for actors that die
@@ -190,6 +198,7 @@ def _drive(ray, args, model_paths, jobs, comfy_path, summary) -> int:
     progress = Progress(len(jobs))
     polls = {}  # actor -> progress future
     last_steps = {}  # job -> (step, steps) last answered
+    waited = False
 
     def retire(entry, error):
         nonlocal failed
@@ -222,7 +231,7 @@ def _drive(ray, args, model_paths, jobs, comfy_path, summary) -> int:
                         progress.say(f"dti_cli: ray: an actor did not start: {_first_line(e)}")
                         continue
                     labels[actor] = f"actor {len(labels) + 1} (pid {where['pid']} on {where['node']})"
-                    progress.say(f"dti_cli: ray: {labels[actor]} loaded the model")
+                    progress.say(f"dti_cli: ray: {labels[actor]} model loaded in {where['load_s']:.1f} s")
                     idle.append(actor)
             if not idle and not running and not starting:
                 while queue:
@@ -243,6 +252,10 @@ def _drive(ray, args, model_paths, jobs, comfy_path, summary) -> int:
                 running[actor.train.remote(entry["job"])] = (actor, entry, time.monotonic())
                 progress.say(f"dti_cli: ray: {entry['job']['inputs']['name']} started on {labels[actor]}")
             if not running:
+                if not labels and time.monotonic() - progress.started > WAIT_NOTICE_S and not waited:
+                    waited = True
+                    progress.say(f"dti_cli: ray: no actor has started after {WAIT_NOTICE_S:.0f} s: the cluster may "
+                                 f"have no free {'CPU' if args.cpu else 'GPU'} (ray status shows what it holds)")
                 ray.wait(list(starting.values()), num_returns=1, timeout=1.0)
                 continue
             finished, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
@@ -288,7 +301,7 @@ def _drive(ray, args, model_paths, jobs, comfy_path, summary) -> int:
     except KeyboardInterrupt:
         names = [entry["job"]["inputs"]["name"] for _, entry, _ in running.values()]
         progress.say(f"dti_cli: ray: interrupted; stopping the actors ({', '.join(names) or 'no job'} running, "
-              f"{len(queue)} not started). Files are whole or absent: run again to train what is left.")
+                     f"{len(queue)} not started). Files are whole or absent: run again to train what is left.")
         for actor in list(idle) + [r[0] for r in running.values()] + list(starting):
             ray.kill(actor)
         if summary:

@@ -261,8 +261,9 @@ class Page:
         self.page.goto(self.server.url + "/", wait_until="load", timeout=90000)
         self.page.wait_for_function("window.app && window.app.graph && window.LiteGraph && window.app.api",
                                     timeout=90000)
-        # The template browser opens on a first visit (asynchronously): close any dialog for a moment.
-        deadline = time.monotonic() + 3.0
+        # The newest frontend opens its template browser on a first visit, late and asynchronously: close any
+        # dialog for a moment. The pinned ones show none once the tutorial is marked done (a short look).
+        deadline = time.monotonic() + (3.0 if self.frontend["root"] is not None else 0.5)
         while time.monotonic() < deadline:
             if self.page.evaluate("() => document.querySelectorAll('.p-dialog').length"):
                 self.page.keyboard.press("Escape")
