@@ -481,8 +481,8 @@ def _run(argv) -> int:
     started = time.monotonic()
     try:
         model, clip, vae = host.loaders.load_model(model_paths)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    except (ValueError, RuntimeError) as e:  # ComfyUI raises RuntimeError for a file it cannot detect
+        raise UsageError(" ".join(x.strip() for x in str(e).splitlines() if x.strip()) or repr(e)) from None
     print(f"dti_cli: model loaded in {time.monotonic() - started:.1f} s; {len(jobs)} job(s)", file=sys.stderr)
 
     failed = 0
@@ -508,15 +508,25 @@ def _run(argv) -> int:
             summary.job(inputs["name"], "reused" if text.startswith("Reused ") else "trained",
                         time.monotonic() - job_started, path=emb.path)
         if inputs.get("preview_every"):
-            path = os.path.splitext(emb.path)[0] + ".preview.png"
-            _write_png(pack.nodes.previews.to_pil(out["result"][3]), path)
-            print(f"-> {path}")
+            print(f"-> {write_preview(pack, out)}")
+    return finish_run(summary, failed, len(jobs))
+
+
+def finish_run(summary, failed: int, total: int) -> int:
+    """The run's closing lines; the exit status (1 when a job failed)."""
     if summary:
         print(summary.close(), file=sys.stderr)
     if failed:
-        print(f"dti_cli: {failed} of {len(jobs)} job(s) failed", file=sys.stderr)
+        print(f"dti_cli: {failed} of {total} job(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+def write_preview(pack, out) -> str:
+    """The last preview of DTI Train's output ``out`` as ``NAME.preview.png`` beside the embedding."""
+    path = os.path.splitext(out["result"][1].path)[0] + ".preview.png"
+    _write_png(pack.nodes.previews.to_pil(out["result"][3]), path)
+    return path
 
 
 def check_ray_options(args) -> None:

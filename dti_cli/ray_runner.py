@@ -15,13 +15,14 @@ output folder on a shared disk (as for array jobs).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
 from collections import deque
 from pathlib import Path
 
-from .main import PACK_ROOT, UsageError, _clock
+from .main import PACK_ROOT, UsageError, _clock, finish_run
 
 ATTEMPTS = 2  # a job runs at most twice: once, then once more elsewhere
 CONNECT_TIMEOUT_S = 5.0
@@ -103,9 +104,7 @@ class Trainer:
         result = {"status": "reused" if text.startswith("Reused ") else "trained", "text": text,
                   "path": out["result"][1].path, "seconds": time.monotonic() - started}
         if job["inputs"].get("preview_every"):
-            path = os.path.splitext(result["path"])[0] + ".preview.png"
-            self.cli._write_png(self.pack.nodes.previews.to_pil(out["result"][3]), path)
-            result["preview"] = path
+            result["preview"] = self.cli.write_preview(self.pack, out)
         return result
 
 
@@ -278,7 +277,8 @@ def _drive(ray, args, model_paths, jobs, comfy_path, summary) -> int:
                     on_failure(entry, labels[actor], result["error"])
                     continue
                 done += 1
-                progress.say(f"{result['text']}\n-> {result['path']}", sys.stdout)
+                progress.say(f"{result['text']}\n-> {result['path']}" +
+                             (f"\n-> {result['preview']}" if result.get("preview") else ""), sys.stdout)
                 if summary:
                     summary.job(name, result["status"], result["seconds"], path=result["path"])
             # step progress of the running jobs (answered by the actors between steps)
@@ -310,14 +310,16 @@ def _drive(ray, args, model_paths, jobs, comfy_path, summary) -> int:
     progress.show(done, failed, {}, force=True)
     if progress.tty:
         sys.stderr.write("\n")
-    if summary:
-        print(summary.close(), file=sys.stderr)
-    if failed:
-        print(f"dti_cli: {failed} of {len(jobs)} job(s) failed", file=sys.stderr)
-        return 1
-    return 0
+    return finish_run(summary, failed, len(jobs))
 
 
 def _first_line(error) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    """What went wrong, in one line: Ray's first line, or, where an actor's start raised (a file missing on
+    that node), the exception's own last line instead of Ray's preamble."""
+    lines = [x for x in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines() if x.strip()]
+    if not lines:
+        return type(error).__name__
+    if "creation task" not in lines[0]:
+        return lines[0]
+    raised = [i for i, x in enumerate(lines) if re.match(r"[A-Za-z_.]*(Error|Exception)\b", x)]
+    return " ".join(x.strip() for x in lines[raised[-1] if raised else -1:])

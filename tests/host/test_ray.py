@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from dti_core.embedding_file import load_embedding
 from tests_host_helpers import REPO, cli, jobs_file as _jobs_file, summary_records as _summary
@@ -119,6 +120,27 @@ def test_ctrl_c_stops_the_ray_run_and_leaves_whole_files(comfy, sd15_checkpoint,
     assert not out.exists() or [p.name for p in out.iterdir() if not p.name.endswith(".safetensors")] == []
     left = subprocess.run(["pgrep", "-f", "ray::Trainer"], capture_output=True, text=True).stdout.split()
     assert left == [], left
+
+
+@needs_ray
+def test_a_model_no_actor_can_load_fails_every_job_with_the_reason(comfy, tmp_path):
+    """A .safetensors that is no model (as a file missing or broken on a node would be): the actor's start
+    fails, the driver says why in one line, every job is reported failed, exit 1; the sequential run
+    refuses the same file with one line and exit 2."""
+    from safetensors.torch import save_file
+    junk = tmp_path / "junk.safetensors"
+    save_file({"x": torch.zeros(1)}, str(junk))
+    jobs = _jobs_file(tmp_path, junk, ["a", "b"])
+    r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "out", "--ray", "local", "--actors", 1)
+    assert r.returncode == 1, r.stderr[-3000:]
+    (line,) = [x for x in r.stderr.splitlines() if "an actor did not start" in x]
+    assert "junk.safetensors" in line and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("failed: no actor could start") == 2 and "2 of 2 job(s) failed" in r.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "out")
+    errors = [x for x in r.stderr.splitlines() if x.startswith("dti_cli: error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "junk.safetensors" in errors[0], errors
 
 
 def _free_port():

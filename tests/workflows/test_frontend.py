@@ -534,6 +534,7 @@ def test_dti_vs_ti_queued_from_the_page_shows_both_words_the_grid_and_the_four_s
     steps at 64 px, 1 sampler step, 2 seeds): both DTI Train nodes show their word, both DTI Evaluate
     nodes show an image and a text score, the grid is saved and the charts previewed."""
     wf = h.load_workflow("dti_vs_ti.json")
+    before = set(ui_server.get_json("/history"))
     ids = page.evaluate("""async (wf) => {
         await app.loadGraphData(wf);
         const set = (type, values) => app.graph._nodes.filter((n) => n.type === type).forEach((n) => {
@@ -558,9 +559,16 @@ def test_dti_vs_ti_queued_from_the_page_shows_both_words_the_grid_and_the_four_s
                               "(id) => resultBox(id)?.value ?? null); }", ids)
         raise AssertionError(f"the words and scores never appeared in the page: {e}\nshown: {shown}\n"
                              f"{page.toasts()}\n--- server log ---\n{ui_server.log_tail()[-3000:]}") from None
-    history = ui_server.get_json("/history")
-    entry = max(history.values(), key=lambda e: e.get("prompt", [0])[0])  # (the newest run)
-    outputs = entry["outputs"]
+    # The nodes' texts arrive as each node runs; the history entry only once the whole prompt is done
+    # (the saved grid and the chart come last): wait for this run's entry.
+    deadline = time.monotonic() + RESULT_TIMEOUT
+    while True:
+        done = [e for k, e in ui_server.get_json("/history").items() if k not in before]  # added when it ends
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(done) == 1 and done[0].get("status", {}).get("completed"), f"this run did not complete: {done}"
+    outputs = done[0]["outputs"]
     got = page.evaluate("""(ids) => {""" + RESULT_BOX_JS + """
         return { texts: ids.evaluate.map((id) => resultBox(id).value) };
     }""", ids)
