@@ -53,7 +53,8 @@ def test_jobs_file_trains_two_concepts_with_one_model_load(comfy, sd15_checkpoin
     jobs.write_text(f'checkpoint = "{sd15_checkpoint}"\n'
                     "[defaults]\nsteps = 1\nbatch_size = 1\nresolution = 64\n"
                     '[[job]]\nname = "job-a"\nimages = "a"\ninitializer = "dog"\n'
-                    '[[job]]\nname = "sub/job-b"\nimages = "b"\ninitializer = "teddy bear"\nkappa = 0.0\n')
+                    '[[job]]\nname = "sub/job-b"\nimages = "b"\ninitializer = "teddy bear"\nkappa = 0.0\n'
+                    "preview_every = 1\n")
     r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("loading model") == 1 and "2 job(s)" in r.stderr
@@ -62,6 +63,10 @@ def test_jobs_file_trains_two_concepts_with_one_model_load(comfy, sd15_checkpoin
     assert a.metadata["dti.initializer"] == "dog" and b.metadata["dti.initializer"] == "teddy bear"
     assert a.metadata["dti.steps"] == "1" and a.metadata["dti.kappa"] != b.metadata["dti.kappa"]
     assert b.vectors["clip_l"].shape[0] == 2  # 'teddy bear' is two tokens
+    # job b's last preview beside its file (job a asked for none)
+    preview = tmp_path / "out" / "sub" / "job-b.preview.png"
+    assert f"-> {preview}" in r.stdout and Image.open(preview).format == "PNG"
+    assert not (tmp_path / "out" / "job-a.preview.png").exists()
 
 
 def test_bad_inputs_are_refused_before_the_model_loads(comfy, tmp_path):

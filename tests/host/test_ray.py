@@ -73,6 +73,7 @@ def test_ray_trains_the_jobs_file_as_the_sequential_run_and_survives_a_killed_ac
     first job: that job runs again on another actor, a new actor takes the dead one's place, and the
     folder ends with the four files of the sequential run (same seeds and inputs), nothing else."""
     jobs = _jobs(tmp_path, sd15_checkpoint, steps=12)  # ~5 s a job here
+    jobs.write_text(jobs.read_text() + "preview_every = 12\n")  # (the last job's: its actor writes it)
     r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "one")
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -93,7 +94,10 @@ def test_ray_trains_the_jobs_file_as_the_sequential_run_and_survives_a_killed_ac
     assert "ETA" in err and "4/4 done" in err
     records = [x for x in _summary(tmp_path / "runs.jsonl") if "job" in x]
     assert sorted(x["job"] for x in records) == NAMES and {x["status"] for x in records} == {"trained"}
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.safetensors" for n in NAMES)  # no temp file
+    # the four files and the last job's preview, no temp file
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{n}.safetensors" for n in NAMES] +
+                                                           [f"{NAMES[-1]}.preview.png"])
+    assert f"-> {out / (NAMES[-1] + '.preview.png')}" in "\n".join(d.out)
     for name in NAMES:
         a = load_embedding(str(tmp_path / "one" / f"{name}.safetensors"))
         b = load_embedding(str(out / f"{name}.safetensors"))
