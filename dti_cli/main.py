@@ -411,8 +411,9 @@ def main(argv=None) -> int:
 
 def _run(argv) -> int:
     pre = build_parser(None).parse_known_args(argv)[0]
+    ray_address = None
     if pre.ray is not None or pre.actors is not None:
-        check_ray_options(pre)  # before ComfyUI is imported: a wrong address must not wait for that
+        ray_address = check_ray_options(pre)  # before ComfyUI is imported: a wrong address must not wait for that
     comfy_path = find_comfyui(pre.comfyui)
     print(f"dti_cli: ComfyUI at {comfy_path}", file=sys.stderr)
     pack = setup_comfyui(comfy_path, cpu=pre.cpu)
@@ -474,7 +475,7 @@ def _run(argv) -> int:
         summary = shards.Summary(args.summary, "ray") if args.summary else None
         from . import ray_runner
 
-        return ray_runner.run(args, model_paths, jobs, comfy_path, summary)
+        return ray_runner.run(args, ray_address, model_paths, jobs, comfy_path, summary)
 
     label = model_paths.get("checkpoint") or model_paths.get("diffusion_model")
     print(f"dti_cli: loading model {label}", file=sys.stderr)
@@ -505,8 +506,7 @@ def _run(argv) -> int:
         emb = out["result"][1]
         print(f"{text}\n-> {emb.path}")
         if summary:
-            summary.job(inputs["name"], "reused" if text.startswith("Reused ") else "trained",
-                        time.monotonic() - job_started, path=emb.path)
+            summary.job(inputs["name"], job_status(out), time.monotonic() - job_started, path=emb.path)
         if inputs.get("preview_every"):
             print(f"-> {write_preview(pack, out)}")
     return finish_run(summary, failed, len(jobs))
@@ -522,6 +522,11 @@ def finish_run(summary, failed: int, total: int) -> int:
     return 0
 
 
+def job_status(out) -> str:
+    """``reused`` when DTI Train found the file already holding this run's result, else ``trained``."""
+    return "reused" if out["ui"]["text"][0].startswith("Reused ") else "trained"
+
+
 def write_preview(pack, out) -> str:
     """The last preview of DTI Train's output ``out`` as ``NAME.preview.png`` beside the embedding."""
     path = os.path.splitext(out["result"][1].path)[0] + ".preview.png"
@@ -529,7 +534,8 @@ def write_preview(pack, out) -> str:
     return path
 
 
-def check_ray_options(args) -> None:
+def check_ray_options(args) -> str | None:
+    """The Ray options checked (Ray importable, the address answering); returns what ``ray.init`` takes."""
     from . import ray_runner
 
     if args.ray is None:
@@ -541,7 +547,7 @@ def check_ray_options(args) -> None:
     if args.actors is not None and args.actors < 1:
         raise UsageError(f"--actors {args.actors}: give 1 or more")
     ray_runner.import_ray()
-    ray_runner.check_address(args.ray)
+    return ray_runner.check_address(args.ray)
 
 
 def run_job(pack, loaded, job) -> dict:

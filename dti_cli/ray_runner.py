@@ -101,7 +101,7 @@ class Trainer:
             common.LISTENERS.remove(listen)
             self.state = {"job": None, "step": 0, "steps": 0}
         text = out["ui"]["text"][0]
-        result = {"status": "reused" if text.startswith("Reused ") else "trained", "text": text,
+        result = {"status": self.cli.job_status(out), "text": text,
                   "path": out["result"][1].path, "seconds": time.monotonic() - started}
         if job["inputs"].get("preview_every"):
             result["preview"] = self.cli.write_preview(self.pack, out)
@@ -115,7 +115,7 @@ class Progress:
         self.total, self.stream, self.every_s = total, stream or sys.stderr, every_s
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.started = time.monotonic()
-        self.last_text, self.last_time = None, 0.0
+        self.last_key, self.last_time = None, 0.0
 
     def say(self, text: str, stream=None) -> None:
         """A message line; on a terminal it replaces the progress line, which the next show redraws."""
@@ -124,7 +124,7 @@ class Progress:
             stream.write("\r\033[K")
         stream.write(text + "\n")
         stream.flush()
-        self.last_text = None
+        self.last_key = None
 
     def show(self, done: int, failed: int, running: dict[str, tuple[int, int]], force: bool = False) -> None:
         fraction = sum(step / steps for step, steps in running.values() if steps)
@@ -136,19 +136,19 @@ class Progress:
                 f"{' (' + jobs + ')' if jobs else ''}, ETA {eta}")
         now = time.monotonic()
         key = (done, failed, tuple(sorted(running)))
-        if force and key == self.last_text:
+        if force and key == self.last_key:
             return
-        if not (force or self.tty or key != self.last_text or now - self.last_time >= self.every_s):
+        if not (force or self.tty or key != self.last_key or now - self.last_time >= self.every_s):
             return
-        self.last_text, self.last_time = key, now
+        self.last_key, self.last_time = key, now
         self.stream.write(("\r\033[K" + text) if self.tty else text + "\n")
         self.stream.flush()
 
 
-def run(args, model_paths: dict, jobs: list[dict], comfy_path: Path, summary) -> int:
-    """Train ``jobs`` on Ray actors; returns the exit status (0, 1 when a job failed twice, 130 on Ctrl-C)."""
+def run(args, address: str | None, model_paths: dict, jobs: list[dict], comfy_path: Path, summary) -> int:
+    """Train ``jobs`` on Ray actors at ``address`` (``check_address``'s answer: None starts a local Ray);
+    returns the exit status (0, 1 when a job failed twice, 130 on Ctrl-C)."""
     ray = import_ray()
-    address = check_address(args.ray)
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(PACK_ROOT), os.environ.get("PYTHONPATH")) if p)}
     try:
         if address is None:
