@@ -323,7 +323,10 @@ def encode_token_batch(clip, token_dicts: list[dict], want_pooled: bool = True) 
         rows = outs[0][1] if isinstance(outs[0], tuple) and len(outs[0]) > 1 else None
         if rows is not None and rows.shape[-1] == first_pooled.shape[-1] and torch.allclose(
                 rows[0:1].to(first_pooled.device, first_pooled.dtype), first_pooled, rtol=0, atol=0, equal_nan=True):
-            return cond, rows[:b]
+            # The encoder's own rows sit on its execution device (the GPU); ComfyUI hands its pooled
+            # output on the intermediate device (the CPU unless --gpu-only): follow ComfyUI, as a
+            # differentiable copy, so the batched and per-prompt paths agree on devices.
+            return cond, rows[:b].to(first_pooled.device)
     raise RuntimeError("could not find the pooled output of the batched prompts")
 
 
@@ -364,10 +367,13 @@ class TextPath:
             # ulps of the largest value in fp32 through 0.33's Gemma-2 on the CPU (2026-12-05), so 64;
             # rows that were mixed differ by the values' own size, millions of ulps in fp32.
             tol = BATCH_ULPS * torch.finfo(ref.dtype).eps * float(ref.abs().max()) if ref.is_floating_point() else 0.0
-            same = torch.allclose(cond.float(), ref.float(), rtol=0, atol=tol)
+            # (compared on one device: a host that hands the two paths' outputs on different devices
+            # must not turn this check into a device error)
+            same = torch.allclose(cond.float().to(ref.device), ref.float(), rtol=0, atol=tol)
             if same and ref_pooled is not None:
-                same = pooled is not None and torch.allclose(pooled.float(), ref_pooled.float(), rtol=0,
-                                                             atol=BATCH_ULPS * torch.finfo(ref_pooled.dtype).eps * float(ref_pooled.abs().max()))
+                same = pooled is not None and torch.allclose(
+                    pooled.float().to(ref_pooled.device), ref_pooled.float(), rtol=0,
+                    atol=BATCH_ULPS * torch.finfo(ref_pooled.dtype).eps * float(ref_pooled.abs().max()))
             self.batched = bool(same)
 
     def __call__(self, token_dicts: list[dict]):

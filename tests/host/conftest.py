@@ -42,6 +42,8 @@ _HERE = Path(__file__).resolve().parent
 ck = load_by_path("dti_host_checkpoints", _HERE / "checkpoints.py")
 # Shared helpers for the host tests (``import tests_host_helpers``).
 load_by_path("tests_host_helpers", _HERE / "helpers.py")
+# What only a GPU runs, emulated on the CPU (``import tests_host_gpu_emulation``).
+load_by_path("tests_host_gpu_emulation", _HERE / "gpu_emulation.py")
 
 
 def _gpu_requested():
