@@ -3,6 +3,8 @@ noise from its ``model_sampling``, the loss in its own output space."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from comfy.model_sampling import ModelSamplingDiscrete
@@ -88,6 +90,23 @@ class DiffusionStep:
         first = self.buckets[0]
         self.uses_pooled = _needs_pooled(model, tuple(first.mean[0].shape[:-2]) + tuple(first.crop))
         self._text = None
+        # Elements the loss averages over (the first bucket's batch): its per-element gradients are
+        # about 1/elements, under fp16's normal range at a real resolution (loss_scale below).
+        self._elements = batch_size * int(torch.Size(tuple(first.mean[0].shape[:-2]) + tuple(first.crop)).numel())
+
+    @property
+    def loss_scale(self) -> float:
+        """The static factor ``train`` multiplies the loss by before backward (and divides out of the
+        vectors' fp32 gradients before the optimizer): 1 unless the diffusion model or a text encoder
+        computes in fp16 (ComfyUI on NVIDIA for SD1.5/SDXL), where the mean's 1/elements gradients
+        underflow (a third of the text conditioning's gradient entries were zero in a CPU emulation).
+        A power of two near the element count, so the backward carries sum-sized gradients and the
+        division is exact; ``train`` lowers it if a step's gradient overflows. Known after the first
+        step (the encoders' compute dtype is seen in the text path's probe)."""
+        dtypes = {compute_dtype(self.model)} | (self._text.compute_dtypes if self._text is not None else set())
+        if torch.float16 not in dtypes:
+            return 1.0
+        return float(2 ** math.ceil(math.log2(max(self._elements, 1))))
 
     def _text_path(self, by_token_key):
         if self._text is None:
@@ -213,6 +232,12 @@ class _Bucket:
             lh = min(t.shape[-2] for t in self.mean)
             lw = min(t.shape[-1] for t in self.mean)
             self.crop = (min(lh, max(1, resolution // self.down)), min(lw, max(1, resolution // self.down)))
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the diffusion model computes in: ComfyUI's manual cast where it set one (fp8 or fp16
+    weights on a device that computes them in another dtype), else its weights' dtype."""
+    return getattr(model.model, "manual_cast_dtype", None) or model.model.get_dtype()
 
 
 def _needs_pooled(model, latent_shape: tuple) -> bool:

@@ -354,13 +354,22 @@ class TextPath:
     def __init__(self, clip, prompts: list[PromptTokens], embeds_by_token_key: dict, want_pooled: bool):
         self.clip, self.want_pooled = clip, want_pooled
         self.batched = False
+        # The dtypes the encoders compute in, seen in the probe: ComfyUI may store fp16 weights and
+        # compute in fp32 (the CPU) or in fp16 (NVIDIA), which decides the loss scaling (step.py).
+        self.compute_dtypes: set[torch.dtype] = set()
         probe = [p.with_vectors(embeds_by_token_key) for p in _probe_pair(prompts)]
-        with torch.no_grad():
-            try:
-                cond, pooled = encode_token_batch(clip, probe, want_pooled)
-            except (RuntimeError, ValueError):
-                return
-            conds, ref_pooled = encode_each(clip, probe, want_pooled)
+        hooks = [getattr(enc, "transformer", enc).register_forward_hook(self._saw_dtype)
+                 for _, _, enc in text_encoders(clip).values()]
+        try:
+            with torch.no_grad():
+                conds, ref_pooled = encode_each(clip, probe, want_pooled)
+                try:
+                    cond, pooled = encode_token_batch(clip, probe, want_pooled)
+                except (RuntimeError, ValueError):
+                    return
+        finally:
+            for h in hooks:
+                h.remove()
         if torch.is_tensor(cond) and all(c.shape[1:] == cond.shape[1:] for c in conds):
             ref = torch.cat(conds)
             # Rows of one batch and single rows may round differently (other GEMM blocking): seen 8.2
@@ -375,6 +384,11 @@ class TextPath:
                     pooled.float().to(ref_pooled.device), ref_pooled.float(), rtol=0,
                     atol=BATCH_ULPS * torch.finfo(ref_pooled.dtype).eps * float(ref_pooled.abs().max()))
             self.batched = bool(same)
+
+    def _saw_dtype(self, module, args, out):
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if torch.is_tensor(first) and first.is_floating_point():
+            self.compute_dtypes.add(first.dtype)
 
     def __call__(self, token_dicts: list[dict]):
         """``(conds, pooled)``: conds a ``(B, L, width)`` tensor, or a list of ``(1, L_k, width)``."""

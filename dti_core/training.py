@@ -11,6 +11,7 @@ from a step-K checkpoint draws exactly what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -19,6 +20,8 @@ import torch
 
 from .optim import DTIOptimizer
 from .sphere import normalize
+
+log = logging.getLogger("ComfyUI-DTI")
 
 
 class NonFiniteError(RuntimeError):
@@ -100,6 +103,7 @@ def train(
     on_step: Callable[[int, float, dict[str, list[float]]], None] | None = None,
     on_checkpoint: Callable[[int, "TrainResult"], None] | None = None,
     on_vectors: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    loss_scale: float | Callable[[], float] = 1.0,
 ) -> TrainResult:
     """Learn the directions of ``init`` (``{encoder: (n, width)}``) and return ``m* . v``.
 
@@ -110,6 +114,11 @@ def train(
     ``on_checkpoint(step, result)`` every ``config.checkpoint_every`` steps before the last.
     ``on_vectors(step, vectors)`` runs after ``on_step`` with detached copies of the current ``m* . v``
     (for previews; it must not touch the run's random streams).
+    ``loss_scale`` (a number, or a function read after each step's forward): the loss is multiplied by
+    it before backward and the vectors' fp32 gradients divided by it before the optimizer, so fp16
+    compute keeps small gradients from underflowing; 1 leaves the run exactly as unscaled. A power
+    of two keeps the division exact. If a scaled gradient overflows, the step is computed again
+    (``step_fn`` draws from ``step``'s own stream) at a sixteenth of the scale, down to 1.
     """
     config.validate()
     if set(init) != set(mu) or set(init) != set(m_star):
@@ -154,14 +163,28 @@ def train(
                 ema[k] = st["sq_norm_avg"].flatten().cpu().tolist()
         return TrainResult(vectors=vectors, history=history, optimizer_state=ema, steps_done=done)
 
+    lowered = 1.0  # the factor overflows divided the host's scale by
     for step in range(start_step, config.steps):
-        optimizer.zero_grad(set_to_none=True)
-        embeds = {k: scales[k] * params[k] for k in keys}
-        loss = step_fn(embeds, step)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise NonFiniteError(f"the loss became {loss_value} at step {step + 1}; nothing was saved from this run")
-        loss.backward()
+        while True:
+            optimizer.zero_grad(set_to_none=True)
+            embeds = {k: scales[k] * params[k] for k in keys}
+            loss = step_fn(embeds, step)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteError(f"the loss became {loss_value} at step {step + 1}; nothing was saved from this run")
+            scale = max(1.0, float(loss_scale() if callable(loss_scale) else loss_scale) / lowered)
+            if scale == 1.0:
+                loss.backward()
+                break
+            (loss * scale).backward()
+            for k in keys:
+                if params[k].grad is not None:
+                    params[k].grad.div_(scale)
+            if all(params[k].grad is None or bool(torch.isfinite(params[k].grad).all()) for k in keys):
+                break
+            lowered *= 16.0
+            log.info("DTI: the fp16 loss scale %g overflowed at step %d; computing the step again at %g",
+                     scale, step + 1, max(1.0, scale / 16.0))
         for k in keys:
             if params[k].grad is None:
                 # The optimizer would skip it and the run would "finish" with that encoder untrained.

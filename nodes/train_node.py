@@ -237,7 +237,8 @@ class DTITrain(WritesEmbeddingFile):
                     result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
                                    lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,
                                    start_step=start_step, optimizer_state=opt_state, on_step=on_step,
-                                   on_checkpoint=on_checkpoint, on_vectors=on_vectors)
+                                   on_checkpoint=on_checkpoint, on_vectors=on_vectors,
+                                   loss_scale=lambda: step_fn.loss_scale)
         except NonFiniteError as e:
             raise RuntimeError(f"DTI Train stopped: {e}. Lower the learning rate or check the images.") from None
         except Exception as e:

@@ -199,3 +199,51 @@ def test_plain_ti_does_not_resume_from_a_step():
     init, mu, target = setup()
     with pytest.raises(ValueError, match="plain-TI run cannot resume"):
         train(init, mu, M_STAR, noisy_loss(target), TrainConfig(steps=10, method="ti"), start_step=5)
+
+
+def _fp16_loss(target, factor=2.0**-26):
+    """A loss computed in fp16 whose gradients (about 2^-26) underflow fp16 unless scaled."""
+    def step_fn(embeds, step):
+        return sum(((e.half() - (M_STAR[k] * target[k]).half()) ** 2).sum().float() * factor
+                   for k, e in embeds.items())
+    return step_fn
+
+
+def _fp32_loss(target, factor=2.0**-26):
+    def step_fn(embeds, step):
+        return sum(((e - M_STAR[k] * target[k]) ** 2).sum() * factor for k, e in embeds.items())
+    return step_fn
+
+
+def test_loss_scale_keeps_fp16_gradients_and_leaves_fp32_runs_exactly_as_they_were():
+    init, mu, target = setup()
+    config = TrainConfig(steps=3, lr=0.05, kappa=1e-4)
+    ref = train(init, mu, M_STAR, _fp32_loss(target), config).vectors
+    # a power-of-two scale divides out exactly: the same fp32 run, bit for bit (a number or a function)
+    for scale in (2.0**10, lambda: 2.0**10):
+        same = train(init, mu, M_STAR, _fp32_loss(target), config, loss_scale=scale).vectors
+        assert all(torch.equal(same[k], ref[k]) for k in ref)
+    # fp16 compute: unscaled, every gradient entry underflows and the run does not follow fp32's
+    plain = train(init, mu, M_STAR, _fp16_loss(target), config).vectors
+    assert not all(torch.allclose(plain[k], ref[k], atol=1e-3) for k in ref)
+    scaled = train(init, mu, M_STAR, _fp16_loss(target), config, loss_scale=2.0**20).vectors
+    for k in ref:
+        assert torch.allclose(scaled[k], ref[k], atol=1e-3), k
+
+
+def test_a_loss_scale_that_overflows_is_lowered_and_the_step_computed_again(caplog):
+    init, mu, target = setup()
+    config = TrainConfig(steps=3, lr=0.05, kappa=1e-4)
+    big = 2.0**60  # gradients near 2^60: scaled by 2^80 they overflow fp32, by 2^64 they do not
+    ref = train(init, mu, M_STAR, _fp32_loss(target, big), config).vectors
+    calls = []
+
+    def counted(embeds, step):
+        calls.append(step)
+        return _fp32_loss(target, big)(embeds, step)
+
+    with caplog.at_level("INFO", logger="ComfyUI-DTI"):
+        got = train(init, mu, M_STAR, counted, config, loss_scale=2.0**80).vectors
+    assert calls[0] == 0 and calls.count(0) > 1 and calls.count(1) == 1 and calls.count(2) == 1
+    assert "overflowed at step 1" in caplog.text
+    assert all(torch.allclose(got[k], ref[k], atol=1e-6) for k in ref)
