@@ -65,17 +65,35 @@ def trainable(model, clip):
 
     Dynamic VRAM (0.33, ``comfy-aimdo``: on by default on NVIDIA) streams weights from a mapped
     file per call, so ``force_full_load`` does not keep them resident and the training hooks would
-    see weights come and go. A dynamic patcher is swapped, for the run, for a classic one
-    (``clone(disable_dynamic=True)``, as core's torch-compile and multi-GPU nodes do): the host
-    reloads the model's weights once into ordinary memory. Classic patchers come back unchanged."""
+    see weights come and go. A dynamic patcher is swapped, for the run, for a classic one: ComfyUI's
+    cached non-dynamic delegate where the patcher has one (``get_non_dynamic_delegate``, what its
+    sampler uses: the checkpoint is re-read once, not at every run), else
+    ``clone(disable_dynamic=True)`` (as core's torch-compile and multi-GPU nodes do). Either reloads
+    the weights through the loader's ``cached_patcher_init``; a dynamic model from a loader that set
+    none is refused with the way out. Classic patchers come back unchanged."""
     if _is_dynamic(model):
-        model = model.clone(disable_dynamic=True)
+        model = _classic(model, "MODEL")
     if _is_dynamic(clip.patcher):
-        new = clip.clone(disable_dynamic=True)
-        # CLIP.clone shares the encoder module; the classic patcher carries its own copy
+        new = clip.clone()
+        new.patcher = _classic(clip.patcher, "CLIP")
+        # the classic patcher carries its own copy of the encoders
         new.cond_stage_model = new.patcher.model
         clip = new
     return model, clip
+
+
+def _classic(patcher, what: str):
+    from .contracts import UnsupportedModelError
+
+    cached = getattr(patcher, "non_dynamic_delegate_model", None) is not None
+    if getattr(patcher, "cached_patcher_init", None) is None and not cached:
+        raise UnsupportedModelError(
+            f"DTI Train: this {what} is a dynamic-VRAM model from a loader that cannot reload it as a classic "
+            f"model (it set no cached_patcher_init), and training needs the weights resident. Load it with "
+            f"a core loader (CheckpointLoaderSimple, UNETLoader, CLIPLoader / DualCLIPLoader, VAELoader), or "
+            f"start ComfyUI with --disable-dynamic-vram. Nothing was trained or written.")
+    delegate = getattr(patcher, "get_non_dynamic_delegate", None)
+    return delegate() if delegate is not None else patcher.clone(disable_dynamic=True)
 
 
 def any_dynamic(model, clip) -> bool:

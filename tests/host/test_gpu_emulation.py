@@ -115,3 +115,75 @@ def test_fp16_unet_gradient_matches_fp32_with_the_loss_scale(dti_pack, comfy, sd
     assert zeros(seen[0]) > 0.05 and cos(plain) < 0.99, "the emulation no longer shows fp16 underflow"
     assert zeros(seen[1]) <= 0.01 and cos(scaled) >= 0.99
     assert torch.isfinite(scaled["clip_l"]).all()
+
+
+def _dynamic_host(comfy):
+    import comfy.model_patcher as mp
+
+    if not hasattr(mp.ModelPatcher, "is_dynamic"):
+        pytest.skip(f"ComfyUI {comfy.path} has no dynamic VRAM (0.33 added it): nothing to emulate")
+    return mp
+
+
+def _as_dynamic_with_delegate(mp, patcher):
+    """Also give the instance ComfyUI's cached delegate (``ModelPatcherDynamic.get_non_dynamic_delegate``)."""
+    patcher.non_dynamic_delegate_model = None
+    patcher.get_non_dynamic_delegate = mp.ModelPatcherDynamic.get_non_dynamic_delegate.__get__(patcher)
+
+
+def test_dynamic_models_from_core_loaders_train_as_classic_ones_reloaded_once(dti_pack, comfy, sd15_checkpoint,
+                                                                             embeddings_dir, checkpoints):
+    """Recipe B: a MODEL and CLIP from the core checkpoint loader, reporting dynamic VRAM, a LoRA on the
+    MODEL. The run gets classic patchers with the LoRA and its attention override, the CLIP's encoder
+    is its patcher's model, and a second run takes ComfyUI's cached delegate: the checkpoint is read
+    once, not at every run (before: ``clone(disable_dynamic=True)`` re-read it every time)."""
+    mp = _dynamic_host(comfy)
+    ct = dti_pack.comfy_host
+    (model, clip, _), _ = checkpoints.load_checkpoint(sd15_checkpoint, comfy.folder_paths.get_folder_paths("embeddings"))
+    sd = model.model_state_dict()
+    key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+    with torch.inference_mode():
+        model = model.clone()
+        model.add_patches({key: ("lora", (torch.randn(sd[key].shape[0], 2), torch.randn(2, sd[key].shape[1]),
+                                          None, None, None, None))}, 1.0)
+        model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = "marker"
+    reads = []
+    for p in (model, clip.patcher):
+        init = p.cached_patcher_init
+        p.cached_patcher_init = (lambda *a, _f=init[0], **k: (reads.append(1), _f(*a, **k))[1],) + tuple(init[1:])
+        _as_dynamic_with_delegate(mp, p)
+    with gpu.dynamic(model, clip.patcher), torch.inference_mode():
+        assert ct.memory.any_dynamic(model, clip)
+        got_model, got_clip = ct.memory.trainable(model, clip)
+        assert len(reads) == 2
+        again_model, again_clip = ct.memory.trainable(model, clip)
+        assert len(reads) == 2, "the second run re-read the checkpoint"
+    for m, c in ((got_model, got_clip), (again_model, again_clip)):
+        assert not ct.memory.any_dynamic(m, c)
+        assert type(m) is mp.ModelPatcher and type(c.patcher) is mp.ModelPatcher
+        assert key in m.patches
+        assert m.model_options["transformer_options"]["optimized_attention_override"] == "marker"
+        assert c.cond_stage_model is c.patcher.model
+        assert c.cond_stage_model is not clip.cond_stage_model
+
+
+def test_a_dynamic_model_from_a_loader_without_a_reload_factory_is_one_clear_error(dti_pack, comfy, sd15_checkpoint,
+                                                                                  embeddings_dir, tmp_path):
+    """Recipe B through ``load_state_dict_guess_config`` (what a custom loader node calls): no
+    ``cached_patcher_init``. Before the fix, DTI Train raised ComfyUI's raw "Cannot create non-dynamic
+    delegate: cached_patcher_init is not initialized."; now one error names the way out, before
+    anything is trained or written."""
+    _dynamic_host(comfy)
+    ct = dti_pack.comfy_host
+    with torch.inference_mode():
+        sd = comfy.utils.load_torch_file(str(sd15_checkpoint))
+        model, clip, vae = comfy.sd.load_state_dict_guess_config(
+            sd, embedding_directory=comfy.folder_paths.get_folder_paths("embeddings"))[:3]
+    assert model.cached_patcher_init is None
+    before = sorted(p.name for p in embeddings_dir.iterdir())
+    with gpu.dynamic(model, clip.patcher):
+        with pytest.raises(ct.contracts.UnsupportedModelError,
+                           match=r"(?s)MODEL is a dynamic-VRAM model.*CheckpointLoaderSimple.*--disable-dynamic-vram"):
+            import tests_host_helpers as helpers
+            helpers.run_train(dti_pack, (model, clip, vae), name="dyn_refused", steps=1)
+    assert sorted(p.name for p in embeddings_dir.iterdir()) == before
