@@ -4,7 +4,7 @@ ComfyUI builds its models for sampling; seven things stand between them and a ba
 and each is handled here, for the run only:
 
 * weights loaded under ``inference_mode`` are inference tensors autograd cannot save
-  (replaced by normal clones, one tensor at a time);
+  (replaced by normal clones, one tensor at a time; the ones ComfyUI pinned are pinned again);
 * CLIP/T5 layers add residuals in place after a layer norm saved its input (the norms get a copy);
   Llama/Gemma blocks (0.33) write their output into their input with ``out=``, which autograd
   refuses (the encoders run where such calls return a fresh tensor);
@@ -13,7 +13,8 @@ and each is handled here, for the run only:
   backward): training calls get PyTorch SDPA through ``optimized_attention_override``;
 * layers that cast their stored weights per call (fp16 text encoders on the CPU, fp8 weights,
   LoRA patches) would keep every cast copy alive until backward -- a second copy of the whole
-  model: those layers recast in backward instead;
+  model -- and, on 0.33's offload streams, a copy in a cast buffer the next layer reuses: those
+  layers (Linear, Conv2d and the norms) recast in backward instead;
 * ComfyUI's DiTs take fused kernels without a backward (0.33's comfy-kitchen RoPE) unless
   ComfyUI's own training flag is set: it is, for the run (previews sample with it clear);
 * optional activation checkpointing per UNet / DiT block and per text-encoder layer.
@@ -101,6 +102,39 @@ class _CastConv2d(torch.autograd.Function):
         return gx, None
 
 
+def _norm(module, x, weight, bias):
+    if isinstance(module, torch.nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, weight, bias, module.eps)
+    if isinstance(module, torch.nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, weight, module.eps)
+    return F.layer_norm(x, module.normalized_shape, weight, bias, module.eps)
+
+
+class _CastNorm(torch.autograd.Function):
+    """A cast norm layer (GroupNorm, LayerNorm, RMSNorm) that keeps no cast weight for backward.
+
+    ComfyUI's own forward saves the weight it cast. On 0.33 an offloaded layer (--novram, a partial
+    load) casts into a cast buffer on an offload stream that the next layer's cast reuses once the
+    context ends: a weight saved for backward could be overwritten before the backward kernel reads
+    it, silently. Here the input gradient is computed in backward from a fresh cast, inside its
+    context, by recomputing the (cheap) norm."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        ctx.save_for_backward(x)
+        with ops.cast_weights(module, x) as (weight, bias):
+            return _norm(module, x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad(), ops.cast_weights(ctx.module, x) as (weight, bias):
+            xd = x.detach().requires_grad_(True)
+            (gx,) = torch.autograd.grad(_norm(ctx.module, xd, weight, bias), xd, grad)
+        return gx, None
+
+
 def _lean_forward(fn, module, x, *args, **kwargs):
     if args or kwargs or not torch.is_grad_enabled() or not x.requires_grad:
         return module.__class__.forward_comfy_cast_weights(module, x, *args, **kwargs)
@@ -119,11 +153,23 @@ def _lean_cast_layers(root: torch.nn.Module) -> list[torch.nn.Module]:
     """
     import comfy.ops
 
-    base = {comfy.ops.disable_weight_init.Linear.forward_comfy_cast_weights: _CastLinear,
-            comfy.ops.disable_weight_init.Conv2d.forward_comfy_cast_weights: _CastConv2d}
+    dwi = comfy.ops.disable_weight_init
+    base = {dwi.Linear.forward_comfy_cast_weights: _CastLinear, dwi.Conv2d.forward_comfy_cast_weights: _CastConv2d,
+            dwi.GroupNorm.forward_comfy_cast_weights: _CastNorm, dwi.LayerNorm.forward_comfy_cast_weights: _CastNorm}
+    if hasattr(dwi, "RMSNorm") and isinstance(dwi.RMSNorm, type) and issubclass(dwi.RMSNorm, torch.nn.RMSNorm):
+        base[dwi.RMSNorm.forward_comfy_cast_weights] = _CastNorm  # (0.33; 0.3.64's is ComfyUI's own class)
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm)
     changed = []
     for m in root.modules():
-        if not ops.is_cast_layer(m) or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+        if not ops.is_cast_layer(m):
+            continue
+        if isinstance(m, norms):
+            own = type(m).forward_comfy_cast_weights
+            if base.get(own) is _CastNorm and getattr(m, "weight", None) is not None:
+                m.forward_comfy_cast_weights = functools.partial(_lean_forward, _CastNorm, m)
+                changed.append(m)
+            continue  # (a norm without weights casts nothing; another norm class keeps its forward)
+        if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
             continue
         own = type(m).forward_comfy_cast_weights
         fn = base.get(own)
@@ -255,15 +301,17 @@ def encoder_checkpoint_units(encoder: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def differentiable_modules(model, encoders, gradient_checkpointing: bool = False):
+def differentiable_modules(model, encoders, gradient_checkpointing: bool = False, text_patcher=None):
     """Make the shared MODEL and the given text encoders usable for backward, then undo it.
 
     Must run inside ``torch.inference_mode(False)``. The cloned weights stay (same
-    values), so the objects keep sampling as before, LoRA patches included.
+    values), so the objects keep sampling as before, LoRA patches included; weights ComfyUI
+    pinned (the MODEL's, and ``text_patcher``'s: the CLIP patcher that holds the encoders) stay pinned.
     """
     hooks, wrapped, lean = [], [], []
     try:
-        clone_to_normal(model.model)
+        memory.keeping_pins(model, lambda: clone_to_normal(model.model))
+        memory.keeping_pins(text_patcher, lambda: [clone_to_normal(encoder) for encoder in encoders])
         lean += _lean_cast_layers(model.model)
         net = model.model.diffusion_model
         if not hasattr(net, "input_blocks"):
@@ -273,7 +321,6 @@ def differentiable_modules(model, encoders, gradient_checkpointing: bool = False
                 if _is_norm(m):
                     hooks.append(m.register_forward_pre_hook(_clone_input))
         for encoder in encoders:
-            clone_to_normal(encoder)
             lean += _lean_cast_layers(encoder)
             for name, m in encoder.named_modules():
                 # CLIP (layer_norm1/2) and T5 (layer_norm in its attention and feed-forward layers)
@@ -306,4 +353,5 @@ def differentiable_modules(model, encoders, gradient_checkpointing: bool = False
 
 def differentiable(model, clip, gradient_checkpointing: bool = False):
     """``differentiable_modules`` for the MODEL and every text encoder of the CLIP."""
-    return differentiable_modules(model, [encoder for _, _, encoder in text_encoders(clip).values()], gradient_checkpointing)
+    return differentiable_modules(model, [encoder for _, _, encoder in text_encoders(clip).values()], gradient_checkpointing,
+                                  text_patcher=clip.patcher)

@@ -56,6 +56,22 @@ def training_flag(value: bool):
         mm.in_training = before
 
 
+def keeping_pins(patcher, replace) -> None:
+    """Run ``replace()`` (which swaps the patcher's weight tensors for copies) so that the weights
+    ComfyUI pinned stay pinned and in its accounting: 0.33 pins the CPU weights of offloaded layers
+    (--novram, a partial load) and unpins them by address later; a swapped tensor would be unpinned
+    memory ("Tried to unpin tensor not pinned by ComfyUI") with slower copies to the GPU. Hosts
+    without pinning (0.3.64) just run ``replace()``."""
+    keys = sorted(getattr(patcher, "pinned", ()) or ()) if patcher is not None else []
+    for key in keys:
+        patcher.unpin_weight(key)
+    try:
+        replace()
+    finally:
+        for key in keys:
+            patcher.pin_weight_to_device(key)
+
+
 def _is_dynamic(patcher) -> bool:
     return bool(getattr(patcher, "is_dynamic", lambda: False)())
 

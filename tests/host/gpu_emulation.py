@@ -9,13 +9,18 @@ covers and what only a GPU shows: ``docs/testing.md``). Loaded by ``conftest.py`
 * ``fp16_compute``: the diffusion model stored and computed in fp16 (what ComfyUI picks on NVIDIA for
   SD1.5/SDXL checkpoints); the CPU otherwise computes in fp32.
 * ``dynamic``: model patchers that report dynamic VRAM (0.33's comfy-aimdo), which a CPU load never makes.
-* ``pinned_partial_load``: a partial load (--lowvram / --novram) whose offloaded weights ComfyUI pinned.
+* ``pinning``: ComfyUI's pinning of a partial load's offloaded weights (--lowvram / --novram), whose
+  accounting a CUDA-less torch would skip.
+* ``offload_buffer_reuse``: 0.33's offloaded casts, whose cast buffers are reused by the next layer once
+  a cast context ends (offload streams).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 
+import pytest
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -106,24 +111,64 @@ def dynamic(*patchers):
             del p.is_dynamic
 
 
-def pin_offloaded(patcher) -> list[torch.Tensor]:
-    """Pin the CPU weights of a partially loaded patcher the way ComfyUI 0.33 does for its offloaded
-    layers (``pin_memory``, which registers them in its pinned-memory accounting). Returns the pinned
-    tensors. Needs a host with ``model_management.pin_memory`` and an accelerator to pin for: on a
-    CPU-only torch it pins nothing (the test then says why it skipped)."""
+class _FakeCudart:
+    """``cudaHostRegister`` / ``cudaHostUnregister`` that succeed: ComfyUI's pinned-memory accounting
+    runs on the CPU as on NVIDIA (the memory itself stays as it is)."""
+
+    @staticmethod
+    def cudaHostRegister(ptr, size, flags):
+        return 0
+
+    @staticmethod
+    def cudaHostUnregister(ptr):
+        return 0
+
+
+@contextlib.contextmanager
+def pinning(monkeypatch, caplog):
+    """ComfyUI 0.33's pinning of offloaded weights, on the CPU: a partial load then pins each offloaded
+    layer's weights (``ModelPatcher.pinned``, ``model_management.PINNED_MEMORY`` by address). Yields
+    a function returning ComfyUI's warnings about pins so far ("Tried to unpin tensor not pinned by
+    ComfyUI", "Size of pinned tensor changed"). Needs a host that pins (0.33)."""
     import comfy.model_management as mm
 
-    pinned = []
-    pin = getattr(mm, "pin_memory", None)
-    if pin is None:
-        return pinned
-    for m in patcher.model.modules():
-        if not getattr(m, "comfy_cast_weights", False):
-            continue
-        for p in m.parameters(recurse=False):
-            try:
-                if pin(p):
-                    pinned.append(p)
-            except Exception:
-                continue
-    return pinned
+    if not hasattr(mm, "pin_memory") or not hasattr(mm, "PINNED_MEMORY"):
+        pytest.skip("this ComfyUI does not pin offloaded weights (0.3.64 has no async offload)")
+    monkeypatch.setattr(mm, "MAX_PINNED_MEMORY", 64 * 2**30)
+    monkeypatch.setattr(mm, "PINNED_MEMORY", {})
+    monkeypatch.setattr(mm, "TOTAL_PINNED_MEMORY", 0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: _FakeCudart)
+    with caplog.at_level(logging.WARNING):
+        try:
+            yield lambda: [r.getMessage() for r in caplog.records if "pinned" in r.getMessage().lower()]
+        finally:
+            monkeypatch.undo()
+
+
+@contextlib.contextmanager
+def offload_buffer_reuse(monkeypatch):
+    """0.33's offloaded casts, as they behave on CUDA streams: a cast weight lives in a cast buffer that
+    the next layer's cast reuses once ComfyUI's cast context ends (``uncast_bias_weight``). Emulated by
+    overwriting every cast copy with NaN at that moment, without bumping its autograd version (as a
+    copy on another stream would not): a weight that was saved for backward then poisons the
+    gradient, silently. Yields the number of copies overwritten so far (a one-element list)."""
+    import comfy.ops
+
+    uncast = getattr(comfy.ops, "uncast_bias_weight", None)
+    if uncast is None:
+        pytest.skip("this ComfyUI casts without offload streams (0.3.64): nothing to emulate")
+    poisoned = [0]
+
+    def reused(s, weight, bias, offload_stream):
+        uncast(s, weight, bias, offload_stream)
+        for cast, own in ((weight, getattr(s, "weight", None)), (bias, getattr(s, "bias", None))):
+            if (isinstance(cast, torch.Tensor) and isinstance(own, torch.Tensor) and cast.is_floating_point()
+                    and cast.untyped_storage().data_ptr() != own.untyped_storage().data_ptr()):
+                cast.data.fill_(float("nan"))
+                poisoned[0] += 1
+
+    monkeypatch.setattr(comfy.ops, "uncast_bias_weight", reused)
+    try:
+        yield poisoned
+    finally:
+        monkeypatch.setattr(comfy.ops, "uncast_bias_weight", uncast)

@@ -187,3 +187,39 @@ def test_a_dynamic_model_from_a_loader_without_a_reload_factory_is_one_clear_err
             import tests_host_helpers as helpers
             helpers.run_train(dti_pack, (model, clip, vae), name="dyn_refused", steps=1)
     assert sorted(p.name for p in embeddings_dir.iterdir()) == before
+
+
+def test_partial_load_with_pinned_offloaded_weights_trains_like_a_full_load(dti_pack, fresh_sd15, comfy, monkeypatch,
+                                                                            caplog):
+    """--lowvram / --novram on 0.33: the offloaded layers' CPU weights are pinned, and their casts live
+    in cast buffers that the next layer reuses (offload streams). Before the fix, the UNet's and
+    CLIP's norm layers (ComfyUI's forward) kept their cast weights for backward: with the buffer
+    reuse emulated, the vector gradient came out NaN. And the run swapped the pinned weights for
+    unpinned copies: ComfyUI then warned "Tried to unpin tensor not pinned by ComfyUI" for each."""
+    ct = dti_pack.comfy_host
+    model, clip, _ = fresh_sd15
+    init, m_star, prompts = _setup(ct, clip)
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    _, full_loss, full = _step_grads(ct, model, clip, init, m_star, prompts, latents)
+    with gpu.pinning(monkeypatch, caplog) as pin_warnings:
+        with torch.inference_mode():
+            model.unpatch_model()
+            model.load(CPU, lowvram_model_memory=1)
+            clip.patcher.unpatch_model()
+            clip.patcher.load(CPU, lowvram_model_memory=1)
+        assert model.model.model_lowvram
+        pinned = {p: set(p.pinned) for p in (model, clip.patcher)}
+        assert pinned[model], "the partial load pinned nothing: the emulation does not bite"
+        with gpu.offload_buffer_reuse(monkeypatch) as poisoned:
+            _, loss, grads = _step_grads(ct, model, clip, init, m_star, prompts, latents)
+        assert poisoned[0] > 0
+        for p, keys in pinned.items():
+            assert set(p.pinned) == keys
+        with torch.inference_mode():
+            for p in pinned:
+                p.unpin_all_weights()
+        assert pin_warnings() == []
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    for k in full:
+        assert torch.isfinite(grads[k]).all(), f"{k}: a cast weight kept for backward was overwritten"
+        assert torch.allclose(grads[k], full[k], rtol=1e-4, atol=1e-4 * float(full[k].abs().max())), k
