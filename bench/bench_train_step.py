@@ -1,7 +1,8 @@
 """Time the pack's own DTI training step inside ComfyUI, on real-size random-weight models.
 
 Builds an SD1.5 or SDXL checkpoint with the published layer sizes and random weights through
-ComfyUI's own classes (tests/host/checkpoints.py), loads it with ComfyUI's loader under
+ComfyUI's own classes (tests/host/checkpoints.py; with DTI_TEST_CACHE set, once, as a file there that
+later runs reuse), loads it with ComfyUI's loader under
 torch.inference_mode() as the executor does, then runs exactly what DTI Train runs:
 ``comfy_host.latents.encode_buckets`` then ``DiffusionStep`` inside ``dti_core.training.train``. Prints s/step, peak GPU
 memory and the UNet's achieved TFLOP/s; writes a JSON report.
@@ -72,12 +73,23 @@ def main() -> None:
     report = {"model": kind, "res": a.res, "bs": a.bs, "grad_ckpt": a.grad_ckpt, "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not a.cpu else "cpu"}
     t0 = time.perf_counter()
-    sd, info = ck.build_state_dict(kind, dtype=torch.float16)
-    report["params"] = info["params"]
-    with torch.inference_mode():
-        model, clip, vae = comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True,
-                                                                 embedding_directory=[emb_dir])[:3]
-    del sd
+    cache = os.environ.get("DTI_TEST_CACHE")
+    if cache:
+        # the checkpoint file, generated once per cache folder (bench/gpu_check.sh makes it before the
+        # benches: a real-size SDXL takes the CPU's random generator tens of seconds), loaded as
+        # CheckpointLoaderSimple loads it
+        path = ck.ensure_checkpoint(kind, cache)
+        report["checkpoint"] = str(path)
+        (model, clip, vae), _ = ck.load_checkpoint(path, embedding_directory=[emb_dir])
+        report["params"] = {"unet": ck.param_count(model.model.diffusion_model),
+                            "clip": ck.param_count(clip.cond_stage_model), "vae": ck.param_count(vae.first_stage_model)}
+    else:
+        sd, info = ck.build_state_dict(kind, dtype=torch.float16)
+        report["params"] = info["params"]
+        with torch.inference_mode():
+            model, clip, vae = comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True,
+                                                                     embedding_directory=[emb_dir])[:3]
+        del sd
     report["build_load_s"] = time.perf_counter() - t0
     dev = mm.get_torch_device()
     cuda = dev.type == "cuda"
@@ -111,7 +123,7 @@ def main() -> None:
             sync()
             start = time.perf_counter()
             training.train(init, mu, m_star, step_fn, training.TrainConfig(steps=a.warmup + a.steps), device=dev,
-                           on_step=on_step)
+                           on_step=on_step, loss_scale=lambda: step_fn.loss_scale)  # (as DTI Train)
             timed = stamps[a.warmup:]
             first = stamps[a.warmup - 1] if a.warmup else start
             report["s_per_step"] = (timed[-1] - first) / len(timed)

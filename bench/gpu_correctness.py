@@ -388,15 +388,17 @@ def grad_vs_fp32(ct, mm, templates, path, model, clip, vae, images, res, bs, dev
         latents = ct.latents.encode_buckets(vae, model, ct.images.load_training_images(images), res, False)
         init, mu, m_star = ct.text.initial_vectors(clip, "dog", 0, "mean")
         prompts = ct.text.tokenize_templates(clip, templates.OBJECT, {k: v.shape[0] for k, v in init.items()})
-    grads, losses = {}, {}
+    grads, losses, scales = {}, {}, {}
     for label, m in (("as_loaded", model), ("fp32", model32)):
         mm.load_models_gpu([m, clip.patcher], force_full_load=True)
         with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(m, clip):
             ds = ct.step.DiffusionStep(m, clip, prompts, [tl.cloned() for tl in latents], None, bs, 0, res, dev)
             e = {k: (m_star[k] * init[k]).to(dev).requires_grad_() for k in sorted(init)}
             loss = ds(e, 0)
-            g = torch.autograd.grad(loss, [e[k] for k in sorted(init)])
-            grads[label] = {k: x.detach().double().cpu() for k, x in zip(sorted(init), g)}
+            # with the node's fp16 loss scale (1 unless something computes in fp16), divided out after
+            scales[label] = ds.loss_scale
+            g = torch.autograd.grad(loss * scales[label], [e[k] for k in sorted(init)])
+            grads[label] = {k: x.detach().double().cpu() / scales[label] for k, x in zip(sorted(init), g)}
             losses[label] = float(loss.detach())
             del ds, loss, g, e
     fp32_dtype = str(model32.model.get_dtype())
@@ -409,7 +411,8 @@ def grad_vs_fp32(ct, mm, templates, path, model, clip, vae, images, res, bs, dev
         cos[k] = float(ga @ gb / (ga.norm() * gb.norm()))
         ratio[k] = float(ga.norm() / gb.norm())
     ok = all(c >= 0.99 for c in cos.values()) and all(0.9 <= r <= 1.1 for r in ratio.values())
-    return dict(ok=ok, unet_dtype=str(model.model.get_dtype()), reference_unet_dtype=fp32_dtype, cosine=cos, norm_ratio=ratio, loss=losses)
+    return dict(ok=ok, unet_dtype=str(model.model.get_dtype()), reference_unet_dtype=fp32_dtype, cosine=cos, norm_ratio=ratio,
+                loss=losses, loss_scale=scales)
 
 
 def teacher_student(pack, ct, loaded, steps, res, dev) -> dict:
@@ -436,7 +439,8 @@ def teacher_student(pack, ct, loaded, steps, res, dev) -> dict:
         with teacher_student_denoiser(ds, model, target):
             start = cos_to_dog(init["clip_l"].to(vocab_dev))
             result = core.train(init, mu, m_star, lambda e, s: ds(e, s),
-                                core.TrainConfig(steps=steps, lr=0.04, kappa=0.0), device=dev)
+                                core.TrainConfig(steps=steps, lr=0.04, kappa=0.0), device=dev,
+                                loss_scale=lambda: ds.loss_scale)
     learned = cos_to_dog(result.vectors["clip_l"].to(vocab_dev))
     loss = result.history.loss
     first, last = sum(loss[:5]) / len(loss[:5]), sum(loss[-5:]) / len(loss[-5:])

@@ -94,6 +94,38 @@ UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload", "animated_imag
 
 # ComfyUI's mutually exclusive VRAM modes (--cpu is one of them).
 VRAM_FLAGS = {"--gpu-only", "--highvram", "--normalvram", "--lowvram", "--novram", "--cpu"}
+# Flags that only mean something on a GPU, with no VRAM mode of their own: 0.33's dynamic VRAM on and
+# off. --cpu beside them would crash the start (--enable-dynamic-vram: comfy-aimdo) or train on the CPU
+# (--disable-dynamic-vram); a test with them skips on a machine without CUDA instead.
+GPU_ONLY_FLAGS = {"--enable-dynamic-vram", "--disable-dynamic-vram"}
+
+
+def device_args(extra_args) -> list:
+    """What ``ComfyServer.start`` puts before ``extra_args``: ``["--cpu"]`` unless the flags pick a VRAM
+    mode themselves (ComfyUI takes only one of them) or are GPU-only (``GPU_ONLY_FLAGS``)."""
+    return [] if set(extra_args) & (VRAM_FLAGS | GPU_ONLY_FLAGS) else ["--cpu"]
+
+
+def _die_with_parent(parent_pid):
+    """``preexec_fn`` of the server: on Linux, SIGKILL it when the process that started it dies
+    (``prctl(PR_SET_PDEATHSIG)``), so a test run killed by ``timeout`` leaves no server behind even though
+    the server has a session of its own. Elsewhere (or without libc's prctl), None: nothing.
+    (Strictly, when the thread that started it ends: the tests start servers from pytest's main thread.)"""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:  # resolved here, in the parent: the child only calls it (no imports between fork and exec)
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_death_signal():
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+    return set_death_signal
+
 
 # Test-only custom node: ComfyUI's attention module sees 1 KiB of free memory, so sub-quadratic
 # attention takes its chunked, in-place path (the one that broke training on busy machines) on any
@@ -196,7 +228,8 @@ def free_port() -> int:
 
 class ComfyServer:
     """``python main.py --cpu --listen 127.0.0.1 --port N --base-directory BASE`` from a ComfyUI
-    checkout, with this repository visible as ``BASE/custom_nodes/ComfyUI-DTI`` (a symlink)."""
+    checkout, with this repository visible as ``BASE/custom_nodes/ComfyUI-DTI`` (a symlink). The server
+    runs in a session of its own and, on Linux, dies with the process that started it."""
 
     def __init__(self, comfy_path, base_dir, port=None, python=None, extra_args=()):
         self.comfy_path = Path(comfy_path).resolve()
@@ -264,8 +297,8 @@ class ComfyServer:
     # process --------------------------------------------------------------
     def start(self, timeout=180.0) -> "ComfyServer":
         self.prepare()
-        # --cpu unless the flags pick a VRAM mode themselves (ComfyUI takes only one of them)
-        device = [] if set(self.extra_args) & VRAM_FLAGS else ["--cpu"]
+        # --cpu unless the flags pick a VRAM mode themselves or need a GPU (device_args)
+        device = device_args(self.extra_args)
         cmd = [self.python, "main.py", *device, "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base),
                # the default database lives inside the ComfyUI checkout; keep the checkout untouched
@@ -273,7 +306,7 @@ class ComfyServer:
         self._log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, start_new_session=True)
+                                     env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
