@@ -33,7 +33,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from . import memory, ops
+from . import kernels, memory, ops
 from .text import text_encoders
 
 log = logging.getLogger("ComfyUI-DTI")
@@ -247,15 +247,20 @@ def _requires_grad(values) -> bool:
 
 
 class _FreshOutputs(torch.overrides.TorchFunctionMode):
-    """Calls with ``out=`` on tensors that require grad return a fresh tensor instead of writing into
-    ``out``: autograd refuses them ("functions with out=... arguments don't support automatic
-    differentiation"). 0.33's Llama/Gemma blocks end in ``x = torch.add(residual, x, out=x_in)`` and
-    use the returned tensor, so the values are the same and the block's input stays unmodified."""
+    """The text encoders' training forward. Calls with ``out=`` on tensors that require grad return a
+    fresh tensor instead of writing into ``out``: autograd refuses them ("functions with out=...
+    arguments don't support automatic differentiation"). 0.33's Llama/Gemma blocks end in
+    ``x = torch.add(residual, x, out=x_in)`` and use the returned tensor, so the values are the same
+    and the block's input stays unmodified. And host kernels without a backward (0.36+'s
+    comfy-kitchen RoPE) go through their stand-ins (``kernels.py``)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if "out" in kwargs and torch.is_grad_enabled() and _requires_grad([*args, *kwargs.values()]):
             kwargs = {k: v for k, v in kwargs.items() if k != "out"}
+        stand_in = kernels.training_call(func, args, kwargs)
+        if stand_in is not None:
+            return stand_in(*args, **kwargs)
         return func(*args, **kwargs)
 
 

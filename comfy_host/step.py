@@ -10,6 +10,7 @@ import torch
 from comfy.model_sampling import ModelSamplingDiscrete
 
 from ..dti_core.training import step_generator
+from . import kernels
 from .autograd import training_transformer_options
 from .latents import TrainingLatents
 from .text import PromptTokens, TextPath, text_encoders
@@ -107,6 +108,14 @@ class DiffusionStep:
         if torch.float16 not in dtypes:
             return 1.0
         return float(2 ** math.ceil(math.log2(max(self._elements, 1))))
+
+    def check_backward(self, embeds: dict[str, torch.Tensor], learned) -> None:
+        """``kernels.check_text_backward`` for this run's first prompt with ``embeds`` (every encoder's
+        vectors) in the word's place, for the ``learned`` encoders."""
+        kernels.check_text_backward(
+            self.clip, self.prompts[0], {tkey: embeds[key] for key, (tkey, _, _) in self.encoders.items()},
+            [self.encoders[k][0] for k in learned], {tkey: key for key, (tkey, _, _) in self.encoders.items()},
+            {tkey: enc for _, (tkey, _, enc) in self.encoders.items()})
 
     def _text_path(self, by_token_key):
         if self._text is None:

@@ -12,7 +12,7 @@ import torch
 
 from ..comfy_host import images as host_images
 from ..comfy_host import latents as host_latents
-from ..comfy_host import memory, paths, ui
+from ..comfy_host import kernels, memory, paths, ui
 from ..comfy_host import text as host_text
 from ..comfy_host.autograd import differentiable
 from ..comfy_host.families import family_of, supported_text, trained_encoders
@@ -20,6 +20,7 @@ from ..comfy_host import step as host_step
 from ..dti_core import __version__
 from ..dti_core.embedding_file import Embedding, EmbeddingFileError, dti_metadata, load_embedding, save_embedding
 from ..dti_core.names import check_name
+from ..dti_core.sphere import normalize
 from ..dti_core.templates import parse_captions, resolve_templates
 from ..dti_core.training import METHODS, TI_WEIGHT_DECAY, NonFiniteError, TrainConfig, train
 from . import previews
@@ -234,6 +235,10 @@ class DTITrain(WritesEmbeddingFile):
                                                     guidance=float(guidance) if family.guidance else None,
                                                     per_image_prompts=per_image, text_mask=family.text_mask)
                     fixed = {k: v.to(device) for k, v in frozen.items()}
+                    # A host op without a backward (0.36+'s kitchen RoPE has a stand-in; a later one may
+                    # not) is one clear error here, before anything is trained or written.
+                    start = {k: (learn_init[k] if ti else m_star[k] * normalize(learn_init[k].float())) for k in learn}
+                    step_fn.check_backward({**fixed, **{k: v.to(device) for k, v in start.items()}}, learn)
                     result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
                                    lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,
                                    start_step=start_step, optimizer_state=opt_state, on_step=on_step,
@@ -243,6 +248,9 @@ class DTITrain(WritesEmbeddingFile):
             raise RuntimeError(f"DTI Train stopped: {e}. Lower the learning rate or check the images.") from None
         except Exception as e:
             if not memory.is_oom(e):
+                clear = kernels.diffusion_error(e)
+                if clear is not None:
+                    raise clear from None
                 raise
             # `finally` below drops the step and frees the memory before this propagates.
             raise memory.oom_error(

@@ -44,6 +44,8 @@ ck = load_by_path("dti_host_checkpoints", _HERE / "checkpoints.py")
 load_by_path("tests_host_helpers", _HERE / "helpers.py")
 # What only a GPU runs, emulated on the CPU (``import tests_host_gpu_emulation``).
 load_by_path("tests_host_gpu_emulation", _HERE / "gpu_emulation.py")
+# ComfyUI after 0.33, emulated on 0.33.0 (``import tests_host_newer_host``).
+load_by_path("tests_host_newer_host", _HERE / "newer_host.py")
 
 
 def _gpu_requested():
