@@ -173,7 +173,7 @@ def fresh_sdxl(comfy, embeddings_dir, sdxl_checkpoint):
 
 
 # Every module of the host layer (comfy_host/), imported by the dti_pack fixture.
-HOST_MODULES = ("contracts", "images", "text", "latents", "step", "sampling", "families", "autograd", "ops",
+HOST_MODULES = ("contracts", "images", "text", "latents", "step", "sampling", "families", "autograd", "ops", "kernels",
                 "memory", "paths", "ui", "loaders", "scoring")
 
 
