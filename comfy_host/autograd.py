@@ -163,6 +163,11 @@ def _lean_cast_layers(root: torch.nn.Module) -> list[torch.nn.Module]:
     for m in root.modules():
         if not ops.is_cast_layer(m):
             continue
+        if _is_cublas_linear(m):
+            # (its own forward, not forward_comfy_cast_weights, runs the kernel when the layer is loaded)
+            m.forward = functools.partial(_differentiable_linear, m, m.forward)
+            changed.append(m)
+            continue
         if isinstance(m, norms):
             own = type(m).forward_comfy_cast_weights
             if base.get(own) is _CastNorm and getattr(m, "weight", None) is not None:
@@ -181,6 +186,21 @@ def _lean_cast_layers(root: torch.nn.Module) -> list[torch.nn.Module]:
             m.forward_comfy_cast_weights = functools.partial(_recompute, functools.partial(own, m))
         changed.append(m)
     return changed
+
+
+def _is_cublas_linear(m: torch.nn.Module) -> bool:
+    # `--fast cublas_ops` (fp16 weights computed in fp16, the cublas_ops package installed): ComfyUI's
+    # cublas_ops.Linear runs the package's half-precision matmul, which has no backward; it is not gated
+    # behind in_training (docs/host-kernels.md). Recognised by the package's class in its MRO.
+    return any(c.__name__ == "CublasLinear" for c in type(m).__mro__)
+
+
+def _differentiable_linear(module, forward, x, *args, **kwargs):
+    """A cuBLAS-ops Linear under grad: the plain cast ``linear`` that keeps no weight (``_CastLinear``);
+    without grad (sampling, previews) the host's own kernel."""
+    if args or kwargs or not torch.is_grad_enabled() or not x.requires_grad:
+        return forward(x, *args, **kwargs)
+    return _lean_forward(_CastLinear, module, x)
 
 
 def _recompute(forward, *args, **kwargs):
@@ -269,6 +289,28 @@ def _fresh_outputs(forward, *args, **kwargs):
         return forward(*args, **kwargs)
 
 
+def _check_context_processor(net) -> None:
+    """SD3 checkpoints with a context processor (``mmdit.ContextProcessor``) run its attention with the
+    module-global backend the launch flags chose, with no ``transformer_options`` to override: sage,
+    flash and comfy-kitchen attention have no backward there. Refused with the way out, before anything
+    runs (no official SD3 / 3.5 checkpoint has one; docs/host-kernels.md)."""
+    if getattr(net, "context_processor", None) is None:
+        return
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    fn = getattr(mmdit, "optimized_attention", None)
+    if fn in (attention.attention_pytorch, attention.attention_basic, attention.attention_split, None):
+        return
+    from .contracts import UnsupportedModelError
+
+    raise UnsupportedModelError(
+        f"DTI Train: this SD3 model's context processor runs ComfyUI's launch-chosen attention "
+        f"({getattr(fn, '__name__', fn)}), which has no backward there. Start ComfyUI with "
+        f"--use-pytorch-cross-attention (or without --use-sage-attention / --use-flash-attention / "
+        f"--use-ck-attention) to train it. Nothing was trained or written.")
+
+
 RESIDUAL_NORMS = ("layer_norm1", "layer_norm2", "layer_norm")
 # Transformer block lists of ComfyUI's DiT families: Flux/Chroma, SD3 (MMDiT), Lumina 2 / others.
 DIT_BLOCK_LISTS = ("double_blocks", "single_blocks", "joint_blocks", "layers", "blocks", "transformer_blocks")
@@ -319,6 +361,7 @@ def differentiable_modules(model, encoders, gradient_checkpointing: bool = False
         memory.keeping_pins(text_patcher, lambda: [clone_to_normal(encoder) for encoder in encoders])
         lean += _lean_cast_layers(model.model)
         net = model.model.diffusion_model
+        _check_context_processor(net)
         if not hasattr(net, "input_blocks"):
             # ComfyUI's DiT blocks (Flux, Chroma, SD3, ...) add residuals in place into tensors their
             # norms saved for backward (img += gate * attn(norm1(img))); the norms get a copy.
@@ -353,7 +396,8 @@ def differentiable_modules(model, encoders, gradient_checkpointing: bool = False
         for layer in wrapped:
             del layer.forward
         for m in lean:
-            del m.forward_comfy_cast_weights
+            m.__dict__.pop("forward_comfy_cast_weights", None)
+            m.__dict__.pop("forward", None)
 
 
 def differentiable(model, clip, gradient_checkpointing: bool = False):

@@ -172,3 +172,55 @@ def offload_buffer_reuse(monkeypatch):
         yield poisoned
     finally:
         monkeypatch.setattr(comfy.ops, "uncast_bias_weight", uncast)
+
+
+def _half_matmul_op():
+    """A custom op like the cublas_ops package's half-precision matmul: a forward, no backward."""
+    try:
+        return torch.ops.dti_test.half_matmul
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("dti_test::half_matmul", mutates_args=())
+    def half_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @half_matmul.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    return torch.ops.dti_test.half_matmul
+
+
+class CublasLinear(torch.nn.Linear):
+    """Stands for the ``cublas_ops`` package's class (ComfyUI recognises nothing else of it)."""
+
+    def forward(self, x):
+        return _half_matmul_op()(x, self.weight, self.bias)
+
+
+def cublas_operations():
+    """ComfyUI 0.33's ``comfy.ops.cublas_ops`` (what ``--fast cublas_ops`` picks for fp16 weights computed
+    in fp16 when the package is installed), built on the stand-in ``CublasLinear``: a loaded layer runs
+    the package's kernel, a cast one ComfyUI's cast around it. Pass as ``custom_operations``."""
+    import comfy.ops
+
+    if not hasattr(comfy.ops, "CastBiasWeightContext"):
+        pytest.skip("this ComfyUI's cublas ops differ (0.33's CastBiasWeightContext is emulated)")
+    matmul = _half_matmul_op()
+
+    class cublas_ops(comfy.ops.manual_cast):
+        class Linear(CublasLinear, comfy.ops.manual_cast.Linear):
+            def reset_parameters(self):
+                return None
+
+            def forward_comfy_cast_weights(self, input):
+                with comfy.ops.CastBiasWeightContext(self, input, offloadable=True) as (weight, bias):
+                    return matmul(input, weight, bias)
+
+            def forward(self, *args, **kwargs):
+                if self.comfy_cast_weights or len(self.weight_function) > 0 or len(self.bias_function) > 0:
+                    return self.forward_comfy_cast_weights(*args, **kwargs)
+                return super().forward(*args, **kwargs)
+
+    return cublas_ops

@@ -19,33 +19,37 @@ def _setup(ct, clip, templates=("a photo of a {}", "a {} in the snow")):
     return init, m_star, prompts
 
 
-def _step_grads(ct, model, clip, init, m_star, prompts, latents, batch=2, step=0, scale=1.0, res=128, div=1.0):
+def _step_grads(ct, model, clip, init, m_star, prompts, latents, batch=2, step=0, scale=1.0, res=128, div=1.0, **kw):
     """Loss and vector gradients of one DiffusionStep batch: backward of ``loss / div * scale``, the
     gradients divided by ``scale``."""
     with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
-        ds = ct.step.DiffusionStep(model, clip, prompts, latents, None, batch, 7, res, CPU)
+        ds = ct.step.DiffusionStep(model, clip, prompts, latents, None, batch, 7, res, CPU, **kw)
         v = {k: init[k].clone().requires_grad_(True) for k in init}
         loss = ds({k: m_star[k] * v[k] for k in v}, step)
         (loss / div * scale).backward()
     return ds, float(loss), {k: v[k].grad / scale for k in v}
 
 
-def test_sdxl_trains_with_text_encoders_on_the_gpu(dti_pack, fresh_sdxl, monkeypatch):
-    """Recipe D. The encoders return on the execution device (the GPU), ComfyUI hands its pooled row
-    on the intermediate device (the CPU). Before the fix, TextPath's probe compared the batched pooled
-    rows (still "on the GPU") with ComfyUI's: "Expected all tensors to be on the same device, but found
-    at least two devices, cuda:0 and cpu! (emulated on the CPU, in allclose)"."""
+@pytest.mark.parametrize("kind", ["sdxl", "flux_dev"])
+def test_pooled_models_train_with_text_encoders_on_the_gpu(kind, dti_pack, request, monkeypatch):
+    """Recipe D, on the two families whose conditioning reads the pooled text (SDXL's ``y``, Flux's
+    vector). The encoders return on the execution device (the GPU), ComfyUI hands its pooled row on the
+    intermediate device (the CPU). Before the fix, TextPath's probe compared the batched pooled rows
+    (still "on the GPU") with ComfyUI's: "Expected all tensors to be on the same device, but found at
+    least two devices, cuda:0 and cpu! (emulated on the CPU, in allclose)"."""
     ct = dti_pack.comfy_host
-    model, clip, _ = fresh_sdxl
+    model, clip, _ = request.getfixturevalue(f"fresh_{kind}")
     init, m_star, prompts = _setup(ct, clip)
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    _, ref_loss, ref = _step_grads(ct, model, clip, init, m_star, prompts, latents)
+    channels, kw = (4, {}) if kind == "sdxl" else (16, {"guidance": 3.5})
+    latents = torch.randn(2, channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    _, ref_loss, ref = _step_grads(ct, model, clip, init, m_star, prompts, latents, res=64, **kw)
+    pooled_key = "clip_g" if kind == "sdxl" else "clip_l"
 
     with gpu.text_encoders_on_device(monkeypatch):
         # the emulation bites: ComfyUI's own encode moves its outputs off the marked device, the
         # encoder's forward output stays marked
         with torch.inference_mode():
-            enc = ct.text.text_encoders(clip)["clip_g"][2]
+            enc = ct.text.text_encoders(clip)[pooled_key][2]
             seen = []
             h = enc.register_forward_hook(lambda m, a, out: seen.append(out[1]))
             cond, pooled = clip.encode_from_tokens(clip.tokenize("a photo"), return_pooled=True)
@@ -54,10 +58,12 @@ def test_sdxl_trains_with_text_encoders_on_the_gpu(dti_pack, fresh_sdxl, monkeyp
         with pytest.raises(RuntimeError, match="same device"):
             _ = seen[0] + pooled
 
-        ds, loss, grads = _step_grads(ct, model, clip, init, m_star, prompts, latents)
-        assert ds._text.batched, "the batched encode should pass its probe on the GPU layout too"
-        cond, pooled = ds._text([p.with_vectors({"l": init["clip_l"], "g": init["clip_g"]}) for p in prompts])
-    assert not gpu.is_marked(pooled), "pooled rows must follow ComfyUI's intermediate device"
+        ds, loss, grads = _step_grads(ct, model, clip, init, m_star, prompts, latents, res=64, **kw)
+        if kind == "sdxl":
+            assert ds._text.batched, "the batched encode should pass its probe on the GPU layout too"
+            token_keys = {key: tkey for key, (tkey, _, _) in ds.encoders.items()}
+            cond, pooled = ds._text([p.with_vectors({token_keys[k]: init[k] for k in init}) for p in prompts])
+            assert not gpu.is_marked(pooled), "pooled rows must follow ComfyUI's intermediate device"
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     for k in ref:
         assert torch.isfinite(grads[k]).all() and grads[k].abs().sum() > 0
@@ -223,3 +229,61 @@ def test_partial_load_with_pinned_offloaded_weights_trains_like_a_full_load(dti_
     for k in full:
         assert torch.isfinite(grads[k]).all(), f"{k}: a cast weight kept for backward was overwritten"
         assert torch.allclose(grads[k], full[k], rtol=1e-4, atol=1e-4 * float(full[k].abs().max())), k
+
+
+def test_fp16_unet_with_cublas_ops_trains_through_a_differentiable_linear(dti_pack, comfy, sd15_checkpoint,
+                                                                          embeddings_dir, checkpoints, monkeypatch):
+    """``--fast cublas_ops`` with fp16 weights computed in fp16: ComfyUI's cublas Linear runs a matmul
+    without a backward, ungated (docs/host-kernels.md). Before the fix the step's backward raised
+    "Trying to backward through dti_test.half_matmul.default but no autograd formula was registered";
+    now training takes the plain cast linear, with the same gradient as fp16 without cublas ops, and
+    sampling keeps the kernel."""
+    ct = dti_pack.comfy_host
+    folders = comfy.folder_paths.get_folder_paths("embeddings")
+    with gpu.fp16_compute(monkeypatch) as opts:
+        (plain, clip, _), _ = checkpoints.load_checkpoint(sd15_checkpoint, folders, opts)
+        (fast, _, _), _ = checkpoints.load_checkpoint(
+            sd15_checkpoint, folders, dict(opts, custom_operations=gpu.cublas_operations()))
+        layers = [m for m in fast.model.modules() if isinstance(m, gpu.CublasLinear)]
+        assert layers
+        init, m_star, prompts = _setup(ct, clip)
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        _, ref_loss, ref = _step_grads(ct, plain, clip, init, m_star, prompts, latents, batch=1, res=64, scale=2.0**15)
+        class Calls(torch.overrides.TorchFunctionMode):
+            seen = []
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if "half_matmul" in str(func) and (not torch.is_grad_enabled() or args[0].requires_grad):
+                    self.seen.append(func)  # (under grad: with an input that needs its backward)
+                return func(*args, **(kwargs or {}))
+
+        with Calls():
+            _, loss, grads = _step_grads(ct, fast, clip, init, m_star, prompts, latents, batch=1, res=64, scale=2.0**15)
+        assert not Calls.seen, "the kernel without a backward ran under grad"
+        with Calls(), torch.inference_mode():
+            fast.model.apply_model(torch.randn(1, 4, 8, 8, dtype=torch.float16), torch.tensor([1.0]),
+                                   c_crossattn=torch.randn(1, 77, 768, dtype=torch.float16))
+        assert Calls.seen, "sampling should keep the host's kernel"
+    assert loss == pytest.approx(ref_loss, rel=1e-3)
+    k = "clip_l"
+    assert torch.isfinite(grads[k]).all()
+    assert float(torch.nn.functional.cosine_similarity(grads[k].flatten(), ref[k].flatten(), dim=0)) >= 0.999
+
+
+def test_sd3_context_processor_with_attention_without_a_backward_is_refused(dti_pack, fresh_sd15, comfy, monkeypatch):
+    """An SD3 checkpoint with a context processor runs its attention with the launch-chosen backend and no
+    override; with sage / flash / comfy-kitchen attention the run is refused with the way out."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+
+    ct = dti_pack.comfy_host
+    model, clip, _ = fresh_sd15
+    net = model.model.diffusion_model
+    monkeypatch.setattr(net, "context_processor", torch.nn.Identity(), raising=False)
+    monkeypatch.setattr(mmdit, "optimized_attention", attention.attention_pytorch)
+    with torch.inference_mode(False), ct.autograd.differentiable(model, clip):
+        pass  # differentiable attention there: trains
+    monkeypatch.setattr(mmdit, "optimized_attention", getattr(attention, "attention_sage"))
+    with pytest.raises(ct.contracts.UnsupportedModelError, match=r"context processor.*attention_sage.*--use-pytorch-cross-attention"):
+        with torch.inference_mode(False), ct.autograd.differentiable(model, clip):
+            pass
