@@ -21,6 +21,7 @@ from .common import (CATEGORY, EMBEDDING_TYPE, WritesEmbeddingFile, embeddings_r
 class DTILoadEmbedding:
     DESCRIPTION = ("Load an embedding from models/embeddings (ours, A1111 .pt/.safetensors, kohya, diffusers) "
                    "for the other DTI nodes. Connect a CLIP to check it fits that model before sampling.")
+    SEARCH_ALIASES = ["load embedding", "textual inversion"]
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("STRING", EMBEDDING_TYPE)
@@ -54,6 +55,7 @@ class DTILoadEmbedding:
 class DTISlerpConcepts(WritesEmbeddingFile):
     DESCRIPTION = ("Blend two learned concepts into a new word: slerp between their directions (and interpolate "
                    "their lengths), save it as a new embedding file and give the prompt text to use it.")
+    SEARCH_ALIASES = ["slerp", "interpolate", "blend concepts", "mix embeddings"]
     CATEGORY = CATEGORY
     FUNCTION = "slerp"
     OUTPUT_NODE = True
@@ -104,6 +106,7 @@ class DTIInterpolationStrip:
     DESCRIPTION = ("Encode one prompt K times with the concept slerped from A to B (t = 0 ... 1), as one "
                    "CONDITIONING batch: feed it to a KSampler with a latent batch of K to render the whole strip "
                    "in one queue. Each entry equals a CLIPTextEncode of that blend.")
+    SEARCH_ALIASES = ["interpolation", "slerp strip"]
     CATEGORY = CATEGORY
     FUNCTION = "encode"
     RETURN_TYPES = ("CONDITIONING", "STRING")
@@ -172,6 +175,7 @@ class DTIEnableEmbeddings:
     DESCRIPTION = ("Make embedding:NAME work for text encoders whose ComfyUI tokenizer ignores it (Gemma-2 of "
                    "Lumina 2 / Neta Lumina, UMT5 of Wan, Qwen2.5 of Qwen-Image, Pile-T5 of AuraFlow): returns a CLIP whose tokenizers "
                    "read models/embeddings. The input CLIP is left as it was.")
+    SEARCH_ALIASES = ["embedding folder", "qwen image embedding", "lumina embedding"]
     CATEGORY = CATEGORY
     FUNCTION = "enable"
     OUTPUT_NODE = True  # only so its note shows on the node; it writes nothing

@@ -23,6 +23,7 @@ class DTIEvaluate:
                    "each image looks like your reference photos: DINOv2 or CLIP features, cosine, averaged over "
                    "the photos) and the text score (how well each image still follows its prompt without the "
                    "word: CLIP image-text cosine). DTI's claim: it keeps the text score where plain TI loses it.")
+    SEARCH_ALIASES = ["score", "clip score", "dino score", "evaluate embedding"]
     CATEGORY = CATEGORY
     FUNCTION = "evaluate"
     OUTPUT_NODE = True

@@ -22,6 +22,7 @@ COLORS = [(230, 80, 60), (60, 140, 230), (60, 180, 90), (200, 150, 30)]
 class DTIInspect:
     DESCRIPTION = ("Show what an embedding is: each vector's length against the vocabulary's (percentile, m*), "
                    "its angle to the initializer word and its nearest vocabulary tokens; plus a chart of the norms.")
+    SEARCH_ALIASES = ["embedding info", "inspect embedding"]
     CATEGORY = CATEGORY
     FUNCTION = "inspect"
     OUTPUT_NODE = True

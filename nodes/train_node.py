@@ -42,6 +42,7 @@ class DTITrain(WritesEmbeddingFile):
         "The learned vectors keep the vocabulary's typical length (m*) and only their direction is trained, "
         "so prompts stay faithful. Writes embeddings/NAME.safetensors; use it in any prompt as embedding:NAME."
     )
+    SEARCH_ALIASES = ["textual inversion", "embedding", "TI", "train word", "train embedding", "personalize", "DTI"]
     CATEGORY = CATEGORY
     FUNCTION = "run"
     OUTPUT_NODE = True
