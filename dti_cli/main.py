@@ -178,7 +178,7 @@ def build_parser(options: dict | None, add_help: bool = True) -> argparse.Argume
     g.add_argument("--vae", help="A VAE .safetensors (as VAELoader loads it).")
     g = p.add_argument_group("what to train")
     g.add_argument("--images", help="Folder of images of the concept (png/jpg/webp/bmp/tif; a PNG's transparency is its subject mask).")
-    g.add_argument("--jobs", help="A jobs file (.toml or .json): many concepts, one model load. See the README.")
+    g.add_argument("--jobs", help="A jobs file (.toml or .json): many concepts, one model load. See docs/cli.md.")
     g.add_argument("--output", help="Folder for the embeddings (default: ComfyUI's embeddings folder).")
     g.add_argument("--shard", help="Train only shard K/N of the jobs (0 <= K < N; a job's shard depends on its name "
                                    "only), or 'auto' in a Slurm array or a Kubernetes Indexed Job. A job whose file "

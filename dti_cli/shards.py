@@ -15,8 +15,8 @@ import time
 
 # Slurm: the task's index within its array (minus the array's first index) and the array's size.
 SLURM = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
-# Kubernetes Indexed Job: the pod's index; the count is the Job's .spec.completions, which the README's
-# manifest passes as JOB_COMPLETIONS (Kubernetes does not set it by itself).
+# Kubernetes Indexed Job: the pod's index; the count is the Job's .spec.completions, which the manifest
+# in docs/cli.md passes as JOB_COMPLETIONS (Kubernetes does not set it by itself).
 K8S = ("JOB_COMPLETION_INDEX", "JOB_COMPLETIONS")
 
 
@@ -41,7 +41,7 @@ def parse_shard(text: str, env: dict | None = None) -> tuple[int, int]:
                 k, n = int(env[K8S[0]]), int(env[K8S[1]])
             except (KeyError, ValueError):
                 raise ShardError(f"--shard auto: {K8S[0]} is set but {K8S[1]} is not a whole number (set it to the "
-                                 f"Job's .spec.completions, as the README's manifest does)") from None
+                                 f"Job's .spec.completions, as the manifest in docs/cli.md does)") from None
         else:
             raise ShardError(f"--shard auto: no array task here (neither {SLURM[0]} nor {K8S[0]} is set); "
                              f"give K/N instead")
