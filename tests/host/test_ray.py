@@ -118,7 +118,9 @@ def test_ctrl_c_stops_the_ray_run_and_leaves_whole_files(comfy, sd15_checkpoint,
     d.wait_for(" started on actor ")
     time.sleep(1.0)
     d.proc.send_signal(signal.SIGINT)
-    rc, err = d.finish(timeout=120)
+    # (300 s: on a 2-core machine loaded by other test processes, stopping the actors and Ray took over
+    # 120 s once, 2026-12-07; alone it takes a few seconds. The test is that it stops, cleanly.)
+    rc, err = d.finish(timeout=300)
     assert rc == 130, err[-3000:]
     assert "interrupted; stopping the actors" in err and "run again to train what is left" in err, err[-3000:]
     assert not out.exists() or [p.name for p in out.iterdir() if not p.name.endswith(".safetensors")] == []
