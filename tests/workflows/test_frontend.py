@@ -708,3 +708,42 @@ def test_template_browser_lists_the_workflows_with_thumbnails(page):
     for name, size in got["out"].items():
         assert size and size[0] >= 256 and size[1] >= 192, (name, size)
     assert page.dti_problems() == []
+
+
+DTI_NODES = ("DTITrain", "DTILoadEmbedding", "DTISlerpConcepts", "DTIInterpolationStrip", "DTIInspect",
+             "DTIEnableEmbeddings", "DTIEvaluate")
+
+
+def test_help_pages_are_served_where_the_help_panel_looks_and_aliases_reach_the_page(page, frontend):
+    """The frontend's node help (1.49+: NodeHelpService) fetches ``/extensions/<pack>/docs/<Node>.md`` for a
+    custom node, the pack taken from the node's ``python_module``; the pictures are relative to it. The
+    node search matches ``search_aliases`` from the node definitions, which ComfyUI sends since 2026-01
+    (0.33; 0.3.64 sends none, and its pinned frontend 1.27.10 has no help panel: the pages are served
+    and unused there)."""
+    got = page.evaluate("""async (nodes) => {
+        const defs = await app.api.getNodeDefs();
+        const out = {};
+        for (const n of nodes) {
+            const pack = (defs[n].python_module || '').split('.').pop();
+            const r = await fetch(`/extensions/${pack}/docs/${n}.md`);
+            const text = await r.text();
+            const pics = [...text.matchAll(/!\\[[^\\]]*\\]\\(([^)]+)\\)/g)].map((m) => m[1]);
+            const loaded = [];
+            for (const p of pics) {
+                const img = new Image();
+                loaded.push(await new Promise((res) => { img.onload = () => res(img.naturalWidth);
+                    img.onerror = () => res(0); img.src = `/extensions/${pack}/docs/${p}`; }));
+            }
+            out[n] = { pack, status: r.status, heading: text.startsWith('# '), loaded,
+                       sent: 'search_aliases' in defs[n], aliases: defs[n].search_aliases || [] };
+        }
+        return out;
+    }""", list(DTI_NODES))
+    for name, g in got.items():
+        assert g["pack"] == "ComfyUI-DTI" and g["status"] == 200 and g["heading"], (name, g)
+        assert all(w > 0 for w in g["loaded"]), (name, g)
+        assert g["aliases"] or not g["sent"], name
+    sent = got["DTITrain"]["sent"]
+    assert not sent or "textual inversion" in got["DTITrain"]["aliases"]
+    assert got["DTITrain"]["loaded"] and got["DTIInterpolationStrip"]["loaded"]
+    assert page.dti_problems() == []
