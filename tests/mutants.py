@@ -262,7 +262,7 @@ MUTANTS += (
            "comfy_host/text.py",
            "return cond, rows[:b].to(first_pooled.device)",
            "return cond, rows[:b]",
-           (f"{GE}::test_sdxl_trains_with_text_encoders_on_the_gpu",)),
+           (f"{GE}::test_pooled_models_train_with_text_encoders_on_the_gpu",)),
     Mutant("no-fp16-loss-scale", "fp16 compute gets no loss scaling",
            "comfy_host/step.py",
            "        if torch.float16 not in dtypes:\n            return 1.0",
