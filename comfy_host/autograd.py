@@ -278,9 +278,10 @@ class _FreshOutputs(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if "out" in kwargs and torch.is_grad_enabled() and _requires_grad([*args, *kwargs.values()]):
             kwargs = {k: v for k, v in kwargs.items() if k != "out"}
-        stand_in = kernels.training_call(func, args, kwargs)
-        if stand_in is not None:
-            return stand_in(*args, **kwargs)
+        if isinstance(func, kernels.OP_TYPES) and torch.is_grad_enabled() and _requires_grad([*args, *kwargs.values()]):
+            stand_in = kernels.stand_in_for(func)
+            if stand_in is not None:
+                return stand_in(*args, **kwargs)
         return func(*args, **kwargs)
 
 

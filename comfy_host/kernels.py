@@ -100,7 +100,8 @@ def _op_name(func) -> str:
 
 
 def stand_in_for(func):
-    """The differentiable stand-in for a host op that has no backward, or None."""
+    """The differentiable stand-in for a host op (one of ``OP_TYPES``) that has no backward, or None.
+    For a torch-function mode of the training forward, on calls whose inputs require grad."""
     name = _op_name(func)
     fn = STAND_INS.get(name)
     if fn is None or _has_backward(name, func):
@@ -108,14 +109,8 @@ def stand_in_for(func):
     return functools.partial(fn, func)
 
 
-def training_call(func, args, kwargs):
-    """For a torch-function mode of the training forward: the stand-in for ``func`` when it is a host
-    op without a backward called with inputs that require grad, else None (call ``func`` itself)."""
-    if not isinstance(func, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)) or not torch.is_grad_enabled():
-        return None
-    if not any(torch.is_tensor(v) and v.requires_grad for v in (*args, *kwargs.values())):
-        return None
-    return stand_in_for(func)
+# what a host kernel is, as a torch-function mode sees it (``torch.ops.ns.op`` and its overloads)
+OP_TYPES = (torch._ops.OpOverloadPacket, torch._ops.OpOverload)
 
 
 # ---------------------------------------------------------------------------------------------
