@@ -123,39 +123,59 @@ _checked: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 def check_text_backward(clip, prompt, vectors_by_token_key: dict[str, torch.Tensor], learned: list[str],
                         names_by_token_key: dict[str, str], encoders_by_token_key: dict[str, torch.nn.Module]) -> None:
     """One encode of ``prompt`` (``vectors_by_token_key``: every encoder's rows in the word's place) and
-    its backward per ``learned`` token key, at the first run of each encoder in this process: the
+    a backward per ``learned`` token key, at the first run of each encoder in this process: the
     learned rows must get a finite, non-zero gradient. A host op without a backward (or any break of
     the gradient) is one ``HostContractError`` naming the op, the encoder and the ComfyUI version,
     before anything is trained or written. Must run inside ``autograd.differentiable`` (what training
-    runs under), with grad enabled."""
-    from .text import encode_token_batch
+    runs under), with grad enabled.
 
-    for tkey in learned:
-        encoder = encoders_by_token_key[tkey]
-        if encoder in _checked:
-            continue
+    The encoders to check share one forward (a two- or three-encoder family would otherwise run every
+    encoder once per learned one: SD3.5's T5-XXL three times); each gets its own backward, which
+    reaches only its own graph, so a failure still names its encoder. A forward that fails is redone
+    one encoder at a time, for the same reason."""
+    todo = [t for t in learned if encoders_by_token_key[t] not in _checked]
+    if not todo:
+        return
+    try:
+        leaves, total = _encode_for_check(clip, prompt, vectors_by_token_key, todo)
+    except RuntimeError as e:
+        if len(todo) == 1 or op_without_backward(e) is None:
+            _raise_for(e, names_by_token_key[todo[0]])
+        for tkey in todo:  # which encoder's forward it is
+            check_text_backward(clip, prompt, vectors_by_token_key, [tkey], names_by_token_key, encoders_by_token_key)
+        raise
+    for i, tkey in enumerate(todo):
         name = names_by_token_key[tkey]
-        leaves = {k: (v.detach().clone().requires_grad_(True) if k == tkey else v.detach())
-                  for k, v in vectors_by_token_key.items()}
         try:
-            cond, pooled = encode_token_batch(clip, [prompt.with_vectors(leaves)], want_pooled=True)
-            total = cond.float().square().mean() if torch.is_tensor(cond) else sum(c.float().square().mean() for c in cond)
-            if pooled is not None:
-                total = total + pooled.float().square().mean()
-            total.backward()
+            (grad,) = torch.autograd.grad(total, [leaves[tkey]], retain_graph=i < len(todo) - 1, allow_unused=True)
         except RuntimeError as e:
-            op = op_without_backward(e)
-            if op is None:
-                raise
-            raise HostContractError(f"the {name} text encoder", "a backward through every op of its forward",
-                                    f"{op}, which has no backward (torch: {str(e).splitlines()[0]})") from None
-        grad = leaves[tkey].grad
+            _raise_for(e, name)
         if grad is None or not bool(torch.isfinite(grad).all()) or not bool(grad.abs().sum() > 0):
             what = "no gradient" if grad is None else ("a non-finite gradient" if not bool(torch.isfinite(grad).all())
                                                        else "an all-zero gradient")
             raise HostContractError(f"the {name} text encoder", "a finite, non-zero gradient at the learned rows",
                                     what)
-        _checked.add(encoder)
+        _checked.add(encoders_by_token_key[tkey])
+
+
+def _encode_for_check(clip, prompt, vectors_by_token_key, keys):
+    from .text import encode_token_batch
+
+    leaves = {k: (v.detach().clone().requires_grad_(True) if k in keys else v.detach())
+              for k, v in vectors_by_token_key.items()}
+    cond, pooled = encode_token_batch(clip, [prompt.with_vectors(leaves)], want_pooled=True)
+    total = cond.float().square().mean() if torch.is_tensor(cond) else sum(c.float().square().mean() for c in cond)
+    if pooled is not None:
+        total = total + pooled.float().square().mean()
+    return leaves, total
+
+
+def _raise_for(error: RuntimeError, name: str):
+    op = op_without_backward(error)
+    if op is None:
+        raise error
+    raise HostContractError(f"the {name} text encoder", "a backward through every op of its forward",
+                            f"{op}, which has no backward (torch: {str(error).splitlines()[0]})") from None
 
 
 def diffusion_error(error: BaseException) -> HostContractError | None:

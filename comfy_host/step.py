@@ -119,7 +119,7 @@ class DiffusionStep:
 
     def _text_path(self, by_token_key):
         if self._text is None:
-            self._text = TextPath(self.clip, self.prompts, by_token_key, self.uses_pooled)
+            self._text = TextPath(self.clip, self.prompts, by_token_key, self.uses_pooled, self.batch_size)
         return self._text
 
     def __call__(self, embeds: dict[str, torch.Tensor], step: int) -> torch.Tensor:

@@ -348,18 +348,25 @@ class TextPath:
     prompts of one shape (the first prompt twice where no two share one) are encoded both ways (no
     gradient): if the one-pass batch equals one encode per prompt to the precision of the encoder's
     dtype, the batched passes are used; otherwise (wrappers that join encoders along the sequence or
-    whose pooled vector no single encoder gives, like SD3's) one encode per prompt.
+    whose pooled vector no single encoder gives, like SD3's) one encode per prompt. A run whose steps
+    hold one prompt each (``batch_size`` 1) has nothing to batch and skips the probe: four encodes
+    saved, a minute on the CPU through a full-depth T5-XXL.
     """
 
-    def __init__(self, clip, prompts: list[PromptTokens], embeds_by_token_key: dict, want_pooled: bool):
+    def __init__(self, clip, prompts: list[PromptTokens], embeds_by_token_key: dict, want_pooled: bool,
+                 batch_size: int = 2):
         self.clip, self.want_pooled = clip, want_pooled
         self.batched = False
-        # The dtypes the encoders compute in, seen in the probe: ComfyUI may store fp16 weights and
-        # compute in fp32 (the CPU) or in fp16 (NVIDIA), which decides the loss scaling (step.py).
+        # The dtypes the encoders compute in, seen in the probe or else in the first step's encode (read
+        # after it, step.py): ComfyUI may store fp16 weights and compute in fp32 (the CPU) or in fp16
+        # (NVIDIA), which decides the loss scaling.
         self.compute_dtypes: set[torch.dtype] = set()
+        self._hooks = [getattr(enc, "transformer", enc).register_forward_hook(self._saw_dtype)
+                       for _, _, enc in text_encoders(clip).values()]
+        if batch_size < 2:
+            return
         probe = [p.with_vectors(embeds_by_token_key) for p in _probe_pair(prompts)]
-        hooks = [getattr(enc, "transformer", enc).register_forward_hook(self._saw_dtype)
-                 for _, _, enc in text_encoders(clip).values()]
+        hooks, self._hooks = self._hooks, []
         try:
             with torch.no_grad():
                 conds, ref_pooled = encode_each(clip, probe, want_pooled)
@@ -392,6 +399,16 @@ class TextPath:
 
     def __call__(self, token_dicts: list[dict]):
         """``(conds, pooled)``: conds a ``(B, L, width)`` tensor, or a list of ``(1, L_k, width)``."""
+        if self._hooks:
+            try:
+                return self._encode(token_dicts)
+            finally:
+                for h in self._hooks:
+                    h.remove()
+                self._hooks = []
+        return self._encode(token_dicts)
+
+    def _encode(self, token_dicts: list[dict]):
         if not self.batched:
             return encode_each(self.clip, token_dicts, self.want_pooled)
         groups: dict[tuple, list[int]] = {}

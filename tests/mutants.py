@@ -310,8 +310,8 @@ MUTANTS += (
            (f"{GE}::test_sd3_context_processor_with_attention_without_a_backward_is_refused",)),
     Mutant("no-backward-check", "an op without a backward met at the first step as torch's raw error",
            "comfy_host/kernels.py",
-           "            if op is None:\n                raise\n            raise HostContractError(",
-           "            if True:\n                raise\n            raise HostContractError(",
+           "    if op is None:\n        raise error\n    raise HostContractError(",
+           "    if True:\n        raise error\n    raise HostContractError(",
            (f"{NH}::test_a_host_op_without_any_backward_is_one_clear_error_before_anything_is_written",)),
 )
 
