@@ -80,7 +80,27 @@ def checkpoint_cache_dir(tmp_path_factory, comfy_path):
     return tmp_path_factory.mktemp("dti_checkpoints")
 
 
+def _file_times(terminalreporter, top=int(os.environ.get("DTI_FILE_TIMES", "0") or 0)):
+    """With ``DTI_FILE_TIMES=N`` (.ci/run sets it): the N test files that took longest, set-up and
+    teardown included (a session fixture's cost lands on the first file that asks for it)."""
+    if top <= 0:
+        return
+    per_file: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if hasattr(rep, "duration") and hasattr(rep, "nodeid") and rep.nodeid:
+                f = rep.nodeid.split("::")[0]
+                per_file[f] = per_file.get(f, 0.0) + rep.duration
+    if not per_file:
+        return
+    terminalreporter.write_sep("=", f"time per test file (the slowest {min(top, len(per_file))} of {len(per_file)}, "
+                                    f"{sum(per_file.values()):.0f} s in all)")
+    for f, secs in sorted(per_file.items(), key=lambda kv: -kv[1])[:top]:
+        terminalreporter.write_line(f"{secs:8.1f}s  {f}")
+
+
 def pytest_terminal_summary(terminalreporter):
+    _file_times(terminalreporter)
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     no_host = 0
     for outcome in counts:

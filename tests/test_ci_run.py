@@ -119,3 +119,50 @@ def test_ci_run_without_a_comfyui_tests_the_archived_hosts_newest_in_full(tmp_pa
     hosts.rename(elsewhere)
     line = where(pack / ".ci" / "run", tmp_path, COMFYUI_PATH="", DTI_HOSTS_DIR=str(elsewhere))
     assert "ComfyUI 0.33.0" in line and "(archive " + str(elsewhere) in line
+
+
+def _named_node_ids(array: str) -> list[str]:
+    """The test paths and node ids of a bash array in .ci/run (``$W``, ``$H``, ``$T`` expanded)."""
+    text = RUN.read_text()
+    body = text[text.index(f"\n{array}=(") + len(array) + 3:]
+    body = body[:body.index(")\n")]
+    names = {"W": "tests/workflows", "H": "tests/host", "T": "tests/host/test_train.py"}
+    out = []
+    for word in body.replace('"', " ").split():
+        if word.startswith("-k") or word.startswith("not") or not ("tests" in word or word.startswith("$")):
+            continue
+        for k, v in names.items():
+            word = word.replace("${%s}" % k, v).replace("$" + k, v)
+        out.append(word)
+    return out
+
+
+@pytest.mark.parametrize("array", ["SUBSET_ARGS", "QUICK_ARGS"])
+def test_every_test_the_ci_names_exists(array):
+    """A renamed test must not drop out of the older host's subset or the quick tier unnoticed (pytest
+    would only fail there, in the middle of a CI run): each named file and test function exists."""
+    ids = _named_node_ids(array)
+    assert len(ids) > 5, ids
+    for node in ids:
+        path, _, rest = node.partition("::")
+        assert (REPO_ROOT / path).is_file() or (not rest and (REPO_ROOT / path).is_dir()), node
+        if rest:
+            func = rest.split("[")[0]
+            assert f"def {func}(" in (REPO_ROOT / path).read_text(), node
+
+
+def test_timings_summary_sums_each_kind(tmp_path, monkeypatch):
+    from dti_tests_support import load_by_path
+    timings = load_by_path("dti_test_timings", REPO_ROOT / "tests" / "timings.py")
+    log = tmp_path / "t.jsonl"
+    monkeypatch.setenv("DTI_TIMINGS", str(log))
+    timings.record("server start", "(default flags)", 12.0)
+    timings.record("server start", "--lowvram", 3.5)
+    with timings.timed("model generation", "sd15.safetensors"):
+        pass
+    lines = timings.summary(log)
+    assert lines[0].startswith("model generation: 1, 0 s in all (largest: sd15.safetensors 0.0 s)"), lines
+    assert lines[1] == "server start: 2, 16 s in all (largest: (default flags) 12.0 s, --lowvram 3.5 s)", lines
+    monkeypatch.delenv("DTI_TIMINGS")
+    timings.record("server start", "x", 1.0)  # without the variable: nothing written
+    assert len(log.read_text().splitlines()) == 3

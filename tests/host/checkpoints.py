@@ -41,6 +41,19 @@ from pathlib import Path
 
 import torch
 
+def _timings():
+    """tests/timings.py (records each generation's time where $DTI_TIMINGS is set), loaded by path:
+    this helper is also imported outside pytest (bench/)."""
+    import importlib.util
+    name = "dti_test_timings"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "timings.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 # Bump whenever the generated weights or layout change, so DTI_TEST_CACHE files
 # written by an older generator are never reused (the tag is in the file name).
 GENERATOR_VERSION = "g1"
@@ -312,6 +325,7 @@ def generate_checkpoint(kind, path, seed=DEFAULT_SEED, dtype=torch.float16):
     info["path"] = str(path)
     info["bytes"] = path.stat().st_size
     info["seconds"] = time.perf_counter() - t0
+    _timings().record("model generation", path.name, info["seconds"])
     return info
 
 
@@ -666,6 +680,7 @@ def write_safetensors_streaming(path, entries, metadata=None):
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    t0 = time.perf_counter()
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(hb)))
@@ -689,6 +704,7 @@ def write_safetensors_streaming(path, entries, metadata=None):
     finally:
         if tmp.exists():
             tmp.unlink()
+    _timings().record("model generation", path.name, time.perf_counter() - t0)
     return path.stat().st_size
 
 

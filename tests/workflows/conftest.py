@@ -226,9 +226,12 @@ def browser():
     if exe is None:
         pytest.skip(SKIP + "browser tests need Chromium: apt-get install chromium "
                     "(or set DTI_CHROMIUM to a Chromium/Chrome binary)")
+    t0 = time.perf_counter()
     pw = sync_playwright().start()
     try:
         b = pw.chromium.launch(executable_path=exe, args=h.BROWSER_ARGS, timeout=60000)
+        load_by_path("dti_test_timings", Path(__file__).resolve().parents[1] / "timings.py").record(
+            "browser start", exe, time.perf_counter() - t0)
     except Exception as e:
         pw.stop()
         pytest.skip(SKIP + f"could not launch Chromium at {exe}: {e}")

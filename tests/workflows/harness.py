@@ -220,6 +220,18 @@ def installed_frontend_version():
 # the server
 # ----------------------------------------------------------------------------
 
+def _timings():
+    """tests/timings.py (server start times where $DTI_TIMINGS is set), loaded by path."""
+    import importlib.util
+    name = "dti_test_timings"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "timings.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -307,13 +319,16 @@ class ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=str(self.comfy_path), stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
-        deadline = time.monotonic() + timeout
+        t0 = time.monotonic()
+        deadline = t0 + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI exited with code {self.proc.returncode} while starting:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/system_stats", timeout=5) as r:
                     if r.status == 200:
+                        _timings().record("server start", " ".join(self.extra_args) or "(default flags)",
+                                          time.monotonic() - t0)
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
