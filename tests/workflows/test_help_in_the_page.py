@@ -74,6 +74,7 @@ def test_help_panel_shows_each_nodes_page(tab, frontend):
     js/docs/<Node>.md (not the node's description, the panel's fallback when the fetch fails)."""
     page = tab
     seen = {}
+    in_place = False
     for node in DTI_NODES:
         _fresh_canvas(page)
         page.evaluate("""(type) => { const n = LiteGraph.createNode(type); n.pos = [500, 300]; app.graph.add(n);
@@ -81,7 +82,16 @@ def test_help_panel_shows_each_nodes_page(tab, frontend):
         want = _first_words(node)
         text = ""
         for _ in range(2):  # the button toggles: a second press reopens a panel the first one closed
-            page.page.locator("[data-testid=info-button]").click()
+            button = page.page.locator("[data-testid=info-button]")
+            if in_place:
+                button.dispatch_event("click")
+            else:
+                try:
+                    button.click(timeout=5000)
+                except Exception:
+                    # 1.27.10 places its selection toolbox outside the headless viewport: press it in place
+                    in_place = True
+                    button.dispatch_event("click")
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 text = page.evaluate(HELP_TEXT_JS)
@@ -115,17 +125,18 @@ def _search(page, query):
 
 
 def test_node_search_finds_dti_train_by_its_aliases(tab, frontend):
-    """'textual inversion' finds DTI Train (also by its display name); 'personalize' only through the
-    node's search_aliases, which ComfyUI sends since 0.33 (0.3.64 sends none)."""
+    """'textual inversion' finds DTI Train (also in its display name); 'personalize' only through the
+    node's search_aliases, which ComfyUI sends since 0.33 (0.3.64 sends none: skipped there)."""
     page = tab
+    if not page.evaluate("async () => 'search_aliases' in (await app.api.getNodeDefs()).DTITrain"):
+        pytest.skip(f"ComfyUI at {page.server.comfy_path} sends no search_aliases (0.33 does): nothing of the "
+                    f"pack's aliases reaches the search box here")
     try:
         found = _search(page, "textual inversion")
         assert any(r.startswith("DTI Train") for r in found), found
-        sent = page.evaluate("async () => 'search_aliases' in (await app.api.getNodeDefs()).DTITrain")
         page.page.keyboard.press("Escape")
-        if sent:
-            found = _search(page, "personalize")
-            assert any(r.startswith("DTI Train") for r in found), found
+        found = _search(page, "personalize")
+        assert any(r.startswith("DTI Train") for r in found), found
     finally:
         page.page.keyboard.press("Escape")
     assert _problems(page) == []
@@ -164,8 +175,8 @@ def test_blueprint_is_listed_added_and_trains_and_renders(tab, ui_server, fronte
     page = tab
     listed = ui_server.get_json("/global_subgraphs") if _has_global_subgraphs(ui_server) else None
     if listed is None:
-        pytest.skip(f"ComfyUI at {ui_server.comfy_path} has no /global_subgraphs (subgraph blueprints came "
-                    f"with 0.3.7x; 0.3.64 and its frontend 1.27.10 have none)")
+        pytest.skip(f"ComfyUI at {ui_server.comfy_path} has no /global_subgraphs, so no subgraph "
+                    f"blueprints (0.33 serves custom_nodes/*/subgraphs/*.json there; 0.3.64 and its frontend 1.27.10 have none)")
     ours = [e for e in listed.values() if e["info"].get("node_pack") == "custom_nodes.ComfyUI-DTI"]
     assert [e["name"] for e in ours] == [BLUEPRINT], ours
     try:
