@@ -715,11 +715,11 @@ DTI_NODES = ("DTITrain", "DTILoadEmbedding", "DTISlerpConcepts", "DTIInterpolati
 
 
 def test_help_pages_are_served_where_the_help_panel_looks_and_aliases_reach_the_page(page, frontend):
-    """The frontend's node help (1.49+: NodeHelpService) fetches ``/extensions/<pack>/docs/<Node>.md`` for a
-    custom node, the pack taken from the node's ``python_module``; the pictures are relative to it. The
-    node search matches ``search_aliases`` from the node definitions, which ComfyUI sends since 2026-01
-    (0.33; 0.3.64 sends none, and its pinned frontend 1.27.10 has no help panel: the pages are served
-    and unused there)."""
+    """The frontend's node help (NodeHelpService, in 1.27.10 as in 1.49+) fetches
+    ``/extensions/<pack>/docs/<Node>.md`` for a custom node, the pack taken from the node's
+    ``python_module``; the pictures are relative to it. The node search matches ``search_aliases`` from the
+    node definitions, which ComfyUI sends since 2026-01 (0.33; 0.3.64 sends none). The panel itself
+    opening on each frontend: tests/workflows/test_help_in_the_page.py."""
     got = page.evaluate("""async (nodes) => {
         const defs = await app.api.getNodeDefs();
         const out = {};
