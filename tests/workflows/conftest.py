@@ -32,6 +32,7 @@ from dti_tests_support import SKIP  # noqa: E402  (one wording for every host sk
 # ``tests`` package once ComfyUI is on sys.path.  Same module name as tests/host/conftest.py uses.
 h = load_by_path("dti_workflow_harness", _HERE / "harness.py")
 ck = load_by_path("dti_host_checkpoints", _HERE.parent / "host" / "checkpoints.py")
+timings = load_by_path("dti_test_timings", _HERE.parent / "timings.py")  # also the harness's server starts
 
 SERVER_START_TIMEOUT = 240.0
 
@@ -230,8 +231,7 @@ def browser():
     pw = sync_playwright().start()
     try:
         b = pw.chromium.launch(executable_path=exe, args=h.BROWSER_ARGS, timeout=60000)
-        load_by_path("dti_test_timings", Path(__file__).resolve().parents[1] / "timings.py").record(
-            "browser start", exe, time.perf_counter() - t0)
+        timings.record("browser start", exe, time.perf_counter() - t0)
     except Exception as e:
         pw.stop()
         pytest.skip(SKIP + f"could not launch Chromium at {exe}: {e}")
@@ -298,6 +298,16 @@ class Page:
 
     def close(self):
         self.context.close()
+
+
+@pytest.fixture(scope="module")
+def tab(page_factory):
+    """One tab shared by a module's tests on a frontend (opening the frontend takes seconds on this CPU)."""
+    page = page_factory()
+    try:
+        yield page
+    finally:
+        page.close()
 
 
 @pytest.fixture(scope="session")

@@ -46,16 +46,6 @@ def test_extension_registers_without_errors(page, frontend):
     assert page.dti_problems() == []
 
 
-@pytest.fixture(scope="module")
-def tab(page_factory):
-    """One tab shared by the load tests (opening the frontend takes seconds on this CPU)."""
-    page = page_factory()
-    try:
-        yield page
-    finally:
-        page.close()
-
-
 def _known_inputs(prompt, object_info):
     """Drop inputs the server does not declare (the frontend adds e.g. PreviewAny's 'preview' text;
     the server ignores them)."""

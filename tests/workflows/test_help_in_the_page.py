@@ -33,16 +33,6 @@ BLUEPRINT_FILE = h.REPO_ROOT / "subgraphs" / f"{BLUEPRINT}.json"
 TRAIN_TIMEOUT = 420.0
 
 
-@pytest.fixture(scope="module")
-def tab(page_factory):
-    """One tab for all of these checks on a frontend (opening one takes seconds on this CPU)."""
-    page = page_factory()
-    try:
-        yield page
-    finally:
-        page.close()
-
-
 def _first_words(node, n=7):
     """The first words of the page's first paragraph, as the panel shows them (markdown marks gone)."""
     text = (h.REPO_ROOT / "js" / "docs" / f"{node}.md").read_text(encoding="utf-8")
