@@ -361,22 +361,16 @@ class TextPath:
         # after it, step.py): ComfyUI may store fp16 weights and compute in fp32 (the CPU) or in fp16
         # (NVIDIA), which decides the loss scaling.
         self.compute_dtypes: set[torch.dtype] = set()
-        self._hooks = [getattr(enc, "transformer", enc).register_forward_hook(self._saw_dtype)
-                       for _, _, enc in text_encoders(clip).values()]
-        if batch_size < 2:
+        self._watch_first_call = batch_size < 2
+        if self._watch_first_call:
             return
         probe = [p.with_vectors(embeds_by_token_key) for p in _probe_pair(prompts)]
-        hooks, self._hooks = self._hooks, []
-        try:
-            with torch.no_grad():
-                conds, ref_pooled = encode_each(clip, probe, want_pooled)
-                try:
-                    cond, pooled = encode_token_batch(clip, probe, want_pooled)
-                except (RuntimeError, ValueError):
-                    return
-        finally:
-            for h in hooks:
-                h.remove()
+        with self._watching_dtypes(), torch.no_grad():
+            conds, ref_pooled = encode_each(clip, probe, want_pooled)
+            try:
+                cond, pooled = encode_token_batch(clip, probe, want_pooled)
+            except (RuntimeError, ValueError):
+                return
         if torch.is_tensor(cond) and all(c.shape[1:] == cond.shape[1:] for c in conds):
             ref = torch.cat(conds)
             # Rows of one batch and single rows may round differently (other GEMM blocking): seen 8.2
@@ -392,20 +386,28 @@ class TextPath:
                     atol=BATCH_ULPS * torch.finfo(ref_pooled.dtype).eps * float(ref_pooled.abs().max()))
             self.batched = bool(same)
 
-    def _saw_dtype(self, module, args, out):
-        first = out[0] if isinstance(out, (tuple, list)) and out else out
-        if torch.is_tensor(first) and first.is_floating_point():
-            self.compute_dtypes.add(first.dtype)
+    @contextlib.contextmanager
+    def _watching_dtypes(self):
+        """Forward hooks on each encoder for the block: the dtypes of what they return."""
+        def saw(module, args, out):
+            first = out[0] if isinstance(out, (tuple, list)) and out else out
+            if torch.is_tensor(first) and first.is_floating_point():
+                self.compute_dtypes.add(first.dtype)
+
+        hooks = [getattr(enc, "transformer", enc).register_forward_hook(saw)
+                 for _, _, enc in text_encoders(self.clip).values()]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
     def __call__(self, token_dicts: list[dict]):
         """``(conds, pooled)``: conds a ``(B, L, width)`` tensor, or a list of ``(1, L_k, width)``."""
-        if self._hooks:
-            try:
+        if self._watch_first_call:
+            self._watch_first_call = False
+            with self._watching_dtypes():
                 return self._encode(token_dicts)
-            finally:
-                for h in self._hooks:
-                    h.remove()
-                self._hooks = []
         return self._encode(token_dicts)
 
     def _encode(self, token_dicts: list[dict]):

@@ -27,6 +27,8 @@ sys.modules.setdefault("dti_tests_support", sys.modules[__name__])
 
 
 _checkpoints = load_by_path("dti_host_checkpoints", Path(__file__).resolve().parent / "host" / "checkpoints.py")
+# where set-up time goes (model generation, server and browser starts), for .ci/run's report
+timings = load_by_path("dti_test_timings", Path(__file__).resolve().parent / "timings.py")
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +82,10 @@ def checkpoint_cache_dir(tmp_path_factory, comfy_path):
     return tmp_path_factory.mktemp("dti_checkpoints")
 
 
-def _file_times(terminalreporter, top=int(os.environ.get("DTI_FILE_TIMES", "0") or 0)):
+def _file_times(terminalreporter):
     """With ``DTI_FILE_TIMES=N`` (.ci/run sets it): the N test files that took longest, set-up and
     teardown included (a session fixture's cost lands on the first file that asks for it)."""
+    top = int(os.environ.get("DTI_FILE_TIMES") or 0)
     if top <= 0:
         return
     per_file: dict[str, float] = {}

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,14 +17,6 @@ def record(kind: str, name: str, seconds: float) -> None:
     line = json.dumps({"kind": kind, "name": name, "seconds": round(seconds, 2)}) + "\n"
     with open(path, "a", encoding="utf-8") as f:  # one short append per line: whole lines, even from two processes
         f.write(line)
-
-
-@contextmanager
-def timed(kind: str, name: str):
-    """Records the block's wall time when it ends without an error."""
-    t0 = time.perf_counter()
-    yield
-    record(kind, name, time.perf_counter() - t0)
 
 
 def summary(path: str | Path) -> list[str]:

@@ -41,17 +41,12 @@ from pathlib import Path
 
 import torch
 
-def _timings():
-    """tests/timings.py (records each generation's time where $DTI_TIMINGS is set), loaded by path:
-    this helper is also imported outside pytest (bench/)."""
-    import importlib.util
-    name = "dti_test_timings"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "timings.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
+def _record_timing(name, seconds):
+    """A generation's time into tests/timings.py's log, where the suite loaded it (tests/conftest.py);
+    nothing for this helper used on its own (bench/)."""
+    timings = sys.modules.get("dti_test_timings")
+    if timings is not None:
+        timings.record("model generation", name, seconds)
 
 
 # Bump whenever the generated weights or layout change, so DTI_TEST_CACHE files
@@ -325,7 +320,7 @@ def generate_checkpoint(kind, path, seed=DEFAULT_SEED, dtype=torch.float16):
     info["path"] = str(path)
     info["bytes"] = path.stat().st_size
     info["seconds"] = time.perf_counter() - t0
-    _timings().record("model generation", path.name, info["seconds"])
+    _record_timing(path.name, info["seconds"])
     return info
 
 
@@ -704,7 +699,7 @@ def write_safetensors_streaming(path, entries, metadata=None):
     finally:
         if tmp.exists():
             tmp.unlink()
-    _timings().record("model generation", path.name, time.perf_counter() - t0)
+    _record_timing(path.name, time.perf_counter() - t0)
     return path.stat().st_size
 
 

@@ -32,7 +32,7 @@ from dti_tests_support import SKIP  # noqa: E402  (one wording for every host sk
 # ``tests`` package once ComfyUI is on sys.path.  Same module name as tests/host/conftest.py uses.
 h = load_by_path("dti_workflow_harness", _HERE / "harness.py")
 ck = load_by_path("dti_host_checkpoints", _HERE.parent / "host" / "checkpoints.py")
-timings = load_by_path("dti_test_timings", _HERE.parent / "timings.py")  # also the harness's server starts
+from dti_tests_support import timings  # noqa: E402  (tests/timings.py, loaded once by tests/conftest.py)
 
 SERVER_START_TIMEOUT = 240.0
 

@@ -216,13 +216,18 @@ def installed_frontend_version():
         return None
 
 
+# every node the pack registers (its help pages, aliases and translations are checked per node)
+DTI_NODES = ("DTITrain", "DTILoadEmbedding", "DTISlerpConcepts", "DTIInterpolationStrip", "DTIInspect",
+             "DTIEnableEmbeddings", "DTIEvaluate")
+
+
 # ----------------------------------------------------------------------------
 # the server
 # ----------------------------------------------------------------------------
 
 def _record_timing(kind, name, seconds):
-    """Into tests/timings.py's log where the suite loaded it (tests/workflows/conftest.py); a no-op for a
-    harness used on its own."""
+    """Into tests/timings.py's log where the suite loaded it (tests/conftest.py); a no-op for a harness
+    used on its own."""
     timings = sys.modules.get("dti_test_timings")
     if timings is not None:
         timings.record(kind, name, seconds)

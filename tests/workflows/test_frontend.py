@@ -700,10 +700,6 @@ def test_template_browser_lists_the_workflows_with_thumbnails(page):
     assert page.dti_problems() == []
 
 
-DTI_NODES = ("DTITrain", "DTILoadEmbedding", "DTISlerpConcepts", "DTIInterpolationStrip", "DTIInspect",
-             "DTIEnableEmbeddings", "DTIEvaluate")
-
-
 def test_help_pages_are_served_where_the_help_panel_looks_and_aliases_reach_the_page(page, frontend):
     """The frontend's node help (NodeHelpService, in 1.27.10 as in 1.49+) fetches
     ``/extensions/<pack>/docs/<Node>.md`` for a custom node, the pack taken from the node's
@@ -728,7 +724,7 @@ def test_help_pages_are_served_where_the_help_panel_looks_and_aliases_reach_the_
                        sent: 'search_aliases' in defs[n], aliases: defs[n].search_aliases || [] };
         }
         return out;
-    }""", list(DTI_NODES))
+    }""", list(h.DTI_NODES))
     for name, g in got.items():
         assert g["pack"] == "ComfyUI-DTI" and g["status"] == 200 and g["heading"], (name, g)
         assert all(w > 0 for w in g["loaded"]), (name, g)
