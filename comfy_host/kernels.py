@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import re
-import weakref
 
 import torch
 
@@ -117,45 +116,41 @@ OP_TYPES = (torch._ops.OpOverloadPacket, torch._ops.OpOverload)
 # the run-time check
 # ---------------------------------------------------------------------------------------------
 
-_checked: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
-
-
 def check_text_backward(clip, prompt, vectors_by_token_key: dict[str, torch.Tensor], learned: list[str],
-                        names_by_token_key: dict[str, str], encoders_by_token_key: dict[str, torch.nn.Module]) -> None:
+                        names_by_token_key: dict[str, str]) -> None:
     """One encode of ``prompt`` (``vectors_by_token_key``: every encoder's rows in the word's place) and
-    a backward per ``learned`` token key, at the first run of each encoder in this process: the
-    learned rows must get a finite, non-zero gradient. A host op without a backward (or any break of
-    the gradient) is one ``HostContractError`` naming the op, the encoder and the ComfyUI version,
-    before anything is trained or written. Must run inside ``autograd.differentiable`` (what training
-    runs under), with grad enabled.
+    a backward per ``learned`` token key: the learned rows must get a finite, non-zero gradient. A host
+    op without a backward (or any break of the gradient) is one ``HostContractError`` naming the op, the
+    encoder and the ComfyUI version. Run when a first training step went wrong (``DiffusionStep.
+    first_step_check``), before the optimizer moved anything, so nothing is trained or written. Must run
+    inside ``autograd.differentiable`` (what training runs under), with grad enabled.
 
     The encoders to check share one forward (a two- or three-encoder family would otherwise run every
     encoder once per learned one: SD3.5's T5-XXL three times); each gets its own backward, which
     reaches only its own graph, so a failure still names its encoder. A forward that fails is redone
     one encoder at a time, for the same reason."""
-    todo = [t for t in learned if encoders_by_token_key[t] not in _checked]
-    if not todo:
-        return
+    todo = list(learned)
     try:
         leaves, total = _encode_for_check(clip, prompt, vectors_by_token_key, todo)
     except RuntimeError as e:
         if len(todo) == 1 or op_without_backward(e) is None:
             _raise_for(e, names_by_token_key[todo[0]])
         for tkey in todo:  # which encoder's forward it is
-            check_text_backward(clip, prompt, vectors_by_token_key, [tkey], names_by_token_key, encoders_by_token_key)
+            check_text_backward(clip, prompt, vectors_by_token_key, [tkey], names_by_token_key)
         raise
     for i, tkey in enumerate(todo):
         name = names_by_token_key[tkey]
-        try:
-            (grad,) = torch.autograd.grad(total, [leaves[tkey]], retain_graph=i < len(todo) - 1, allow_unused=True)
-        except RuntimeError as e:
-            _raise_for(e, name)
+        grad = None  # (an output cut from every learned row has no graph at all)
+        if total.requires_grad:
+            try:
+                (grad,) = torch.autograd.grad(total, [leaves[tkey]], retain_graph=i < len(todo) - 1, allow_unused=True)
+            except RuntimeError as e:
+                _raise_for(e, name)
         if grad is None or not bool(torch.isfinite(grad).all()) or not bool(grad.abs().sum() > 0):
             what = "no gradient" if grad is None else ("a non-finite gradient" if not bool(torch.isfinite(grad).all())
                                                        else "an all-zero gradient")
             raise HostContractError(f"the {name} text encoder", "a finite, non-zero gradient at the learned rows",
                                     what)
-        _checked.add(encoders_by_token_key[tkey])
 
 
 def _encode_for_check(clip, prompt, vectors_by_token_key, keys):

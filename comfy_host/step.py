@@ -10,7 +10,7 @@ import torch
 from comfy.model_sampling import ModelSamplingDiscrete
 
 from ..dti_core.training import step_generator
-from . import kernels
+from . import kernels, memory
 from .autograd import training_transformer_options
 from .latents import TrainingLatents
 from .text import PromptTokens, TextPath, text_encoders
@@ -109,13 +109,26 @@ class DiffusionStep:
             return 1.0
         return float(2 ** math.ceil(math.log2(max(self._elements, 1))))
 
+    def first_step_check(self, embeds: dict[str, torch.Tensor], learned):
+        """For ``train``'s ``first_step_check``: a first step whose backward gave every ``learned``
+        encoder's vectors a finite, non-zero gradient shows each encoder's backward works, and costs
+        nothing more. Otherwise (an error in that step, or a missing, non-finite or zero gradient)
+        ``check_backward`` with ``embeds`` (the vectors the run starts from) says which encoder and op
+        are at fault, as one clear error; if the encoders pass it, the step's own error stands."""
+        def check(grads: dict[str, torch.Tensor | None], error: BaseException | None) -> None:
+            if error is not None and memory.is_oom(error):
+                return
+            if error is None and all(_usable(grads.get(k)) for k in learned):
+                return
+            self.check_backward(embeds, learned)
+        return check
+
     def check_backward(self, embeds: dict[str, torch.Tensor], learned) -> None:
         """``kernels.check_text_backward`` for this run's first prompt with ``embeds`` (every encoder's
         vectors) in the word's place, for the ``learned`` encoders."""
         kernels.check_text_backward(
             self.clip, self.prompts[0], {tkey: embeds[key] for key, (tkey, _, _) in self.encoders.items()},
-            [self.encoders[k][0] for k in learned], {tkey: key for key, (tkey, _, _) in self.encoders.items()},
-            {tkey: enc for _, (tkey, _, enc) in self.encoders.items()})
+            [self.encoders[k][0] for k in learned], {tkey: key for key, (tkey, _, _) in self.encoders.items()})
 
     def _text_path(self, by_token_key):
         if self._text is None:
@@ -259,3 +272,7 @@ def _needs_pooled(model, latent_shape: tuple) -> bool:
         return True  # it read pooled_output and could not use a placeholder: it needs it
     return any(torch.is_tensor(c.cond) and bool((c.cond == 1234.5).any()) for c in out.values()
                if hasattr(c, "cond"))
+
+
+def _usable(grad: torch.Tensor | None) -> bool:
+    return grad is not None and bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -104,6 +105,7 @@ def train(
     on_checkpoint: Callable[[int, "TrainResult"], None] | None = None,
     on_vectors: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     loss_scale: float | Callable[[], float] = 1.0,
+    first_step_check: Callable[[dict[str, torch.Tensor | None], BaseException | None], None] | None = None,
 ) -> TrainResult:
     """Learn the directions of ``init`` (``{encoder: (n, width)}``) and return ``m* . v``.
 
@@ -119,6 +121,10 @@ def train(
     compute keeps small gradients from underflowing; 1 leaves the run exactly as unscaled. A power
     of two keeps the division exact. If a scaled gradient overflows, the step is computed again
     (``step_fn`` draws from ``step``'s own stream) at a sixteenth of the scale, down to 1.
+    ``first_step_check(grads, error)`` runs once, at this run's first step, before the optimizer moves
+    anything: with the vectors' gradients after its backward (``error`` None), or with the error its
+    forward or backward raised (``grads`` empty). It may raise a clearer error; when it returns, the run
+    goes on (or the step's error propagates).
     """
     config.validate()
     if set(init) != set(mu) or set(init) != set(m_star):
@@ -163,8 +169,8 @@ def train(
                 ema[k] = st["sq_norm_avg"].flatten().cpu().tolist()
         return TrainResult(vectors=vectors, history=history, optimizer_state=ema, steps_done=done)
 
-    lowered = 1.0  # the factor overflows divided the host's scale by
-    for step in range(start_step, config.steps):
+    def forward_backward(step: int) -> float:
+        nonlocal lowered
         while True:
             optimizer.zero_grad(set_to_none=True)
             embeds = {k: scales[k] * params[k] for k in keys}
@@ -175,16 +181,32 @@ def train(
             scale = max(1.0, float(loss_scale() if callable(loss_scale) else loss_scale) / lowered)
             if scale == 1.0:
                 loss.backward()
-                break
+                return loss_value
             (loss * scale).backward()
             for k in keys:
                 if params[k].grad is not None:
                     params[k].grad.div_(scale)
             if all(params[k].grad is None or bool(torch.isfinite(params[k].grad).all()) for k in keys):
-                break
+                return loss_value
             lowered *= 16.0
             log.info("DTI: the fp16 loss scale %g overflowed at step %d; computing the step again at %g",
                      scale, step + 1, max(1.0, scale / 16.0))
+
+    lowered = 1.0  # the factor overflows divided the host's scale by
+    for step in range(start_step, config.steps):
+        if first_step_check is not None and step == start_step:
+            try:
+                loss_value = forward_backward(step)
+            except NonFiniteError:
+                raise
+            except RuntimeError as e:
+                traceback.clear_frames(e.__traceback__)  # the failed step's graph, freed before the check runs
+                optimizer.zero_grad(set_to_none=True)
+                first_step_check({}, e)
+                raise
+            first_step_check({k: params[k].grad for k in keys}, None)
+        else:
+            loss_value = forward_backward(step)
         for k in keys:
             if params[k].grad is None:
                 # The optimizer would skip it and the run would "finish" with that encoder untrained.

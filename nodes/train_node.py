@@ -237,14 +237,14 @@ class DTITrain(WritesEmbeddingFile):
                                                     per_image_prompts=per_image, text_mask=family.text_mask)
                     fixed = {k: v.to(device) for k, v in frozen.items()}
                     # A host op without a backward (0.36+'s kitchen RoPE has a stand-in; a later one may
-                    # not) is one clear error here, before anything is trained or written.
+                    # not) is one clear error at the first step, before anything is trained or written.
                     start = {k: (learn_init[k] if ti else m_star[k] * normalize(learn_init[k].float())) for k in learn}
-                    step_fn.check_backward({**fixed, **{k: v.to(device) for k, v in start.items()}}, learn)
+                    check = step_fn.first_step_check({**fixed, **{k: v.to(device) for k, v in start.items()}}, learn)
                     result = train(learn_init, {k: mu[k] for k in learn}, {k: m_star[k] for k in learn},
                                    lambda embeds, step: step_fn({**fixed, **embeds}, step), config, device=device,
                                    start_step=start_step, optimizer_state=opt_state, on_step=on_step,
                                    on_checkpoint=on_checkpoint, on_vectors=on_vectors,
-                                   loss_scale=lambda: step_fn.loss_scale)
+                                   loss_scale=lambda: step_fn.loss_scale, first_step_check=check)
         except NonFiniteError as e:
             raise RuntimeError(f"DTI Train stopped: {e}. Lower the learning rate or check the images.") from None
         except Exception as e:

@@ -44,6 +44,7 @@ GE = "tests/host/test_gpu_emulation.py"
 NH = "tests/host/test_newer_host_rope.py"
 TL = "tests/host/test_loss.py::test_step_inputs_and_loss_match_an_independent_reference"
 BM = "tests/host/test_buckets_masks.py"
+HD = "tests/host/test_host_differences.py"
 
 MUTANTS = (
     # ---- the issue's list -----------------------------------------------------------------
@@ -313,6 +314,17 @@ MUTANTS += (
            "    if op is None:\n        raise error\n    raise HostContractError(",
            "    if True:\n        raise error\n    raise HostContractError(",
            (f"{NH}::test_a_host_op_without_any_backward_is_one_clear_error_before_anything_is_written",)),
+    Mutant("check-encodes-again", "a good first step still runs the separate backward check (an encode more)",
+           "comfy_host/step.py",
+           "            if error is None and all(_usable(grads.get(k)) for k in learned):\n                return\n",
+           "",
+           (f"{HD}::test_a_good_first_step_is_the_backward_check_and_costs_no_extra_encode",)),
+    Mutant("first-step-unchecked", "a first step without the learned rows' gradient left to torch's raw error",
+           "comfy_host/step.py",
+           "            self.check_backward(embeds, learned)\n        return check",
+           "            pass\n        return check",
+           (f"{HD}::test_an_encoder_that_cuts_the_gradient_is_one_clear_error_naming_it",
+            f"{NH}::test_a_host_op_without_any_backward_is_one_clear_error_before_anything_is_written")),
 )
 
 

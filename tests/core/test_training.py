@@ -247,3 +247,82 @@ def test_a_loss_scale_that_overflows_is_lowered_and_the_step_computed_again(capl
     assert calls[0] == 0 and calls.count(0) > 1 and calls.count(1) == 1 and calls.count(2) == 1
     assert "overflowed at step 1" in caplog.text
     assert all(torch.allclose(got[k], ref[k], atol=1e-6) for k in ref)
+
+
+def test_first_step_check_sees_the_first_steps_gradients_once_before_the_optimizer_moves():
+    init, mu, target = setup()
+    calls = []
+
+    def check(grads, error):
+        # the optimizer has not moved yet: the step's gradients are there, nothing was stepped
+        calls.append(({k: None if g is None else g.clone() for k, g in grads.items()}, error, len(steps)))
+
+    steps = []
+    train(init, mu, M_STAR, noisy_loss(target), TrainConfig(steps=3, lr=0.05, kappa=0.0),
+          on_step=lambda s, *_: steps.append(s), first_step_check=check)
+    assert len(calls) == 1
+    grads, error, steps_before = calls[0]
+    assert error is None and steps_before == 0 and set(grads) == set(init)
+    for k in init:
+        assert grads[k] is not None and grads[k].abs().sum() > 0
+    # the check changes nothing in the run
+    r1 = train(init, mu, M_STAR, noisy_loss(target), TrainConfig(steps=3, lr=0.05, kappa=0.0))
+    r2 = train(init, mu, M_STAR, noisy_loss(target), TrainConfig(steps=3, lr=0.05, kappa=0.0),
+               first_step_check=lambda g, e: None)
+    for k in init:
+        assert torch.equal(r1.vectors[k], r2.vectors[k])
+
+
+def test_first_step_check_runs_at_a_resumed_runs_first_step():
+    init, mu, target = setup()
+    calls = []
+    train(init, mu, M_STAR, noisy_loss(target), TrainConfig(steps=5, lr=0.05, kappa=0.0), start_step=3,
+          first_step_check=lambda g, e: calls.append((sorted(g), e)))
+    assert calls == [(sorted(init), None)]
+
+
+def test_first_step_check_can_replace_a_first_step_error_with_a_clearer_one():
+    init, mu, target = setup()
+
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("op x has no backward")
+
+    def step_fn(embeds, step):
+        return noisy_loss(target)({**embeds, "clip_g": NoBackward.apply(embeds["clip_g"])}, step)
+
+    seen = []
+
+    def check(grads, error):
+        seen.append((grads, str(error)))
+        raise ValueError("clip_g's encoder has an op without a backward")
+
+    with pytest.raises(ValueError, match="without a backward"):
+        train(init, mu, M_STAR, step_fn, TrainConfig(steps=3, kappa=0.0), first_step_check=check)
+    assert seen == [({}, "op x has no backward")]
+    # a check that returns lets the step's own error through
+    with pytest.raises(RuntimeError, match="op x has no backward"):
+        train(init, mu, M_STAR, step_fn, TrainConfig(steps=3, kappa=0.0), first_step_check=lambda g, e: None)
+    # a non-finite loss is the run's own error, not the check's
+    with pytest.raises(NonFiniteError):
+        train(init, mu, M_STAR, lambda e, s: torch.tensor(float("nan"), requires_grad=True) * e["clip_l"].sum(),
+              TrainConfig(steps=3, kappa=0.0), first_step_check=lambda g, e: seen.append("called"))
+    assert "called" not in seen
+
+
+def test_first_step_check_gets_a_missing_gradient_before_the_run_refuses_it():
+    init, mu, target = setup()
+    seen = []
+
+    def detached_g(embeds, step):
+        return noisy_loss(target)(dict(embeds, clip_g=embeds["clip_g"].detach()), step)
+
+    with pytest.raises(RuntimeError, match="no gradient reached the clip_g vector"):
+        train(init, mu, M_STAR, detached_g, TrainConfig(steps=3, kappa=0.0),
+              first_step_check=lambda g, e: seen.append({k: v is None for k, v in g.items()}))
+    assert seen == [{"clip_g": True, "clip_l": False}]

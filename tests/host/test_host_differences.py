@@ -178,3 +178,41 @@ def test_a_host_whose_tokenizer_contract_differs_gets_one_clear_error_and_no_fil
     # the host's own tokenizer class still passes, so a real run goes on working
     run_train(dti_pack, fresh_sd15, name="contract_probe_ok", steps=1, batch_size=1)
     assert (embeddings_dir / "contract_probe_ok.safetensors").is_file()
+
+
+def test_a_good_first_step_is_the_backward_check_and_costs_no_extra_encode(comfy, dti_pack, fresh_sd15,
+                                                                           embeddings_dir):
+    """The first training step's own gradient shows the text encoder's backward works: a one-step run at
+    batch 1 encodes once (the step), not once more for a separate check."""
+    model, clip, vae = fresh_sd15
+    (_, _, encoder), = dti_pack.comfy_host.text.text_encoders(clip).values()
+    calls = []
+    handle = encoder.register_forward_hook(lambda m, i, o: calls.append(1))
+    try:
+        run_train(dti_pack, fresh_sd15, name="one_encode", steps=1, batch_size=1)
+    finally:
+        handle.remove()
+    assert (embeddings_dir / "one_encode.safetensors").is_file()
+    assert len(calls) == 1, f"{len(calls)} CLIP-L forward passes for a one-step run at batch 1"
+
+
+def test_an_encoder_that_cuts_the_gradient_is_one_clear_error_naming_it(comfy, dti_pack, fresh_sd15,
+                                                                       embeddings_dir):
+    """A host whose text encoder hands back its output cut from the graph: the first step's missing
+    gradient runs the check, which names the encoder and the ComfyUI version; nothing is written."""
+    contracts = dti_pack.comfy_host.contracts
+    model, clip, vae = fresh_sd15
+    (_, _, encoder), = dti_pack.comfy_host.text.text_encoders(clip).values()
+    cut = lambda out: out.detach() if torch.is_tensor(out) else type(out)(cut(o) for o in out) \
+        if isinstance(out, (tuple, list)) else out
+    handle = encoder.register_forward_hook(lambda m, i, o: cut(o))
+    before = sorted(p.name for p in embeddings_dir.rglob("*"))
+    try:
+        with pytest.raises(contracts.HostContractError) as err:
+            run_train(dti_pack, fresh_sd15, name="cut_gradient", steps=2, batch_size=1)
+    finally:
+        handle.remove()
+    msg = str(err.value)
+    assert "clip_l text encoder" in msg and "no gradient" in msg, msg
+    assert f"ComfyUI {contracts.comfyui_version()}" in msg and "Nothing was trained or written" in msg
+    assert sorted(p.name for p in embeddings_dir.rglob("*")) == before

@@ -264,18 +264,25 @@ class Page:
         self.page.goto(self.server.url + "/", wait_until="load", timeout=90000)
         self.page.wait_for_function("window.app && window.app.graph && window.LiteGraph && window.app.api",
                                     timeout=90000)
-        # The newest frontend opens its template browser on a first visit, late and asynchronously: close any
-        # dialog for a moment. The pinned ones show none once the tutorial is marked done (a short look).
-        deadline = time.monotonic() + (3.0 if self.frontend["root"] is not None else 0.5)
+        # With the tutorial marked done no frontend opens its template browser (1.58.1 decides it in
+        # firstRunEntry: Comfy.TutorialCompleted skips Comfy.BrowseTemplates; no dialog came within 6 s of
+        # the app in 15 opens on the three frontends here, 2026-12-07): a short look for any dialog.
+        deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:
             if self.page.evaluate("() => document.querySelectorAll('.p-dialog').length"):
                 self.page.keyboard.press("Escape")
             time.sleep(0.25)
         if self.frontend["root"] is not None:
-            # The newest frontend: pick its node renderer explicitly (classic canvas or Vue "Nodes 2.0").
-            self.page.evaluate("async (on) => { await app.extensionManager.setting.set('Comfy.VueNodes.Enabled', on); }",
-                               self.frontend["vue_nodes"])
-            time.sleep(0.5)
+            # The newest frontend: pick its node renderer explicitly (classic canvas or Vue "Nodes 2.0"); its
+            # two renderers share one server, which keeps the setting, so it changes at the first tab of each.
+            changed = self.page.evaluate("""async (on) => {
+                const s = app.extensionManager.setting;
+                if (!!s.get('Comfy.VueNodes.Enabled') === on) return false;
+                await s.set('Comfy.VueNodes.Enabled', on);
+                return true;
+            }""", self.frontend["vue_nodes"])
+            if changed:
+                time.sleep(0.5)
         return self
 
     def evaluate(self, js, arg=None):
