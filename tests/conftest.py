@@ -102,8 +102,27 @@ def _file_times(terminalreporter):
         terminalreporter.write_line(f"{secs:8.1f}s  {f}")
 
 
+def _test_times(terminalreporter):
+    """With ``DTI_TEST_TIMES=PATH``: every test's seconds (set-up, call and teardown together), the
+    slowest first, as ``seconds<TAB>test id`` lines in PATH (written whole through a temp file)."""
+    path = os.environ.get("DTI_TEST_TIMES")
+    if not path:
+        return
+    per_test: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for rep in reports:
+            if hasattr(rep, "duration") and getattr(rep, "nodeid", ""):
+                per_test[rep.nodeid] = per_test.get(rep.nodeid, 0.0) + rep.duration
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for nodeid, secs in sorted(per_test.items(), key=lambda kv: -kv[1]):
+            f.write(f"{secs:.2f}\t{nodeid}\n")
+    os.replace(tmp, path)
+
+
 def pytest_terminal_summary(terminalreporter):
     _file_times(terminalreporter)
+    _test_times(terminalreporter)
     counts = {"passed": 0, "failed": 0, "skipped": 0}
     no_host = 0
     for outcome in counts:

@@ -164,3 +164,23 @@ def test_timings_summary_sums_each_kind(tmp_path, monkeypatch):
     monkeypatch.delenv("DTI_TIMINGS")
     timings.record("server start", "x", 1.0)  # without the variable: nothing written
     assert len(log.read_text().splitlines()) == 3
+
+
+def test_every_tests_time_is_written_where_asked(tmp_path, monkeypatch):
+    import types
+
+    import dti_tests_support as support
+    rep = lambda nodeid, when, secs: types.SimpleNamespace(nodeid=nodeid, when=when, duration=secs)
+    reporter = types.SimpleNamespace(stats={
+        "passed": [rep("tests/a.py::test_x", "call", 2.0), rep("tests/b.py::test_y", "call", 0.5)],
+        "": [rep("tests/a.py::test_x", "setup", 1.25), rep("tests/a.py::test_x", "teardown", 0.25),
+             rep("tests/b.py::test_y", "setup", 0.1)],
+        "warnings": [types.SimpleNamespace(message="no nodeid, no duration")],
+    })
+    out = tmp_path / "times.tsv"
+    support._test_times(reporter)  # without the variable: nothing written
+    assert not out.exists()
+    monkeypatch.setenv("DTI_TEST_TIMES", str(out))
+    support._test_times(reporter)
+    assert out.read_text().splitlines() == ["3.50\ttests/a.py::test_x", "0.60\ttests/b.py::test_y"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["times.tsv"]  # (the temp file went)

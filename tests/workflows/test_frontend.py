@@ -630,9 +630,18 @@ def test_cancel_marks_the_chart_names_the_checkpoint_and_lists_it(page, ui_serve
     assert page.dti_problems() == []
 
 
-def test_unused_inputs_are_hidden_until_chosen_and_still_saved(page):
+def _fresh_look(tab):
+    """The module's shared tab (for tests that load a workflow or only fetch, and run nothing), with its
+    console and page errors cleared: what a test finds there is its own."""
+    tab.console.clear()
+    tab.errors.clear()
+    return tab
+
+
+def test_unused_inputs_are_hidden_until_chosen_and_still_saved(tab):
     """custom_templates shows only with templates = custom, magnitude_value only with magnitude =
     number; hidden, both keep their values in the saved workflow and in the queued prompt."""
+    page = _fresh_look(tab)
     wf = h.load_workflow("dti_train_sd15.json")
     got = page.evaluate("""async (wf) => {
         await app.loadGraphData(wf);
@@ -678,9 +687,10 @@ def test_unused_inputs_are_hidden_until_chosen_and_still_saved(page):
     assert page.dti_problems() == []
 
 
-def test_template_browser_lists_the_workflows_with_thumbnails(page):
+def test_template_browser_lists_the_workflows_with_thumbnails(tab):
     """Every shipped workflow is a template (ComfyUI serves the pack's workflows/ folder) with a JPEG
     thumbnail beside it, at the URL the frontend builds for a custom node's template."""
+    page = _fresh_look(tab)
     got = page.evaluate("""async () => {
         const list = await (await app.api.fetchApi('/workflow_templates')).json();
         const module = Object.keys(list).find((k) => list[k].includes('dti_train_sd15'));
@@ -700,12 +710,13 @@ def test_template_browser_lists_the_workflows_with_thumbnails(page):
     assert page.dti_problems() == []
 
 
-def test_help_pages_are_served_where_the_help_panel_looks_and_aliases_reach_the_page(page, frontend):
+def test_help_pages_are_served_where_the_help_panel_looks_and_aliases_reach_the_page(tab, frontend):
     """The frontend's node help (NodeHelpService, in 1.27.10 as in 1.49+) fetches
     ``/extensions/<pack>/docs/<Node>.md`` for a custom node, the pack taken from the node's
     ``python_module``; the pictures are relative to it. The node search matches ``search_aliases`` from the
     node definitions, which ComfyUI sends since 2026-01 (0.33; 0.3.64 sends none). The panel itself
     opening on each frontend: tests/workflows/test_help_in_the_page.py."""
+    page = _fresh_look(tab)
     got = page.evaluate("""async (nodes) => {
         const defs = await app.api.getNodeDefs();
         const out = {};
