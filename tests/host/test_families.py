@@ -147,6 +147,8 @@ def test_teacher_student_recovers_a_word_through_clip_and_t5(kind, request, dti_
         before = cos(init)
         result = core.train(init, mu, m_star, loss_fn, core.TrainConfig(steps=30, lr=0.05, kappa=0.0))
     after = cos(result.vectors)
+    print(f"\n{kind} teacher-student: cos(v, dog) " + ", ".join(f"{k} {before[k]:.3f} -> {after[k]:.3f}" for k in init)
+          + f"; loss {result.history.loss[0]:.3g} -> {result.history.loss[-1]:.3g}")
     assert result.history.loss[-1] < 0.7 * result.history.loss[0], result.history.loss
     for k in init:
         # A clear rise: more than four standard deviations of a random direction's cosine
