@@ -414,6 +414,12 @@ def _run(argv) -> int:
     ray_address = None
     if pre.ray is not None or pre.actors is not None:
         ray_address = check_ray_options(pre)  # before ComfyUI is imported: a wrong address must not wait for that
+    shard = None
+    if pre.shard:  # (also before ComfyUI is imported: a typo is an answer at once, not after seconds of imports)
+        try:
+            shard = shards.parse_shard(pre.shard)
+        except shards.ShardError as e:
+            raise UsageError(str(e)) from None
     comfy_path = find_comfyui(pre.comfyui)
     print(f"dti_cli: ComfyUI at {comfy_path}", file=sys.stderr)
     pack = setup_comfyui(comfy_path, cpu=pre.cpu)
@@ -433,12 +439,6 @@ def _run(argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
         host.paths.add_embedding_folder(str(out.resolve()))
 
-    shard = None
-    if args.shard:
-        try:
-            shard = shards.parse_shard(args.shard)
-        except shards.ShardError as e:
-            raise UsageError(str(e)) from None
     # Every input is checked before the model loads: a typo in job 7 must not cost a model load. Names are
     # checked across the whole file (two shards must never write one file); folders in this shard.
     problems, names = [], {}
