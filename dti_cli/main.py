@@ -14,9 +14,11 @@ executor calls it (under ``torch.inference_mode()``). Every DTI Train input is a
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.util
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -380,6 +382,9 @@ def _clock(seconds: float) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if hasattr(signal, "SIGUSR1") and sys.stderr is not None:
+        # `kill -USR1 <pid>` prints where every thread is to stderr: for a run that seems stuck
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     if "evaluate" in argv[:2] and (argv[0] == "evaluate" or argv[0] == "--cpu"):
         from . import evaluate
         try:

@@ -61,7 +61,18 @@ class Driver:
         raise AssertionError(f"never printed {text!r}:\n" + "\n".join(self.lines[-40:]))
 
     def finish(self, timeout=900):
-        rc = self.proc.wait(timeout=timeout)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # where the driver is stuck (dti_cli prints its threads' stacks on SIGUSR1), then stop it
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(3)
+            self.proc.kill()
+            self.proc.wait(timeout=60)
+            for t in self.threads:
+                t.join(timeout=10)
+            raise AssertionError(f"the driver did not end within {timeout} s; its stderr, with its threads' "
+                                 "stacks at the end:\n" + "\n".join(self.lines[-250:])) from None
         for t in self.threads:
             t.join(timeout=10)
         return rc, "\n".join(self.lines)
