@@ -129,28 +129,38 @@ def check_text_backward(clip, prompt, vectors_by_token_key: dict[str, torch.Tens
     encoder once per learned one: SD3.5's T5-XXL three times); each gets its own backward, which
     reaches only its own graph, so a failure still names its encoder. A forward that fails is redone
     one encoder at a time, for the same reason."""
-    todo = list(learned)
     try:
-        leaves, total = _encode_for_check(clip, prompt, vectors_by_token_key, todo)
+        leaves, total = _encode_for_check(clip, prompt, vectors_by_token_key, learned)
     except RuntimeError as e:
-        if len(todo) == 1 or op_without_backward(e) is None:
-            _raise_for(e, names_by_token_key[todo[0]])
-        for tkey in todo:  # which encoder's forward it is
+        if len(learned) == 1 or op_without_backward(e) is None:
+            _raise_for(e, names_by_token_key[learned[0]])
+        for tkey in learned:  # which encoder's forward it is
             check_text_backward(clip, prompt, vectors_by_token_key, [tkey], names_by_token_key)
         raise
-    for i, tkey in enumerate(todo):
+    for i, tkey in enumerate(learned):
         name = names_by_token_key[tkey]
         grad = None  # (an output cut from every learned row has no graph at all)
         if total.requires_grad:
             try:
-                (grad,) = torch.autograd.grad(total, [leaves[tkey]], retain_graph=i < len(todo) - 1, allow_unused=True)
+                (grad,) = torch.autograd.grad(total, [leaves[tkey]], retain_graph=i < len(learned) - 1, allow_unused=True)
             except RuntimeError as e:
                 _raise_for(e, name)
-        if grad is None or not bool(torch.isfinite(grad).all()) or not bool(grad.abs().sum() > 0):
-            what = "no gradient" if grad is None else ("a non-finite gradient" if not bool(torch.isfinite(grad).all())
-                                                       else "an all-zero gradient")
+        what = gradient_problem(grad)
+        if what is not None:
             raise HostContractError(f"the {name} text encoder", "a finite, non-zero gradient at the learned rows",
                                     what)
+
+
+def gradient_problem(grad: torch.Tensor | None) -> str | None:
+    """What keeps ``grad`` (a learned row's gradient) from showing a working backward, or None: it
+    must be there, finite and not all zero."""
+    if grad is None:
+        return "no gradient"
+    if not bool(torch.isfinite(grad).all()):
+        return "a non-finite gradient"
+    if not bool(grad.abs().sum() > 0):
+        return "an all-zero gradient"
+    return None
 
 
 def _encode_for_check(clip, prompt, vectors_by_token_key, keys):

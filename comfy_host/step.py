@@ -118,7 +118,7 @@ class DiffusionStep:
         def check(grads: dict[str, torch.Tensor | None], error: BaseException | None) -> None:
             if error is not None and memory.is_oom(error):
                 return
-            if error is None and all(_usable(grads.get(k)) for k in learned):
+            if error is None and all(kernels.gradient_problem(grads.get(k)) is None for k in learned):
                 return
             self.check_backward(embeds, learned)
         return check
@@ -272,7 +272,3 @@ def _needs_pooled(model, latent_shape: tuple) -> bool:
         return True  # it read pooled_output and could not use a placeholder: it needs it
     return any(torch.is_tensor(c.cond) and bool((c.cond == 1234.5).any()) for c in out.values()
                if hasattr(c, "cond"))
-
-
-def _usable(grad: torch.Tensor | None) -> bool:
-    return grad is not None and bool(torch.isfinite(grad).all()) and bool(grad.abs().sum() > 0)

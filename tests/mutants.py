@@ -316,7 +316,7 @@ MUTANTS += (
            (f"{NH}::test_a_host_op_without_any_backward_is_one_clear_error_before_anything_is_written",)),
     Mutant("check-encodes-again", "a good first step still runs the separate backward check (an encode more)",
            "comfy_host/step.py",
-           "            if error is None and all(_usable(grads.get(k)) for k in learned):\n                return\n",
+           "            if error is None and all(kernels.gradient_problem(grads.get(k)) is None for k in learned):\n                return\n",
            "",
            (f"{HD}::test_a_good_first_step_is_the_backward_check_and_costs_no_extra_encode",)),
     Mutant("first-step-unchecked", "a first step without the learned rows' gradient left to torch's raw error",
