@@ -1,5 +1,6 @@
 """Helpers shared by host tests: call DTI Train the way ComfyUI's executor does."""
 
+import contextlib
 import json
 import math
 import os
@@ -124,10 +125,27 @@ def dog_teacher(ct, clip, key):
     return init, mu, m_star, prompt, target, cos
 
 
-def teacher_student_through_the_text_encoder(ct, core, model, clip, key, steps, lr):
+@contextlib.contextmanager
+def padded_to(tokenizer, length):
+    """Prompts padded to ``length`` tokens instead of the tokenizer's own ``min_length`` (put back on
+    exit). Only for an encoder that masks its padding and zeroes its output there (UMT5 as Wan builds
+    it): its real positions do not depend on how much padding follows, which the caller asserts."""
+    before = tokenizer.min_length
+    tokenizer.min_length = length
+    try:
+        yield
+    finally:
+        tokenizer.min_length = before
+
+
+def teacher_student_through_the_text_encoder(ct, core, model, clip, key, steps, lr, pad_to=None):
     """Train the student of ``dog_teacher`` with the loss on the conditioning (squared error, mean over
     the width, summed over positions: with causal attention only the word's position and what follows
-    see it). Returns ``(before, after, result)``; the norm stays m* (asserted here)."""
+    see it). Returns ``(before, after, result)``; the norm stays m* (asserted here). ``pad_to``: the
+    prompt padded to that many tokens (see padded_to)."""
+    if pad_to is not None:
+        with padded_to(ct.text.text_encoders(clip)[key][1], pad_to):
+            return teacher_student_through_the_text_encoder(ct, core, model, clip, key, steps, lr)
     init, mu, m_star, prompt, target, cos = dog_teacher(ct, clip, key)
     tkey = ct.text.text_encoders(clip)[key][0]
 
