@@ -138,6 +138,33 @@ def padded_to(tokenizer, length):
         tokenizer.min_length = before
 
 
+@contextlib.contextmanager
+def text_encoders_in_fp32(ct, clip):
+    """The CLIP's text encoders stored in fp32 while the block runs, then given back their own tensors (a
+    shared fixture's CLIP comes back unchanged). ComfyUI computes text encoders in fp32 on the CPU and casts
+    each fp16 weight per call; an fp16 or bf16 value is exact in fp32, so a run gives the same numbers
+    without the casts, which took most of a teacher-student step here (torch converts fp16 to fp32 at ~1 G
+    elements/s on this CPU). The fp32 copies are normal tensors (the loaded ones are inference tensors,
+    which autograd may not save). Only for convergence runs: the node's own runs keep ComfyUI's storage."""
+    kept = []
+    with torch.no_grad():
+        for _, _, enc in ct.text.text_encoders(clip).values():
+            for module in enc.modules():
+                for table in (module._parameters, module._buffers):
+                    for name, t in table.items():
+                        if t is None or not t.is_floating_point():
+                            continue
+                        assert t.dtype in (torch.float16, torch.bfloat16, torch.float32), t.dtype  # (exact in fp32)
+                        kept.append((table, name, t))
+                        copy = t.to(torch.float32, copy=True)
+                        table[name] = torch.nn.Parameter(copy, requires_grad=False) if table is module._parameters else copy
+    try:
+        yield clip
+    finally:
+        for table, name, t in reversed(kept):
+            table[name] = t
+
+
 def teacher_student_through_the_text_encoder(ct, core, model, clip, key, steps, lr, pad_to=None):
     """Train the student of ``dog_teacher`` with the loss on the conditioning (squared error, mean over
     the width, summed over positions: with causal attention only the word's position and what follows

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dti_core.embedding_file import load_embedding
-from tests_host_helpers import replay_draws, run_train
+from tests_host_helpers import replay_draws, run_train, text_encoders_in_fp32
 
 FAMILIES = {
     # fixture: (family name, trained keys)
@@ -143,7 +143,9 @@ def test_teacher_student_recovers_a_word_through_clip_and_t5(kind, request, dti_
         # so a mean over hundreds of T5 positions would leave the T5 vectors almost no gradient
         return ((cond.float() - target) ** 2).mean(-1).sum() + ((pooled.float() - target_pooled) ** 2).mean()
 
-    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip):
+    # (text_encoders_in_fp32: the same numbers, without ComfyUI's per-call weight casts)
+    with torch.inference_mode(False), torch.enable_grad(), ct.autograd.differentiable(model, clip), \
+            text_encoders_in_fp32(ct, clip):
         before = cos(init)
         result = core.train(init, mu, m_star, loss_fn, core.TrainConfig(steps=30, lr=0.05, kappa=0.0))
     after = cos(result.vectors)
