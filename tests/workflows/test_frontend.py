@@ -5,8 +5,10 @@ import shutil
 import time
 
 import pytest
+import torch
 
 import dti_workflow_harness as h
+from dti_core.embedding_file import load_embedding
 
 CHART_H = 170  # js/dti_train.js
 LOSS_RGB = (0xF0, 0xC0, 0x40)
@@ -569,6 +571,21 @@ def test_dti_vs_ti_queued_from_the_page_shows_both_words_the_grid_and_the_four_s
         assert "4 image(s) x 3 reference(s)" in text and "CLIP-T, clip_l" in text, text
     assert got["saved"] >= 1 and got["charts"] >= 1, got
     assert page.dti_problems() == []
+    # What the run wrote (the workflow's one run in the suite): the DTI word at m*, the TI word plain at
+    # the batch-scaled rate, the grid DTI | TI of the 4 renders, the charts as previews.
+    dti = load_embedding(str(ui_server.embeddings / "my-concept-dti.safetensors"))
+    ti = load_embedding(str(ui_server.embeddings / "my-concept-ti.safetensors"))
+    assert dti.is_dti and ti.is_plain_ti
+    v = dti.vectors["clip_l"]
+    assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), dti.m_star("clip_l")), atol=1e-4)
+    assert float(ti.metadata["dti.lr"]) == pytest.approx(0.01)  # 0.005 per image x batch 2
+    saved = h.saved_images(done[0])
+    assert len(saved) == 4, outputs
+    for im in saved:
+        path = h.image_path(ui_server, im)
+        assert path.is_file() and path.stat().st_size > 0
+        assert im["subfolder"] == "DTI" and im["filename"].startswith("dti-vs-ti"), im
+    assert any(im.get("type") == "temp" for o in outputs.values() for im in o.get("images", []))
 
 
 STOPPED_RGB = (0xFF, 0x90, 0x40)  # js/dti_train.js STOPPED_COLOR
