@@ -280,7 +280,9 @@ def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, s
     encoders read (default ``clip``).  ``render_model``: the MODEL the sampler reads (default ``model``).
     ``before_text``: nodes stacked above the positive encoder (DTI Enable Embeddings, a sampling shift);
     ``positive``: a node between the positive encoder and the sampler
-    (FluxGuidance), reading ``conditioning``.  ``negative``: (title, text, height).
+    (FluxGuidance), reading ``conditioning``.  ``negative``: (title, text, height); text None: a
+    ConditioningZeroOut of the positive instead of a second encode (cfg 1 never reads the negative, and
+    an encode of "" through T5-XXL or Qwen3 costs as much as the prompt's).
     ``sampler``: KSampler's steps, cfg, sampler_name, scheduler."""
     text_clip = text_clip or clip
     render_model = render_model or model
@@ -289,6 +291,8 @@ def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, s
         {"key": "pos", "type": "CLIPTextEncode", "size": [420, 100], "title": "CLIP Text Encode (Positive)",
          "widgets": {"text": ""}},
     ] + ([positive] if positive else []) + [
+        {"key": "neg", "type": "ConditioningZeroOut", "size": [420, neg_height], "title": neg_title}
+        if neg_text is None else
         {"key": "neg", "type": "CLIPTextEncode", "size": [420, neg_height], "title": neg_title,
          "widgets": {"text": neg_text}},
         {"key": "latent", "type": latent, "size": [420, 106],
@@ -315,7 +319,8 @@ def dit_train_graph(*, label, name, readme, loaders, model, clip, vae, prompt, s
         (*model, "train", "model"), (*clip, "train", "clip"), (*vae, "train", "vae"),
         ("train", 0, "prompt", "replace"),
         *extra_links,
-        ("prompt", 0, "pos", "text"), (*text_clip, "pos", "clip"), (*text_clip, "neg", "clip"),
+        ("prompt", 0, "pos", "text"), (*text_clip, "pos", "clip"),
+        ("pos", 0, "neg", "conditioning") if neg_text is None else (*text_clip, "neg", "clip"),
         *([("pos", 0, positive["key"], "conditioning")] if positive else []),
         (*render_model, "ksampler", "model"), (pos_out, 0, "ksampler", "positive"), ("neg", 0, "ksampler", "negative"),
         ("latent", 0, "ksampler", "latent_image"),
@@ -371,7 +376,7 @@ def flux_graph():
                  _vae()],
         model=("unet", 0), clip=("clip", 0), vae=("vae", 0), prompt=PIER,
         positive={"key": "guid", "type": "FluxGuidance", "size": [420, 58], "widgets": {"guidance": 3.5}},
-        negative=("CLIP Text Encode (Negative, unused at cfg 1)", "", 100),
+        negative=("Negative (zeroed: cfg 1 does not read it)", None, 46),
         sampler={"steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"})
 
 
@@ -426,7 +431,7 @@ def z_image_graph():
         label="Z-Image", name="my-concept-zimage", readme=readme,
         loaders=[_unet(h.ZIMAGE_DIT), _clip_loader(h.ZIMAGE_QWEN3, "lumina2"), _vae()],
         model=("unet", 0), clip=("clip", 0), vae=("vae", 0), train={"steps": 500, "kappa": 0.00005},
-        prompt=PIER, negative=("CLIP Text Encode (Negative, unused at cfg 1)", "", 100),
+        prompt=PIER, negative=("Negative (zeroed: cfg 1 does not read it)", None, 46),
         sampler={"steps": 9, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple"})
 
 
