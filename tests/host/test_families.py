@@ -33,7 +33,8 @@ def test_family_trains_every_encoder_and_the_stock_encode_reads_the_file(kind, r
     with torch.inference_mode():
         init, _, m_star = ct.text.initial_vectors(clip, "cat", 0, "mean")
     name = f"fam-{kind}"
-    out = run_train(dti_pack, loaded, name=name, initializer="cat", steps=2, batch_size=2, resolution=64, kappa=0.0,
+    # one step (at batch 2): it moves every encoder's word; later steps run the same code (test_train.py)
+    out = run_train(dti_pack, loaded, name=name, initializer="cat", steps=1, batch_size=2, resolution=64, kappa=0.0,
                     learning_rate=0.05)
     emb = load_embedding(str(embeddings_dir / f"{name}.safetensors"))
     assert set(emb.vectors) == keys and emb.metadata["dti.model_family"] == family
@@ -43,7 +44,7 @@ def test_family_trains_every_encoder_and_the_stock_encode_reads_the_file(kind, r
         assert emb.m_star(k) == pytest.approx(m_star[k], rel=1e-6)
         assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), m_star[k]), rtol=0, atol=1e-5)
         cos = torch.nn.functional.cosine_similarity(v, init[k], dim=-1)
-        assert bool((cos < 1 - 1e-4).all()), f"{k} did not move from the initializer: {cos}"
+        assert bool((cos < 1 - 1e-4).all()), f"{k} did not move from the initializer: {cos}"  # (seen: 0.99504)
     assert out["ui"]["text"][0].startswith(f"Saved embedding:{name}")
 
     caplog.set_level(logging.WARNING)
@@ -60,7 +61,7 @@ def test_sd3_trains_on_one_custom_template(dti_pack, fresh_sd3, embeddings_dir):
     """One training prompt: nothing is probed at the start, and SD3's pooled vector (CLIP-L's joined to
     CLIP-G's) is no single encoder's output, so the batched encode falls back to one encode per prompt
     (it raised "could not find the pooled output" before)."""
-    out = run_train(dti_pack, fresh_sd3, name="fam-sd3-one-template", initializer="cat", steps=2, batch_size=2,
+    out = run_train(dti_pack, fresh_sd3, name="fam-sd3-one-template", initializer="cat", steps=1, batch_size=2,
                     resolution=64, templates="custom", custom_templates="a photo of a {}")
     emb = load_embedding(str(embeddings_dir / "fam-sd3-one-template.safetensors"))
     assert set(emb.vectors) == {"clip_l", "clip_g", "t5xxl"}
