@@ -241,20 +241,25 @@ SHARD_NAMES = ["cat-a", "cat-b", "cat-c", "cat-d"]
 
 
 def test_shards_together_train_what_one_run_trains(comfy, sd15_checkpoint, tmp_path):
-    """--shard 0/2 and 1/2 into one folder: every job trained once, the same files as the unsharded run
-    (to the node's tolerance: the same seeds and inputs, so equal), a JSON line per job."""
+    """--shard 0/2 and 1/2 at once into one folder and one summary file, as an array job runs them: every
+    job trained once, the same files as the unsharded run (the same seeds and inputs; the shards run torch
+    on one thread each, another summation order: 1e-8 seen), a JSON line per job."""
     from dti_cli.shards import shard_of
     jobs = _jobs_file(tmp_path, sd15_checkpoint, SHARD_NAMES)
     assert {shard_of(n, 2) for n in SHARD_NAMES} == {0, 1}  # both shards have work
     r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "one")
     assert r.returncode == 0, r.stderr[-3000:]
-    for k in (0, 1):
-        r = cli(comfy, "--jobs", jobs, "--output", tmp_path / "sharded", "--shard", f"{k}/2",
-                "--summary", tmp_path / "runs.jsonl")
-        assert r.returncode == 0, r.stderr[-3000:]
+    env = dict(os.environ, COMFYUI_PATH=comfy.path, OMP_NUM_THREADS="1")  # (two processes on 2 cores)
+    shards = [subprocess.Popen([sys.executable, "-m", "dti_cli", "--cpu", "--jobs", str(jobs),
+                                "--output", str(tmp_path / "sharded"), "--shard", f"{k}/2",
+                                "--summary", str(tmp_path / "runs.jsonl")], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    for k, proc in enumerate(shards):
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
         mine = [n for n in SHARD_NAMES if shard_of(n, 2) == k]
-        assert f"shard {k}/2: {len(mine)} of 4 job(s)" in r.stderr
-        assert f"dti_cli: shard {k}/2: {len(mine)} job(s): {len(mine)} trained, 0 reused, 0 failed" in r.stderr
+        assert f"shard {k}/2: {len(mine)} of 4 job(s)" in err
+        assert f"dti_cli: shard {k}/2: {len(mine)} job(s): {len(mine)} trained, 0 reused, 0 failed" in err
     records = _summary(tmp_path / "runs.jsonl")
     assert sorted(r["job"] for r in records if "job" in r) == SHARD_NAMES
     assert {r["status"] for r in records if "job" in r} == {"trained"}
