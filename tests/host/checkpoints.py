@@ -654,9 +654,9 @@ def write_safetensors_streaming(path, entries, metadata=None):
     """Write a safetensors file one tensor at a time (atomically: temp file + rename).
 
     ``entries``: sequence of ``(name, shape, dtype, produce)``; ``produce()`` returns the
-    tensor (CPU, that shape and dtype) and is called once, in order, while writing, so
-    only one tensor is alive at a time.  Aligned 64 KiB runs of zero bytes become holes of a sparse
-    file where the file system allows it.  Returns the file's length."""
+    tensor (CPU, that shape and dtype), or None for an all-zero one, and is called once, in order,
+    while writing, so only one tensor is alive at a time.  Aligned 64 KiB runs of zero bytes become
+    holes of a sparse file where the file system allows it.  Returns the file's length."""
     import json
     import math
     import struct
@@ -682,17 +682,29 @@ def write_safetensors_streaming(path, entries, metadata=None):
             f.write(hb)
             for name, shape, dtype, produce in entries:
                 t = produce()
+                if t is None:  # all zeros: one hole (the file's final truncate gives a trailing one its length)
+                    f.seek(header[name]["data_offsets"][1] - header[name]["data_offsets"][0], os.SEEK_CUR)
+                    continue
                 if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device.type != "cpu":
                     raise ValueError(f"{name}: produced {tuple(t.shape)} {t.dtype} {t.device}, declared {tuple(shape)} {dtype}")
                 raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
                 # Zero bytes, 64 KiB at a time (the whole tensor, or a zero tail such as unused
                 # vocabulary rows): leave a hole (a sparse file reads back zeros and takes no disk).
-                for start in range(0, raw.size, _HOLE_MIN_BYTES):
-                    chunk = raw[start:start + _HOLE_MIN_BYTES]
-                    if chunk.size == _HOLE_MIN_BYTES and not chunk.any():
-                        f.seek(chunk.size, os.SEEK_CUR)
+                # The zero chunks are found in one pass; each run of the others is one write.
+                full = raw.size // _HOLE_MIN_BYTES
+                zero = ~raw[:full * _HOLE_MIN_BYTES].reshape(full, _HOLE_MIN_BYTES).any(axis=1)
+                chunk = 0
+                while chunk < full:
+                    end = chunk + 1
+                    while end < full and zero[end] == zero[chunk]:
+                        end += 1
+                    if zero[chunk]:
+                        f.seek((end - chunk) * _HOLE_MIN_BYTES, os.SEEK_CUR)
                     else:
-                        f.write(memoryview(chunk))
+                        f.write(memoryview(raw[chunk * _HOLE_MIN_BYTES:end * _HOLE_MIN_BYTES]))
+                    chunk = end
+                if raw.size > full * _HOLE_MIN_BYTES:  # a short tail is written as it is
+                    f.write(memoryview(raw[full * _HOLE_MIN_BYTES:]))
                 del t, raw
             f.truncate(8 + len(hb) + off)  # a trailing hole must still count in the file's length
         os.replace(tmp, path)
@@ -735,6 +747,8 @@ def _entries(plan, generator, dtype):
     the file is deterministic) and store it as ``dtype``."""
     def produce(shape, fill):
         def _p():
+            if fill is _zero_fill:
+                return None  # (all zeros: the writer leaves a hole, no fp32 pass and no cast)
             t = torch.empty(shape, dtype=torch.float32)
             with torch.no_grad():
                 fill(t, generator)

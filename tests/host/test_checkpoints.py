@@ -451,6 +451,23 @@ def test_streaming_writer_leaves_zeros_as_holes(tmp_path):
             assert torch.equal(f.get_tensor(k), v), k
     assert os.stat(tmp_path / "h.safetensors").st_blocks * 512 < 2 * big * 4, "zeros were written, not skipped"
 
+    # A producer's None is an all-zero tensor (the generators' idle blocks: no fp32 pass, no cast), and a
+    # tensor of zero and non-zero 64 KiB chunks with a short tail reads back whole.
+    mixed = torch.zeros(5 * big + 3)
+    mixed[big:2 * big] = 1.0
+    mixed[3 * big + 7] = 2.0
+    mixed[-1] = 3.0
+    tensors = {"none": torch.zeros(big, dtype=torch.float16), "mixed": mixed, "last": torch.zeros(big)}
+    entries = [("none", (big,), torch.float16, lambda: None), ("mixed", tuple(mixed.shape), mixed.dtype, mixed.clone),
+               ("last", (big,), torch.float32, lambda: None)]
+    ck.write_safetensors_streaming(tmp_path / "n.safetensors", entries)
+    with safe_open(str(tmp_path / "n.safetensors"), framework="pt") as f:
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v), k
+    # 1.7 MB long; the chunks with non-zero values (and the header's) take ~0.45 MB of disk
+    assert os.path.getsize(tmp_path / "n.safetensors") > 1_600_000
+    assert os.stat(tmp_path / "n.safetensors").st_blocks * 512 < 700_000, "zeros were written, not skipped"
+
 
 def test_deep_t5_plan_keeps_only_the_first_blocks_live(comfy):
     plan = ck._text_encoder_plan("t5xxl", t5_layers=4)
