@@ -93,7 +93,17 @@ def test_help_panel_shows_each_nodes_page(tab, frontend):
 
 
 def _search(page, query):
-    """Double-click the empty canvas, type ``query`` in the node search box: the results' texts."""
+    """Double-click the empty canvas, type ``query`` in the node search box: the results' texts. A box that
+    lists nothing is closed and opened once more (its first answer joins the second's)."""
+    found = _search_once(page, query)
+    if found and not found[0].startswith("(nothing listed"):
+        return found
+    page.page.keyboard.press("Escape")
+    again = _search_once(page, query)
+    return again if again and not again[0].startswith("(nothing listed") else found + again
+
+
+def _search_once(page, query):
     _fresh_canvas(page)
     # (the previous search's input may still hold the focus: it must not pass for the new box)
     page.evaluate("() => document.activeElement?.blur()")
@@ -115,14 +125,26 @@ def _search(page, query):
         raise AssertionError("double-clicking the empty canvas opened no search box")
     page.page.keyboard.type(query)
     # the search box debounces, and on a busy machine its results may take longer than that: wait for them
-    # (an empty list after 15 s is what the caller's assertion reports)
+    # (an empty list after 15 s is what the caller's assertion reports, with what the box held). 1.49.6 can
+    # put its last query back into the box a moment after it opens, after the clearing above (seen twice in
+    # CI runs, 2026-12-07: the second search listed nothing): the box is checked and, if it holds anything
+    # else, its text replaced by the query.
     deadline = time.monotonic() + 15
     while True:
         time.sleep(1.0)
+        box = page.evaluate("() => { const e = document.activeElement;"
+                            " return e?.tagName === 'INPUT' && e.offsetParent !== null ? e.value : null; }")
+        value = box if box is not None else "(no search box has the focus)"
+        if box is not None and box != query and time.monotonic() < deadline:
+            page.page.keyboard.press("Control+A")  # typing replaces the selection
+            page.page.keyboard.type(query)
+            continue
         found = page.evaluate("""() => [...document.querySelectorAll('.p-autocomplete-option, [role=option]')]
             .filter((e) => e.offsetParent).map((e) => e.innerText.replace(/\\s+/g, ' '))""")
-        if found or time.monotonic() > deadline:
+        if found:
             return found
+        if time.monotonic() > deadline:
+            return [f"(nothing listed; the search box held {value!r})"]
 
 
 def test_node_search_finds_dti_train_by_its_aliases(tab, frontend):
