@@ -130,4 +130,3 @@ def test_teacher_student_recovers_a_word_through_umt5(wan, dti_pack):
           f"loss {result.history.loss[0]:.3g} -> {result.history.loss[-1]:.3g}")
     assert result.history.loss[-1] < 0.5 * result.history.loss[0], result.history.loss
     assert after > before + 8 / WIDTH ** 0.5, (before, after, result.history.loss[::5])
-

@@ -94,16 +94,18 @@ def test_help_panel_shows_each_nodes_page(tab, frontend):
 
 def _search(page, query):
     """Double-click the empty canvas, type ``query`` in the node search box: the results' texts. A box that
-    lists nothing is closed and opened once more (its first answer joins the second's)."""
-    found = _search_once(page, query)
-    if found and not found[0].startswith("(nothing listed"):
+    lists nothing is closed and opened once more; if that lists nothing either, the answer says what the
+    box held each time (for the caller's assertion message)."""
+    found, held = _search_once(page, query)
+    if found:
         return found
     page.page.keyboard.press("Escape")
-    again = _search_once(page, query)
-    return again if again and not again[0].startswith("(nothing listed") else found + again
+    again, held_again = _search_once(page, query)
+    return again or [f"(nothing listed; the search box held {held!r}, then {held_again!r})"]
 
 
 def _search_once(page, query):
+    """One search: ``(results' texts, what the box held when it gave up)``."""
     _fresh_canvas(page)
     # (the previous search's input may still hold the focus: it must not pass for the new box)
     page.evaluate("() => document.activeElement?.blur()")
@@ -125,10 +127,10 @@ def _search_once(page, query):
         raise AssertionError("double-clicking the empty canvas opened no search box")
     page.page.keyboard.type(query)
     # the search box debounces, and on a busy machine its results may take longer than that: wait for them
-    # (an empty list after 15 s is what the caller's assertion reports, with what the box held). 1.49.6 can
-    # put its last query back into the box a moment after it opens, after the clearing above (seen twice in
-    # CI runs, 2026-12-07: the second search listed nothing): the box is checked and, if it holds anything
-    # else, its text replaced by the query.
+    # (an empty list after 15 s is what the caller reports, with what the box held). The second search on
+    # 1.49.6 listed nothing in two CI runs, 2026-12-07; the guess is that it puts its last query back into
+    # the box a moment after it opens, after the clearing above: so the box is checked and, if it holds
+    # anything else, its text replaced by the query.
     deadline = time.monotonic() + 15
     while True:
         time.sleep(1.0)
@@ -141,10 +143,8 @@ def _search_once(page, query):
             continue
         found = page.evaluate("""() => [...document.querySelectorAll('.p-autocomplete-option, [role=option]')]
             .filter((e) => e.offsetParent).map((e) => e.innerText.replace(/\\s+/g, ' '))""")
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            return [f"(nothing listed; the search box held {value!r})"]
+        if found or time.monotonic() > deadline:
+            return found, value
 
 
 def test_node_search_finds_dti_train_by_its_aliases(tab, frontend):
