@@ -719,6 +719,17 @@ def image_path(server: ComfyServer, im: dict) -> Path:
     return server.output / im.get("subfolder", "") / im["filename"]
 
 
+def check_saved_images(server: ComfyServer, entry: dict, count: int, prefix: str) -> list[Path]:
+    """The history entry saved ``count`` images, each a non-empty file under ``prefix`` ("DTI/name")."""
+    images = saved_images(entry)
+    assert len(images) == count, entry["outputs"]
+    for im in images:
+        path = image_path(server, im)
+        assert path.is_file() and path.stat().st_size > 0
+        assert im["subfolder"] == prefix.split("/")[0] and im["filename"].startswith(prefix.split("/")[1])
+    return [image_path(server, im) for im in images]
+
+
 def update_docs_images() -> bool:
     """``DTI_UPDATE_DOCS_IMAGES=1``: also refresh docs/images/ (tests always write test-artifacts/)."""
     return os.environ.get("DTI_UPDATE_DOCS_IMAGES", "").strip().lower() in ("1", "true", "yes")

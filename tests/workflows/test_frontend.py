@@ -579,12 +579,7 @@ def test_dti_vs_ti_queued_from_the_page_shows_both_words_the_grid_and_the_four_s
     v = dti.vectors["clip_l"]
     assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), dti.m_star("clip_l")), atol=1e-4)
     assert float(ti.metadata["dti.lr"]) == pytest.approx(0.01)  # 0.005 per image x batch 2
-    saved = h.saved_images(done[0])
-    assert len(saved) == 4, outputs
-    for im in saved:
-        path = h.image_path(ui_server, im)
-        assert path.is_file() and path.stat().st_size > 0
-        assert im["subfolder"] == "DTI" and im["filename"].startswith("dti-vs-ti"), im
+    h.check_saved_images(ui_server, done[0], 4, "DTI/dti-vs-ti")
     assert any(im.get("type") == "temp" for o in outputs.values() for im in o.get("images", []))
 
 

@@ -30,14 +30,7 @@ def node_output(entry, prompt, class_type):
     return entry["outputs"].get(nid, {})
 
 
-def check_images(server, entry, count, prefix):
-    images = h.saved_images(entry)
-    assert len(images) == count, entry["outputs"]
-    for im in images:
-        path = h.image_path(server, im)
-        assert path.is_file() and path.stat().st_size > 0
-        assert im["subfolder"] == prefix.split("/")[0] and im["filename"].startswith(prefix.split("/")[1])
-    return [h.image_path(server, im) for im in images]
+check_images = h.check_saved_images
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
