@@ -723,11 +723,14 @@ def check_saved_images(server: ComfyServer, entry: dict, count: int, prefix: str
     """The history entry saved ``count`` images, each a non-empty file under ``prefix`` ("DTI/name")."""
     images = saved_images(entry)
     assert len(images) == count, entry["outputs"]
+    folder, start = prefix.split("/")
+    paths = []
     for im in images:
         path = image_path(server, im)
-        assert path.is_file() and path.stat().st_size > 0
-        assert im["subfolder"] == prefix.split("/")[0] and im["filename"].startswith(prefix.split("/")[1])
-    return [image_path(server, im) for im in images]
+        assert path.is_file() and path.stat().st_size > 0, im
+        assert im["subfolder"] == folder and im["filename"].startswith(start), im
+        paths.append(path)
+    return paths
 
 
 def update_docs_images() -> bool:

@@ -30,9 +30,6 @@ def node_output(entry, prompt, class_type):
     return entry["outputs"].get(nid, {})
 
 
-check_images = h.check_saved_images
-
-
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
 def test_train_workflow_trains_and_renders(kind, server, object_info):
     name = "dti_train_sdxl.json" if kind == "sdxl" else "dti_train_sd15.json"
@@ -51,7 +48,7 @@ def test_train_workflow_trains_and_renders(kind, server, object_info):
         assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(key)), atol=1e-4)
     text = node_output(entry, prompt, "DTITrain").get("text", [""])[0]
     assert text.startswith(f"Saved embedding:{concept}"), text
-    check_images(server, entry, 1, f"DTI/{concept}")
+    h.check_saved_images(server, entry, 1, f"DTI/{concept}")
 
 
 # ComfyUI's own warnings when a word is missing, unreadable or of the wrong width (comfy/sd1_clip.py)
@@ -86,7 +83,7 @@ def run_dit_workflow(server, prompt, concept, keys, family):
         assert torch.allclose(v.norm(dim=-1), torch.full((v.shape[0],), emb.m_star(key)), atol=1e-5)
     text = node_output(entry, prompt, "DTITrain").get("text", [""])[0]
     assert text.startswith(f"Saved embedding:{concept}"), text
-    check_images(server, entry, 1, f"DTI/{concept}")
+    h.check_saved_images(server, entry, 1, f"DTI/{concept}")
     log = server.log_tail(10**9)[started:]
     for bad in LOG_PROBLEMS:
         assert bad not in log, log[-4000:]
@@ -168,7 +165,7 @@ def test_slerp_workflow(server, object_info):
     report = node_output(entry, prompt, "DTIInspect").get("text", [""])[0]
     assert "clip_l" in report and "vector 0" in report
     assert len([im for im in sum((o.get("images", []) for o in entry["outputs"].values()), []) if im["type"] == "temp"]) == 1
-    check_images(server, entry, 1, "DTI/blend")
+    h.check_saved_images(server, entry, 1, "DTI/blend")
 
 
 def test_interpolation_strip_workflow(server, object_info):
@@ -176,7 +173,7 @@ def test_interpolation_strip_workflow(server, object_info):
     entry = server.run(prompt, timeout=RUN_TIMEOUT)
     t_values = node_output(entry, prompt, "PreviewAny").get("text", [""])[0]
     assert t_values == "0, 0.25, 0.5, 0.75, 1"
-    paths = check_images(server, entry, 5, "DTI/strip")
+    paths = h.check_saved_images(server, entry, 5, "DTI/strip")
     tiled = h.tile_images(sorted(paths), h.REPO_ROOT / "test-artifacts" / "slerp_strip.png")
     if h.update_docs_images():
         dst = h.REPO_ROOT / "docs" / "images" / "slerp_strip.png"
